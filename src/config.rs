@@ -1,0 +1,179 @@
+//! Node configuration: defaults, then a TOML file, then `TIDEMARK_*` environment
+//! variables, then command-line flags (flags win).
+//!
+//! Owns: the names, units and defaults of every limit and knob.
+//! Must never: read the environment or files after start-up; everything else gets a
+//! `Config` value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the manifest, catalog, query log and (by default) segments.
+    pub data_dir: PathBuf,
+    /// pgwire listen address.
+    pub listen: SocketAddr,
+    /// Where segments live: `None` = `<data_dir>/segments` on the local disk, or a URL
+    /// such as `file:///path` or `s3://bucket/prefix` (credentials from the usual
+    /// `AWS_*` environment variables).
+    pub object_store_url: Option<String>,
+    /// Number of shards a table is split into (fixed when the table is created).
+    pub shard_count: u32,
+    /// Width of a segment's time window, in seconds.
+    pub segment_window_secs: u64,
+    /// Rows of a segment's Parquet row group.
+    pub segment_row_group_rows: usize,
+    /// Connections served at once; more are refused with SQLSTATE 53300.
+    pub connections_max: usize,
+    /// Statements that run longer are cancelled with 57014 (0 = no limit).
+    pub statement_timeout_ms: u64,
+    /// Largest COPY FROM STDIN payload accepted in one statement.
+    pub copy_bytes_max: u64,
+    /// Query-log entries kept in memory before the oldest unflushed ones are dropped.
+    pub query_log_memory_rows_max: usize,
+    /// How often the query log is written to disk.
+    pub query_log_flush_interval_ms: u64,
+    /// Bytes of persisted query log kept on disk; the oldest files go first.
+    pub query_log_disk_bytes_max: u64,
+    /// How often the background compactor looks for small segments to merge.
+    pub compaction_interval_ms: u64,
+    /// A (shard, window) with at least this many segments is compacted into one.
+    pub compaction_segments_min: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("tidemark-data"),
+            listen: "127.0.0.1:5433".parse().expect("static address"),
+            object_store_url: None,
+            shard_count: 8,
+            segment_window_secs: 86_400,
+            segment_row_group_rows: 64 * 1024,
+            connections_max: 256,
+            statement_timeout_ms: 0,
+            copy_bytes_max: 4 << 30,
+            query_log_memory_rows_max: 100_000,
+            query_log_flush_interval_ms: 1_000,
+            query_log_disk_bytes_max: 1 << 30,
+            compaction_interval_ms: 5_000,
+            compaction_segments_min: 4,
+        }
+    }
+}
+
+/// The environment variables read by [`Config::load`], with the field each one sets.
+pub const ENV_VARS: &[&str] = &[
+    "TIDEMARK_DATA_DIR",
+    "TIDEMARK_LISTEN",
+    "TIDEMARK_OBJECT_STORE_URL",
+    "TIDEMARK_SHARD_COUNT",
+    "TIDEMARK_SEGMENT_WINDOW_SECS",
+    "TIDEMARK_CONNECTIONS_MAX",
+    "TIDEMARK_STATEMENT_TIMEOUT_MS",
+    "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX",
+    "TIDEMARK_COMPACTION_INTERVAL_MS",
+];
+
+impl Config {
+    /// Defaults, overlaid by `file` (TOML) if given, then by `env` (name, value) pairs.
+    /// Flags are applied by the caller afterwards.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str::<Config>(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            }
+            None => Config::default(),
+        };
+        for (key, value) in env {
+            cfg.apply_env(&key, &value)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, key: &str, value: &str) -> Result<()> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
+            v.parse().map_err(|_| Error::Config(format!("{key}: cannot parse {v:?} as a number")))
+        }
+        match key {
+            "TIDEMARK_DATA_DIR" => self.data_dir = PathBuf::from(value),
+            "TIDEMARK_LISTEN" => {
+                self.listen = value
+                    .parse()
+                    .map_err(|_| Error::Config(format!("{key}: not a socket address: {value:?}")))?
+            }
+            "TIDEMARK_OBJECT_STORE_URL" => self.object_store_url = Some(value.to_string()),
+            "TIDEMARK_SHARD_COUNT" => self.shard_count = num(key, value)?,
+            "TIDEMARK_SEGMENT_WINDOW_SECS" => self.segment_window_secs = num(key, value)?,
+            "TIDEMARK_CONNECTIONS_MAX" => self.connections_max = num(key, value)?,
+            "TIDEMARK_STATEMENT_TIMEOUT_MS" => self.statement_timeout_ms = num(key, value)?,
+            "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX" => self.query_log_memory_rows_max = num(key, value)?,
+            "TIDEMARK_COMPACTION_INTERVAL_MS" => self.compaction_interval_ms = num(key, value)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.shard_count == 0 || self.shard_count > 65_536 {
+            return Err(Error::Config(format!("shard_count must be in 1..=65536, got {}", self.shard_count)));
+        }
+        if self.segment_window_secs == 0 {
+            return Err(Error::Config("segment_window_secs must be positive".into()));
+        }
+        if self.segment_row_group_rows == 0 {
+            return Err(Error::Config("segment_row_group_rows must be positive".into()));
+        }
+        if self.query_log_memory_rows_max == 0 {
+            return Err(Error::Config("query_log_memory_rows_max must be positive".into()));
+        }
+        if self.connections_max == 0 {
+            return Err(Error::Config("connections_max must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Environment pairs relevant to Tidemark, read once at start-up.
+    pub fn env_from_process() -> Vec<(String, String)> {
+        std::env::vars().filter(|(k, _)| k.starts_with("TIDEMARK_")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "shard_count = 4\nlisten = \"127.0.0.1:6000\"\n").unwrap();
+        let cfg = Config::load(
+            Some(&file),
+            vec![("TIDEMARK_LISTEN".to_string(), "127.0.0.1:7000".to_string())],
+        )
+        .unwrap();
+        assert_eq!(cfg.shard_count, 4);
+        assert_eq!(cfg.listen.port(), 7000);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(Config::load(None, vec![("TIDEMARK_SHARD_COUNT".into(), "x".into())]).is_err());
+        assert!(Config::load(None, vec![("TIDEMARK_SHARD_COUNT".into(), "0".into())]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "no_such_knob = 1\n").unwrap();
+        assert!(Config::load(Some(&file), vec![]).is_err());
+    }
+}

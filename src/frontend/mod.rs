@@ -1,0 +1,637 @@
+//! The PostgreSQL wire-protocol front end (pgwire): connections, simple and extended
+//! query protocol, COPY, and error responses.
+//!
+//! Owns: everything that knows pgwire. Statements are executed by `session`; rows are
+//! encoded with arrow-pg; SET/SHOW and BEGIN/COMMIT use datafusion-postgres's hooks;
+//! psql's catalog queries go to datafusion-pg-catalog's pg_catalog.
+//! Must never: end a connection because a statement failed (errors become
+//! ErrorResponse messages), or accept more connections than `connections_max`.
+
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_postgres::hooks::set_show::SetShowHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::QueryHook;
+use futures::{Sink, SinkExt, StreamExt};
+use parking_lot::Mutex;
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use pgwire::api::copy::CopyHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{CopyResponse, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
+use pgwire::messages::response::{NoticeResponse, TransactionStatus};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::types::format::FormatOptions;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::error::Error;
+use crate::node::Node;
+use crate::session::{statement_kind, CopyIn, Outcome, Session, SessionInfo};
+
+/// One prepared statement of the extended protocol.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    sql: String,
+    stmt: Option<Statement>,
+    plan: Option<LogicalPlan>,
+    /// Planned by a datafusion-postgres hook (SET, SHOW, BEGIN, ...).
+    hooked: bool,
+    /// Parameter types in `$1, $2, ...` order.
+    param_types: Vec<Option<DataType>>,
+}
+
+/// Per-connection state kept in pgwire's session extensions.
+struct ConnState {
+    session: Session,
+    copy_in: Mutex<Option<(CopyIn, BytesMut)>>,
+}
+
+pub struct Frontend {
+    node: Arc<Node>,
+    parser: Arc<PreparedParser>,
+    hooks: Vec<Arc<dyn QueryHook>>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+struct Startup {
+    connections: Arc<ConnectionManager>,
+}
+
+impl NoopStartupHandler for Startup {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(Arc::clone(&self.connections))
+    }
+}
+
+pub struct PreparedParser {
+    node: Arc<Node>,
+    hooks: Vec<Arc<dyn QueryHook>>,
+}
+
+fn to_pg(e: &Error) -> PgWireError {
+    PgWireError::UserError(Box::new(error_info(e)))
+}
+
+fn error_info(e: &Error) -> ErrorInfo {
+    ErrorInfo::new("ERROR".to_owned(), e.sqlstate().to_owned(), e.message())
+}
+
+impl Frontend {
+    pub fn new(node: Arc<Node>) -> Arc<Frontend> {
+        let hooks: Vec<Arc<dyn QueryHook>> = vec![Arc::new(SetShowHook), Arc::new(TransactionStatementHook)];
+        let connections = Arc::new(ConnectionManager::new());
+        Arc::new(Frontend {
+            parser: Arc::new(PreparedParser { node: Arc::clone(&node), hooks: hooks.clone() }),
+            hooks,
+            startup: Arc::new(Startup { connections: Arc::clone(&connections) }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+            node,
+        })
+    }
+
+    fn conn<C: ClientInfo>(&self, client: &C) -> Arc<ConnState> {
+        let node = Arc::clone(&self.node);
+        client.session_extensions().get_or_insert_with(|| {
+            let md = client.metadata();
+            let info = SessionInfo {
+                session_id: client.pid_and_secret_key().0,
+                user: md.get("user").cloned().unwrap_or_default(),
+                application_name: md.get("application_name").cloned().unwrap_or_default(),
+                statement_timeout: None,
+            };
+            ConnState { session: Session::new(node, info), copy_in: Mutex::new(None) }
+        })
+    }
+
+    /// Runs one statement for the simple protocol.
+    async fn simple_statement<C>(&self, client: &mut C, conn: &ConnState, sql: &str, stmt: &Statement) -> Response
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if let Some(r) = self.refuse_engine_settings(stmt) {
+            conn.session.record_failure(sql, &r);
+            return Response::Error(Box::new(error_info(&r)));
+        }
+        for hook in &self.hooks {
+            if let Some(result) = hook.handle_simple_query(stmt, self.node.context(), client).await {
+                let t = conn.session.track(sql, statement_kind(stmt));
+                return match result {
+                    Ok(resp) => {
+                        t.finish_ok(0, 0);
+                        resp
+                    }
+                    Err(e) => {
+                        let info = pgwire_error_info(e);
+                        t.finish_err(&Error::InvalidParameter(info.message.clone()));
+                        Response::Error(Box::new(info))
+                    }
+                };
+            }
+        }
+        if let Some(e) = write_in_transaction(client.transaction_status(), stmt) {
+            conn.session.record_failure(sql, &e);
+            return Response::Error(Box::new(error_info(&e)));
+        }
+        let session = conn.session.with_timeout(statement_timeout(client));
+        match session.execute(sql, stmt, None, None).await {
+            Ok(outcome) => self.respond(client, conn, outcome, &Format::UnifiedText).await,
+            Err(e) => Response::Error(Box::new(error_info(&e))),
+        }
+    }
+
+    fn refuse_engine_settings(&self, stmt: &Statement) -> Option<Error> {
+        if let Statement::Set(datafusion::sql::sqlparser::ast::Set::SingleAssignment { variable, .. }) = stmt {
+            if variable.to_string().to_ascii_lowercase().starts_with("datafusion.") {
+                return Some(Error::NotSupported(
+                    "engine settings are shared by all sessions of a node; set them in the node's configuration".into(),
+                ));
+            }
+        }
+        None
+    }
+
+    async fn respond<C>(&self, client: &mut C, conn: &ConnState, outcome: Outcome, format: &Format) -> Response
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match outcome {
+            Outcome::Rows { schema, stream } => {
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                let fields = match arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, Some(options)) {
+                    Ok(f) => Arc::new(f),
+                    Err(e) => return Response::Error(Box::new(pgwire_error_info(e))),
+                };
+                Response::Query(encode_rows(fields, stream))
+            }
+            Outcome::Command { tag, rows, notice } => {
+                if let Some(n) = notice {
+                    let msg = ErrorInfo::new("NOTICE".to_owned(), "00000".to_owned(), n);
+                    let _ = client.send(PgWireBackendMessage::NoticeResponse(NoticeResponse::from(msg))).await;
+                }
+                let mut t = Tag::new(tag);
+                if tag == "INSERT" {
+                    t = t.with_oid(0);
+                }
+                if let Some(n) = rows {
+                    t = t.with_rows(n as usize);
+                }
+                Response::Execution(t)
+            }
+            Outcome::CopyIn(copy) => {
+                let columns = copy.columns;
+                *conn.copy_in.lock() = Some((copy, BytesMut::new()));
+                Response::CopyIn(CopyResponse::new(0, columns, futures::stream::empty()))
+            }
+            Outcome::CopyOut { columns, stream, .. } => {
+                let data = stream.map(|r| r.map(CopyData::new).map_err(|e| to_pg(&e)));
+                Response::CopyOut(CopyResponse::new(0, columns, data))
+            }
+        }
+    }
+}
+
+/// Encodes Arrow batches as DataRows, turning mid-stream errors into ErrorResponses.
+fn encode_rows(fields: Arc<Vec<FieldInfo>>, stream: datafusion::execution::SendableRecordBatchStream) -> QueryResponse {
+    let f = Arc::clone(&fields);
+    let rows = stream
+        .map(move |batch| {
+            let it: Box<dyn Iterator<Item = PgWireResult<pgwire::messages::data::DataRow>> + Send + Sync> = match batch {
+                Ok(b) => arrow_pg::datatypes::encode_recordbatch(Arc::clone(&f), b),
+                Err(e) => Box::new(std::iter::once(Err(to_pg(&Error::from(e))))),
+            };
+            futures::stream::iter(it)
+        })
+        .flatten();
+    QueryResponse::new(fields, rows)
+}
+
+fn pgwire_error_info(e: PgWireError) -> ErrorInfo {
+    match e {
+        PgWireError::UserError(info) => *info,
+        other => ErrorInfo::new("ERROR".to_owned(), "XX000".to_owned(), other.to_string()),
+    }
+}
+
+fn statement_timeout<C: ClientInfo>(client: &C) -> Option<std::time::Duration> {
+    client
+        .metadata()
+        .get("statement_timeout_ms")
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
+
+/// Each statement commits on its own; a write inside BEGIN ... COMMIT could not be
+/// rolled back, so it is refused rather than silently committed.
+fn write_in_transaction(status: TransactionStatus, stmt: &Statement) -> Option<Error> {
+    let writes = matches!(stmt, Statement::Insert(_)) || matches!(stmt, Statement::Copy { to: false, .. });
+    (writes && status != TransactionStatus::Idle).then(|| {
+        Error::NotSupported(
+            "writes inside a transaction block are not supported: every INSERT and COPY commits on its own (use autocommit)".into(),
+        )
+    })
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Frontend {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let conn = self.conn(client);
+        let statements = match conn.session.parse(query) {
+            Ok(s) => s,
+            Err(e) => {
+                conn.session.record_failure(query, &e);
+                return Ok(vec![Response::Error(Box::new(error_info(&e)))]);
+            }
+        };
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let single = statements.len() == 1;
+        let mut out = Vec::with_capacity(statements.len());
+        for stmt in &statements {
+            let text = if single { query.to_string() } else { stmt.to_string() };
+            let resp = self.simple_statement(client, &conn, &text, stmt).await;
+            let stop = matches!(resp, Response::Error(_) | Response::CopyIn(_));
+            out.push(resp);
+            // As in PostgreSQL, an error ends a multi-statement query string.
+            if stop {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl QueryParser for PreparedParser {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(&self, client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let session = Session::new(
+            Arc::clone(&self.node),
+            SessionInfo {
+                session_id: client.pid_and_secret_key().0,
+                user: client.metadata().get("user").cloned().unwrap_or_default(),
+                application_name: client.metadata().get("application_name").cloned().unwrap_or_default(),
+                statement_timeout: None,
+            },
+        );
+        let mut statements = match session.parse(sql) {
+            Ok(s) => s,
+            Err(e) => {
+                session.record_failure(sql, &e);
+                return Err(to_pg(&e));
+            }
+        };
+        if statements.is_empty() {
+            return Ok(None);
+        }
+        if statements.len() > 1 {
+            let e = Error::Syntax("cannot insert multiple commands into a prepared statement".into());
+            session.record_failure(sql, &e);
+            return Err(to_pg(&e));
+        }
+        let stmt = statements.remove(0);
+        for hook in &self.hooks {
+            if let Some(plan) = hook.handle_extended_parse_query(&stmt, self.node.context(), client).await {
+                let plan = plan?;
+                return Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan: Some(plan), hooked: true, param_types: vec![] }));
+            }
+        }
+        match session.plan(&stmt).await {
+            Ok(plan) => {
+                let param_types = match &plan {
+                    Some(p) => ordered_param_types(p).map_err(|e| to_pg(&e))?,
+                    None => vec![],
+                };
+                Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types }))
+            }
+            Err(e) => {
+                session.record_failure(sql, &e);
+                Err(to_pg(&e))
+            }
+        }
+    }
+
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        stmt.param_types
+            .iter()
+            .map(|t| match t {
+                Some(t) => arrow_pg::datatypes::into_pg_type(t),
+                None => Ok(Type::UNKNOWN),
+            })
+            .collect()
+    }
+
+    fn get_result_schema(&self, stmt: &Prepared, format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        match &stmt.plan {
+            Some(plan) if !matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => {
+                arrow_pg::datatypes::arrow_schema_to_pg_fields(plan.schema().as_arrow(), format.unwrap_or(&Format::UnifiedText), None)
+            }
+            _ => Ok(vec![]),
+        }
+    }
+}
+
+/// `$1, $2, ...` types of a plan, in order.
+fn ordered_param_types(plan: &LogicalPlan) -> crate::error::Result<Vec<Option<DataType>>> {
+    let types = plan.get_parameter_types()?;
+    let mut out: Vec<(usize, Option<DataType>)> = types
+        .into_iter()
+        .filter_map(|(name, t)| name.trim_start_matches('$').parse::<usize>().ok().map(|i| (i, t)))
+        .collect();
+    out.sort_by_key(|(i, _)| *i);
+    let n = out.last().map(|(i, _)| *i).unwrap_or(0);
+    let mut dense = vec![None; n];
+    for (i, t) in out {
+        if i >= 1 {
+            dense[i - 1] = t;
+        }
+    }
+    Ok(dense)
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Frontend {
+    type Statement = Prepared;
+    type QueryParser = PreparedParser;
+
+    fn query_parser(&self) -> Arc<PreparedParser> {
+        Arc::clone(&self.parser)
+    }
+
+    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Prepared>, _max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let conn = self.conn(client);
+        let prepared = &portal.statement.statement;
+        let Some(stmt) = &prepared.stmt else {
+            return Ok(Response::EmptyQuery);
+        };
+        let types: Vec<Option<&DataType>> = prepared.param_types.iter().map(|t| t.as_ref()).collect();
+        let params = match arrow_pg::datatypes::df::deserialize_parameters(portal, &types) {
+            Ok(p) => p,
+            Err(e) => {
+                let info = pgwire_error_info(e);
+                conn.session.record_failure(&prepared.sql, &Error::InvalidParameter(info.message.clone()));
+                return Err(PgWireError::UserError(Box::new(info)));
+            }
+        };
+        if prepared.hooked {
+            let plan = prepared.plan.clone().unwrap_or_else(|| LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
+                produce_one_row: false,
+                schema: Arc::new(datafusion::common::DFSchema::empty()),
+            }));
+            for hook in &self.hooks {
+                if let Some(result) = hook.handle_extended_query(stmt, &plan, &params, self.node.context(), client).await {
+                    let t = conn.session.track(&prepared.sql, statement_kind(stmt));
+                    match &result {
+                        Ok(_) => t.finish_ok(0, 0),
+                        Err(e) => t.finish_err(&Error::InvalidParameter(e.to_string())),
+                    }
+                    return result;
+                }
+            }
+        }
+        if let Some(e) = self.refuse_engine_settings(stmt).or_else(|| write_in_transaction(client.transaction_status(), stmt)) {
+            conn.session.record_failure(&prepared.sql, &e);
+            return Err(to_pg(&e));
+        }
+        let session = conn.session.with_timeout(statement_timeout(client));
+        match session.execute(&prepared.sql, stmt, prepared.plan.as_ref(), Some(params)).await {
+            Ok(outcome) => match self.respond(client, &conn, outcome, &portal.result_column_format).await {
+                Response::Error(info) => Err(PgWireError::UserError(info)),
+                other => Ok(other),
+            },
+            Err(e) => Err(to_pg(&e)),
+        }
+    }
+}
+
+#[async_trait]
+impl CopyHandler for Frontend {
+    async fn on_copy_data<C>(&self, client: &mut C, copy_data: CopyData) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let conn = self.conn(client);
+        let limit = self.node.config().copy_bytes_max;
+        let mut guard = conn.copy_in.lock();
+        if let Some((_, buf)) = guard.as_mut() {
+            if buf.len() as u64 + copy_data.data.len() as u64 > limit {
+                let (copy, _) = guard.take().expect("checked above");
+                let e = Error::QueueFull { what: "COPY FROM STDIN buffer", limit, unit: "bytes" };
+                conn.session.abort_copy_in(copy, &e.to_string());
+                return Err(to_pg(&e));
+            }
+            buf.extend_from_slice(&copy_data.data);
+        }
+        Ok(())
+    }
+
+    async fn on_copy_done<C>(&self, client: &mut C, _done: CopyDone) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let conn = self.conn(client);
+        let Some((copy, buf)) = conn.copy_in.lock().take() else {
+            return Err(to_pg(&Error::BadCopyFormat("no COPY in progress".into())));
+        };
+        let data = strip_text_terminator(buf.freeze());
+        match conn.session.finish_copy_in(copy, data).await {
+            Ok(Outcome::Command { tag, rows, notice }) => {
+                if let Some(n) = notice {
+                    let msg = ErrorInfo::new("NOTICE".to_owned(), "00000".to_owned(), n);
+                    client.send(PgWireBackendMessage::NoticeResponse(NoticeResponse::from(msg))).await?;
+                }
+                let tag = Tag::new(tag).with_rows(rows.unwrap_or(0) as usize);
+                client.send(PgWireBackendMessage::CommandComplete(tag.into())).await?;
+                Ok(())
+            }
+            Ok(_) => Err(to_pg(&Error::Internal("COPY finished with an unexpected outcome".into()))),
+            Err(e) => Err(to_pg(&e)),
+        }
+    }
+
+    async fn on_copy_fail<C>(&self, client: &mut C, fail: CopyFail) -> PgWireError
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let conn = self.conn(client);
+        if let Some((copy, _)) = conn.copy_in.lock().take() {
+            conn.session.abort_copy_in(copy, &fail.message);
+        }
+        to_pg(&Error::BadCopyFormat(format!("COPY from stdin failed: {}", fail.message)))
+    }
+}
+
+/// Old clients end text-format COPY data with a `\.` line; it is not data.
+fn strip_text_terminator(data: Bytes) -> Bytes {
+    for end in [&b"\\.\n"[..], &b"\\.\r\n"[..], &b"\\."[..]] {
+        if data.ends_with(end) {
+            let keep = data.len() - end.len();
+            if keep == 0 || data[keep - 1] == b'\n' {
+                return data.slice(..keep);
+            }
+        }
+    }
+    data
+}
+
+struct QuietErrors;
+
+impl ErrorHandler for QuietErrors {
+    fn on_error<C>(&self, _client: &C, error: &mut PgWireError)
+    where
+        C: ClientInfo,
+    {
+        tracing::debug!(%error, "statement error sent to client");
+    }
+}
+
+impl PgWireServerHandlers for Frontend {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::new(self.clone_handle())
+    }
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::new(self.clone_handle())
+    }
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::clone(&self.startup)
+    }
+    fn copy_handler(&self) -> Arc<impl CopyHandler> {
+        Arc::new(self.clone_handle())
+    }
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(QuietErrors)
+    }
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::clone(&self.cancel)
+    }
+}
+
+impl Frontend {
+    fn clone_handle(&self) -> Frontend {
+        Frontend {
+            node: Arc::clone(&self.node),
+            parser: Arc::clone(&self.parser),
+            hooks: self.hooks.clone(),
+            startup: Arc::clone(&self.startup),
+            cancel: Arc::clone(&self.cancel),
+        }
+    }
+}
+
+/// A running pgwire listener.
+pub struct Server {
+    pub local_addr: SocketAddr,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port) and serves connections until stopped.
+    pub async fn start(node: Arc<Node>, addr: SocketAddr) -> crate::error::Result<Server> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr()?;
+        let limit = Arc::new(Semaphore::new(node.config().connections_max));
+        let frontend = Frontend::new(node);
+        let handle = tokio::spawn(async move {
+            loop {
+                let (socket, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and similar: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = socket.set_nodelay(true);
+                let permit = match Arc::clone(&limit).try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        tokio::spawn(refuse(socket));
+                        continue;
+                    }
+                };
+                let f = Arc::clone(&frontend);
+                tokio::spawn(async move {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, None, f).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Server { local_addr, handle })
+    }
+
+    pub fn stop(&self) {
+        self.handle.abort();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Tells a client over the connection limit why, as PostgreSQL does (53300).
+async fn refuse(mut socket: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut body = Vec::new();
+    for (k, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "53300"), (b'M', "sorry, too many clients already")] {
+        body.push(k);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = vec![b'E'];
+    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    let _ = socket.write_all(&msg).await;
+    let _ = socket.shutdown().await;
+}

@@ -1,0 +1,24 @@
+//! Tidemark: a PostgreSQL-wire SQL gateway for usage data.
+//!
+//! See ARCHITECTURE.md for the bird's-eye view and the code map.
+
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod datagen;
+
+pub mod error;
+pub mod export;
+pub mod frontend;
+
+pub mod fsutil;
+pub mod ingest;
+pub mod node;
+pub mod planner;
+pub mod query_log;
+pub mod session;
+pub mod shard_map;
+pub mod storage;
+pub mod system;
+
+pub use error::{Error, Result};

@@ -1,0 +1,294 @@
+//! The `tidemark` command: serve, demo, ingest, gen.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tidemark::clock::Clock;
+use tidemark::config::Config;
+use tidemark::datagen::{GenSpec, Generator};
+use tidemark::frontend::Server;
+use tidemark::node::Node;
+
+#[derive(Parser)]
+#[command(name = "tidemark", version, about = "A PostgreSQL-wire SQL gateway for usage data")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. Settings: defaults < --config TOML file < TIDEMARK_* variables < flags.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run a one-node Tidemark filled with generated usage data (generated on first run).
+    Demo {
+        #[arg(long, default_value = "tidemark-demo")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:5433")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 5_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 10_000)]
+        entities: u32,
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Ingest Parquet files into a running node (COPY ... FROM STDIN, one statement per file).
+    Ingest {
+        #[arg(long, default_value = "postgres://tidemark@127.0.0.1:5433/tidemark")]
+        url: String,
+        #[arg(long, default_value = "usage")]
+        table: String,
+        /// Files, directories (every *.parquet inside) or s3:// / file:// URLs (read by the node).
+        #[arg(required = true)]
+        sources: Vec<String>,
+    },
+    /// Write generated usage data to a Parquet file (for benchmarks and tests).
+    Gen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 10_000)]
+        entities: u32,
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// End of the data (RFC 3339); default: now.
+        #[arg(long)]
+        end: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve { config, data_dir, listen } => {
+                let mut cfg = Config::load(config.as_deref(), Config::env_from_process())?;
+                if let Some(d) = data_dir {
+                    cfg.data_dir = d;
+                }
+                if let Some(l) = listen {
+                    cfg.listen = l;
+                }
+                serve(cfg, None).await
+            }
+            Command::Demo { data_dir, listen, rows, entities, days, seed } => {
+                let mut cfg = Config::load(None, Config::env_from_process())?;
+                cfg.data_dir = data_dir;
+                cfg.listen = listen;
+                serve(cfg, Some(DemoSpec { rows, entities, days, seed })).await
+            }
+            Command::Ingest { url, table, sources } => ingest(&url, &table, &sources).await,
+            Command::Gen { out, rows, entities, days, seed, end } => gen(&out, rows, entities, days, seed, end.as_deref()),
+        }
+    })
+}
+
+struct DemoSpec {
+    rows: u64,
+    entities: u32,
+    days: u32,
+    seed: u64,
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!("{{spinner}} {what} [{{bar:40}}] {{human_pos}}/{{human_len}} ({{per_sec}}, eta {{eta}})"))
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+async fn serve(cfg: Config, demo: Option<DemoSpec>) -> anyhow::Result<()> {
+    let clock = Clock::real();
+    let node = Node::open(cfg.clone(), clock.clone()).await.context("starting the node")?;
+    if let Some(spec) = demo {
+        fill_demo(&node, &spec, &clock).await?;
+    }
+    let server = Server::start(Arc::clone(&node), cfg.listen).await?;
+    let addr = server.local_addr;
+    eprintln!("Tidemark is serving PostgreSQL clients on {addr} (data in {})", cfg.data_dir.display());
+    eprintln!("Connect with:  psql -h {} -p {} -U tidemark tidemark", addr.ip(), addr.port());
+    eprintln!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await?;
+    eprintln!("Stopping: flushing the query log.");
+    server.stop();
+    node.shutdown();
+    Ok(())
+}
+
+async fn fill_demo(node: &Arc<Node>, spec: &DemoSpec, clock: &Clock) -> anyhow::Result<()> {
+    let table = node.catalog().get("usage").cloned().context("catalog has no usage table")?;
+    let existing: u64 = node.storage().snapshot().segments_of("usage").map(|s| s.rows).sum();
+    if existing > 0 {
+        eprintln!("Reusing {existing} usage rows already in the data directory.");
+        return Ok(());
+    }
+    let gen = Generator::new(
+        GenSpec { rows: spec.rows, entities: spec.entities, days: spec.days, seed: spec.seed, end_us: clock.now_us() },
+        Arc::clone(&table.schema),
+    );
+    eprintln!(
+        "Generating {} usage rows over {} days for {} entities (seed {}).",
+        spec.rows, spec.days, spec.entities, spec.seed
+    );
+    let pb = bar(spec.rows, "generating and ingesting");
+    let started = std::time::Instant::now();
+    let mut added = 0;
+    for day in gen.day_batches() {
+        let day = day?;
+        let n = day.num_rows() as u64;
+        let rows = tidemark::ingest::conform_all(&table, &[day], clock.now_us())?;
+        added += node.storage().append(&table, rows).await?.added;
+        pb.inc(n);
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "Stored {added} rows in {} segments in {:.1}s.",
+        node.storage().snapshot().segments.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn gen(out: &Path, rows: u64, entities: u32, days: u32, seed: u64, end: Option<&str>) -> anyhow::Result<()> {
+    let end_us = match end {
+        Some(e) => chrono::DateTime::parse_from_rfc3339(e).context("--end must be RFC 3339")?.timestamp_micros(),
+        None => Clock::real().now_us(),
+    };
+    let table = tidemark::catalog::Catalog::parse(tidemark::catalog::DEFAULT_CATALOG[0].1)?.remove(0);
+    let gen = Generator::new(GenSpec { rows, entities, days, seed, end_us }, Arc::clone(&table.schema));
+    let pb = bar(rows, "generating");
+    let n = tidemark::datagen::write_parquet(&gen, out, |k| pb.inc(k))?;
+    pb.finish_and_clear();
+    eprintln!("Wrote {n} rows to {}", out.display());
+    Ok(())
+}
+
+/// Expands directories into their Parquet files.
+fn expand(sources: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for s in sources {
+        let p = Path::new(s);
+        if p.is_dir() {
+            let mut files: Vec<String> = std::fs::read_dir(p)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+                .map(|p| p.display().to_string())
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(s.clone());
+        }
+    }
+    Ok(out)
+}
+
+async fn ingest(url: &str, table: &str, sources: &[String]) -> anyhow::Result<()> {
+    use futures::SinkExt;
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let (notice_tx, mut notice_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        use futures::StreamExt;
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                    let _ = notice_tx.send(n.message().to_string());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("connection error: {e}");
+                    break;
+                }
+            }
+        }
+    });
+    let files = expand(sources)?;
+    let (mut added, mut present, mut rejected, mut failed) = (0u64, 0u64, 0u64, 0usize);
+    for f in &files {
+        let remote = f.contains("://");
+        let result: anyhow::Result<()> = async {
+            if remote {
+                let q = format!("COPY {table} FROM '{}' WITH (FORMAT parquet)", f.replace('\'', "''"));
+                client.batch_execute(&q).await?;
+            } else {
+                let data = tokio::fs::read(f).await.with_context(|| format!("reading {f}"))?;
+                let pb = bar(data.len() as u64, &format!("sending {f} (bytes)"));
+                let sink = client.copy_in(&format!("COPY {table} FROM STDIN WITH (FORMAT parquet)")).await?;
+                futures::pin_mut!(sink);
+                for chunk in data.chunks(1 << 20) {
+                    sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+                    pb.inc(chunk.len() as u64);
+                }
+                pb.set_message("waiting for the node to validate and store");
+                sink.finish().await?;
+                pb.finish_and_clear();
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                // The node reports "rows added: A, rows already present: P, rejected: R".
+                let notice = tokio::time::timeout(std::time::Duration::from_secs(5), notice_rx.recv()).await.ok().flatten();
+                let nums: Vec<u64> = notice
+                    .as_deref()
+                    .unwrap_or("")
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|s| s.parse().ok())
+                    .collect();
+                if let [a, p, r] = nums[..] {
+                    added += a;
+                    present += p;
+                    rejected += r;
+                    eprintln!("{f}: {a} rows added, {p} already present");
+                } else {
+                    eprintln!("{f}: stored ({})", notice.unwrap_or_default());
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("{f}: rejected, nothing stored: {e:#}");
+                if let Some(db) = e.downcast_ref::<tokio_postgres::Error>().and_then(|e| e.as_db_error()) {
+                    eprintln!("  SQLSTATE {}: {}", db.code().code(), db.message());
+                }
+            }
+        }
+    }
+    eprintln!(
+        "Summary: {} files, {added} rows added, {present} rows already present, {rejected} rows rejected, {failed} files rejected.",
+        files.len()
+    );
+    if failed > 0 {
+        bail!("{failed} of {} files were rejected", files.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! A node: one Tidemark process's catalog, storage, query log and DataFusion context,
+//! plus its background tasks. A single node is a complete one-node cluster.
+//!
+//! Owns: start-up order (catalog, storage, query log, SQL context) and shutdown
+//! (background tasks stopped, query log flushed). Must never: hold per-connection state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use parking_lot::Mutex;
+
+use crate::catalog::Catalog;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::query_log::QueryLog;
+use crate::storage::provider::SegmentTable;
+use crate::storage::{self, Storage, SEGMENT_STORE_URL};
+use crate::system::{SystemSchema, SCHEMA as SYSTEM_SCHEMA};
+
+/// The database name clients connect to.
+pub const DATABASE: &str = "tidemark";
+
+pub const SERVER_VERSION: &str = "15.0";
+
+pub struct Node {
+    config: Config,
+    catalog: Arc<Catalog>,
+    storage: Arc<Storage>,
+    query_log: Arc<QueryLog>,
+    ctx: SessionContext,
+    parser: PostgresCompatibilityParser,
+    clock: Clock,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Opens (or creates) the node's data directory and starts its background tasks.
+    pub async fn open(config: Config, clock: Clock) -> Result<Arc<Node>> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::Config(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
+        let catalog = Arc::new(Catalog::load_or_init(&config.data_dir)?);
+        let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
+        let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
+        let ctx = build_context(&catalog, &storage, &query_log, &clock)?;
+        let node = Arc::new(Node {
+            background: Mutex::new(Vec::new()),
+            parser: PostgresCompatibilityParser::new(),
+            config,
+            catalog,
+            storage,
+            query_log,
+            ctx,
+            clock,
+        });
+        {
+            let mut bg = node.background.lock();
+            bg.push(crate::query_log::spawn_flusher(
+                Arc::clone(&node.query_log),
+                Duration::from_millis(node.config.query_log_flush_interval_ms.max(10)),
+            ));
+            if node.config.compaction_interval_ms > 0 {
+                bg.push(storage::spawn_compactor(
+                    Arc::clone(&node.storage),
+                    Duration::from_millis(node.config.compaction_interval_ms),
+                ));
+            }
+        }
+        Ok(node)
+    }
+
+    /// Stops background work and flushes the query log.
+    pub fn shutdown(&self) {
+        for h in self.background.lock().drain(..) {
+            h.abort();
+        }
+        if let Err(e) = self.query_log.flush() {
+            tracing::warn!(error = %e, "could not flush the query log at shutdown");
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+    pub fn query_log(&self) -> &Arc<QueryLog> {
+        &self.query_log
+    }
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+    pub fn parser(&self) -> &PostgresCompatibilityParser {
+        &self.parser
+    }
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// A fresh copy of the SQL state for one statement.
+    pub fn state(&self) -> SessionState {
+        self.ctx.state()
+    }
+
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        (self.config.statement_timeout_ms > 0).then(|| Duration::from_millis(self.config.statement_timeout_ms))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for h in self.background.lock().drain(..) {
+            h.abort();
+        }
+    }
+}
+
+fn build_context(catalog: &Arc<Catalog>, storage: &Arc<Storage>, log: &Arc<QueryLog>, clock: &Clock) -> Result<SessionContext> {
+    let mut config = SessionConfig::new()
+        .with_default_catalog_and_schema(DATABASE, "public")
+        .with_information_schema(true)
+        .with_target_partitions(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    {
+        let o = config.options_mut();
+        // Evaluate filters inside the Parquet reader, using page indexes and bloom
+        // filters, so a point query decodes only the pages it needs.
+        o.execution.parquet.pushdown_filters = true;
+        o.execution.parquet.reorder_filters = true;
+        o.execution.parquet.enable_page_index = true;
+        o.execution.parquet.bloom_filter_on_read = true;
+        o.execution.time_zone = Some("+00:00".into());
+    }
+    let ctx = SessionContext::new_with_config(config);
+    let url = url::Url::parse(SEGMENT_STORE_URL).map_err(|e| Error::Internal(e.to_string()))?;
+    ctx.register_object_store(&url, storage.object_store());
+    for t in catalog.tables() {
+        ctx.register_table(t.name.as_str(), Arc::new(SegmentTable::new(Arc::clone(t), Arc::clone(storage), clock.clone())))?;
+    }
+    let db = ctx
+        .catalog(DATABASE)
+        .ok_or_else(|| Error::Internal("default catalog missing".into()))?;
+    db.register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(Arc::clone(storage), Arc::clone(log))))?;
+    datafusion_pg_catalog::pg_catalog::setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
+        .map_err(|e| Error::from(*e))?;
+    let version = format!("PostgreSQL {SERVER_VERSION} (Tidemark {})", env!("CARGO_PKG_VERSION"));
+    ctx.register_udf(create_udf(
+        "version",
+        vec![],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))),
+    ));
+    Ok(ctx)
+}

@@ -1,0 +1,642 @@
+//! A client session: turns one SQL statement into an outcome (rows, a command tag, or
+//! a COPY exchange), and records it in the query log whether it succeeds or fails.
+//!
+//! Owns: statement classification (query, INSERT, COPY in/out, refused DDL), per
+//! statement DataFusion state, statement timeouts and query-log entries.
+//! Must never: know about the wire protocol (that is `frontend`), or store rows other
+//! than through `storage::Storage::append`.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::ParamValues;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::execute_stream;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement,
+};
+use futures::{Stream, StreamExt, TryStreamExt};
+
+use crate::catalog::TableDef;
+use crate::error::{Error, Result};
+use crate::ingest::{self, CsvOptions};
+use crate::node::Node;
+use crate::planner::shard_key;
+use crate::query_log::{self, QueryLogEntry};
+use crate::storage::provider::ScanReport;
+use crate::storage::AppendOutcome;
+
+/// Who is running statements.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub session_id: i32,
+    pub user: String,
+    pub application_name: String,
+    /// Per-session `SET statement_timeout`, overriding the node's default.
+    pub statement_timeout: Option<std::time::Duration>,
+}
+
+/// What a statement produced.
+pub enum Outcome {
+    /// A result set, streamed; the query-log entry is written when the stream ends.
+    Rows { schema: SchemaRef, stream: SendableRecordBatchStream },
+    /// A command with a tag such as `INSERT 0 5` (`rows` set for tags that carry a count).
+    Command { tag: &'static str, rows: Option<u64>, notice: Option<String> },
+    /// COPY ... FROM STDIN: the caller collects the data and calls [`Session::finish_copy_in`].
+    CopyIn(CopyIn),
+    /// COPY ... TO STDOUT: encoded rows, streamed.
+    CopyOut { columns: usize, csv: bool, stream: futures::stream::BoxStream<'static, Result<Bytes>> },
+}
+
+/// A COPY FROM STDIN waiting for its data.
+pub struct CopyIn {
+    pub table: Arc<TableDef>,
+    pub format: CopyFormat,
+    pub columns: usize,
+    tracker: Tracker,
+}
+
+#[derive(Debug, Clone)]
+pub enum CopyFormat {
+    Csv(CsvOptions),
+    Parquet,
+}
+
+pub struct Session {
+    node: Arc<Node>,
+    pub info: SessionInfo,
+}
+
+/// Statement kinds that Tidemark refuses, with the reason given to the user.
+fn refused(stmt: &Statement) -> Option<&'static str> {
+    Some(match stmt {
+        Statement::CreateTable { .. } | Statement::AlterTable { .. } | Statement::Drop { .. } => {
+            "tables are declared in catalog/*.sql; DDL over SQL is not supported"
+        }
+        Statement::CreateView { .. } | Statement::CreateSchema { .. } | Statement::CreateDatabase { .. } => {
+            "CREATE is not supported; Tidemark's schema is declared in catalog/*.sql"
+        }
+        Statement::Delete(_) | Statement::Update { .. } | Statement::Truncate { .. } | Statement::Merge { .. } => {
+            "usage records are immutable: DELETE, UPDATE, TRUNCATE and MERGE are not supported"
+        }
+        _ => return None,
+    })
+}
+
+pub fn statement_kind(stmt: &Statement) -> String {
+    let text = stmt.to_string();
+    let mut words = text.split_whitespace();
+    let first = words.next().unwrap_or("").to_ascii_uppercase();
+    match first.as_str() {
+        "WITH" | "VALUES" | "(" => "SELECT".into(),
+        _ => first,
+    }
+}
+
+impl Session {
+    pub fn new(node: Arc<Node>, info: SessionInfo) -> Session {
+        Session { node, info }
+    }
+
+    /// The same session with a statement timeout for the next statement.
+    pub fn with_timeout(&self, timeout: Option<std::time::Duration>) -> Session {
+        let mut info = self.info.clone();
+        info.statement_timeout = timeout;
+        Session { node: Arc::clone(&self.node), info }
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Parses `sql` with the PostgreSQL-compatible parser (which also rewrites the
+    /// catalog queries of psql and drivers).
+    pub fn parse(&self, sql: &str) -> Result<Vec<Statement>> {
+        self.node.parser().parse(sql).map_err(|e| Error::Syntax(e.to_string()))
+    }
+
+    /// Starts a query-log entry for a statement.
+    pub fn track(&self, sql: &str, kind: String) -> Tracker {
+        Tracker::start(&self.node, &self.info, sql, kind)
+    }
+
+    /// Records a statement that failed before it could be classified (a parse error).
+    pub fn record_failure(&self, sql: &str, err: &Error) {
+        let t = self.track(sql, "UNKNOWN".into());
+        t.finish_err(err);
+    }
+
+    /// Plans a statement for the extended protocol (parameters stay placeholders).
+    pub async fn plan(&self, stmt: &Statement) -> Result<Option<LogicalPlan>> {
+        if let Some(reason) = refused(stmt) {
+            return Err(Error::NotSupported(reason.into()));
+        }
+        if matches!(stmt, Statement::Copy { .. }) {
+            return Ok(None);
+        }
+        let state = self.node.state();
+        Ok(Some(state.statement_to_plan(DfStatement::Statement(Box::new(stmt.clone()))).await?))
+    }
+
+    /// Runs one parsed statement; `plan` and `params` come from the extended protocol.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        stmt: &Statement,
+        plan: Option<&LogicalPlan>,
+        params: Option<ParamValues>,
+    ) -> Result<Outcome> {
+        let tracker = self.track(sql, statement_kind(stmt));
+        match self.execute_tracked(stmt, plan, params, &tracker).await {
+            Ok(Outcome::Rows { schema, stream }) => Ok(Outcome::Rows {
+                schema,
+                stream: Box::pin(LoggedStream::new(stream, tracker, |b: &RecordBatch| {
+                    (b.num_rows() as u64, b.get_array_memory_size() as u64)
+                })),
+            }),
+            Ok(Outcome::CopyIn(mut c)) => {
+                c.tracker = tracker;
+                Ok(Outcome::CopyIn(c))
+            }
+            Ok(Outcome::Command { tag, rows, notice }) => {
+                tracker.finish_ok(rows.unwrap_or(0), 0);
+                Ok(Outcome::Command { tag, rows, notice })
+            }
+            Ok(Outcome::CopyOut { columns, csv, stream }) => Ok(Outcome::CopyOut {
+                columns,
+                csv,
+                // COPY TO STDOUT is logged when its stream ends.
+                stream: Box::pin(LoggedStream::new(stream, tracker, |b: &Bytes| (bytecount_lines(b), b.len() as u64))),
+            }),
+            Err(e) => {
+                let e = explain_values_null(stmt, e, |t| self.node.catalog().get(t).cloned());
+                tracker.finish_err(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn execute_tracked(
+        &self,
+        stmt: &Statement,
+        plan: Option<&LogicalPlan>,
+        params: Option<ParamValues>,
+        tracker: &Tracker,
+    ) -> Result<Outcome> {
+        if let Some(reason) = refused(stmt) {
+            return Err(Error::NotSupported(reason.into()));
+        }
+        if let Statement::Copy { source, to, target, options, legacy_options, .. } = stmt {
+            return self.copy(source, *to, target, options, legacy_options, tracker).await;
+        }
+        let mut state = self.node.state();
+        state.config_mut().set_extension(Arc::clone(&tracker.report));
+        let logical = match plan {
+            Some(p) => p.clone(),
+            None => state.statement_to_plan(DfStatement::Statement(Box::new(stmt.clone()))).await?,
+        };
+        let logical = match params {
+            Some(p) => logical.replace_params_with_values(&p)?,
+            None => logical,
+        };
+        match &logical {
+            LogicalPlan::Ddl(_) => return Err(Error::NotSupported("DDL is not supported; tables are declared in catalog/*.sql".into())),
+            LogicalPlan::Statement(s) => {
+                return Err(Error::NotSupported(format!("statement {} is not supported here", s.name())));
+            }
+            LogicalPlan::Copy(_) => return Err(Error::NotSupported("COPY in this form is not supported".into())),
+            _ => {}
+        }
+        let is_insert = matches!(&logical, LogicalPlan::Dml(d) if matches!(d.op, datafusion::logical_expr::WriteOp::Insert(_)));
+        if matches!(&logical, LogicalPlan::Dml(_)) && !is_insert {
+            return Err(Error::NotSupported("only INSERT is supported".into()));
+        }
+        let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
+        let run = async {
+            let physical = state.create_physical_plan(&logical).await?;
+            let stream = execute_stream(physical, state.task_ctx())?;
+            Ok::<_, Error>(stream)
+        };
+        let stream = match timeout {
+            Some(t) => tokio::time::timeout(t, run).await.map_err(|_| Error::StatementTimeout)??,
+            None => run.await?,
+        };
+        if is_insert {
+            let batches: Vec<RecordBatch> = match timeout {
+                Some(t) => tokio::time::timeout(t, stream.try_collect()).await.map_err(|_| Error::StatementTimeout)??,
+                None => stream.try_collect().await?,
+            };
+            let added = batches
+                .first()
+                .and_then(|b| b.column(0).as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().map(|a| a.value(0)))
+                .unwrap_or(0);
+            return Ok(Outcome::Command { tag: "INSERT", rows: Some(added), notice: None });
+        }
+        let schema = stream.schema();
+        Ok(Outcome::Rows { schema, stream })
+    }
+
+    async fn copy(
+        &self,
+        source: &CopySource,
+        to: bool,
+        target: &CopyTarget,
+        options: &[CopyOption],
+        legacy: &[CopyLegacyOption],
+        tracker: &Tracker,
+    ) -> Result<Outcome> {
+        let opts = CopyOpts::parse(options, legacy)?;
+        if to {
+            let query = match source {
+                CopySource::Query(q) => q.to_string(),
+                CopySource::Table { table_name, columns } => {
+                    let cols = if columns.is_empty() {
+                        "*".to_string()
+                    } else {
+                        columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+                    };
+                    format!("SELECT {cols} FROM {table_name}")
+                }
+            };
+            let mut state = self.node.state();
+            state.config_mut().set_extension(Arc::clone(&tracker.report));
+            let df = datafusion::prelude::SessionContext::new_with_state(state).sql(&query).await?;
+            return match target {
+                CopyTarget::File { filename } => {
+                    let rows = crate::export::write_file(df, filename, opts.format.as_deref()).await?;
+                    Ok(Outcome::Command { tag: "COPY", rows: Some(rows), notice: None })
+                }
+                CopyTarget::Stdout => {
+                    let csv = match opts.format.as_deref() {
+                        None | Some("text") => false,
+                        Some("csv") => true,
+                        Some(other) => return Err(Error::NotSupported(format!("COPY TO STDOUT with FORMAT {other}"))),
+                    };
+                    let columns = df.schema().fields().len();
+                    let stream = df.execute_stream().await?;
+                    let delimiter = opts.delimiter.unwrap_or(if csv { b',' } else { b'\t' });
+                    Ok(Outcome::CopyOut {
+                        columns,
+                        csv,
+                        stream: crate::export::encode_text(stream, csv, delimiter, opts.header),
+                    })
+                }
+                CopyTarget::Stdin | CopyTarget::Program { .. } => {
+                    Err(Error::NotSupported("COPY TO accepts a file name or STDOUT".into()))
+                }
+            };
+        }
+        let (table_name, columns) = match source {
+            CopySource::Table { table_name, columns } => (table_name.to_string().to_ascii_lowercase(), columns),
+            CopySource::Query(_) => return Err(Error::Syntax("COPY FROM needs a table".into())),
+        };
+        let table = self
+            .node
+            .catalog()
+            .get(&table_name)
+            .cloned()
+            .ok_or_else(|| Error::UndefinedTable(table_name.clone()))?;
+        let column_list: Option<Vec<String>> =
+            (!columns.is_empty()).then(|| columns.iter().map(|c| c.value.to_ascii_lowercase()).collect());
+        if let Some(cols) = &column_list {
+            for c in cols {
+                table.column_index(c)?;
+            }
+        }
+        let format = match opts.format.as_deref() {
+            Some("parquet") => CopyFormat::Parquet,
+            Some("csv") => CopyFormat::Csv(CsvOptions {
+                header: opts.header,
+                delimiter: opts.delimiter.unwrap_or(b','),
+                columns: column_list,
+            }),
+            None | Some("text") => CopyFormat::Csv(CsvOptions {
+                header: opts.header,
+                delimiter: opts.delimiter.unwrap_or(b'\t'),
+                columns: column_list,
+            }),
+            Some(other) => return Err(Error::NotSupported(format!("COPY FROM with FORMAT {other}"))),
+        };
+        match target {
+            CopyTarget::Stdin => Ok(Outcome::CopyIn(CopyIn {
+                columns: table.schema.fields().len(),
+                table,
+                format,
+                tracker: Tracker::placeholder(&self.node),
+            })),
+            CopyTarget::File { filename } => {
+                let format = match (&format, opts.format.as_deref()) {
+                    (_, Some(_)) => format,
+                    // No FORMAT given: guess from the extension.
+                    (_, None) if filename.ends_with(".parquet") => CopyFormat::Parquet,
+                    _ => format,
+                };
+                let data = crate::export::read_source(filename).await?;
+                let outcome = self.ingest_bytes(&table, &format, data).await?;
+                Ok(copy_done(outcome))
+            }
+            CopyTarget::Stdout | CopyTarget::Program { .. } => {
+                Err(Error::NotSupported("COPY FROM accepts a file name, a URL or STDIN".into()))
+            }
+        }
+    }
+
+    /// Decodes, validates and appends one COPY's data.
+    pub async fn ingest_bytes(&self, table: &Arc<TableDef>, format: &CopyFormat, data: Bytes) -> Result<AppendOutcome> {
+        let t = Arc::clone(table);
+        let f = format.clone();
+        let now = self.node.clock().now_us();
+        let batches = tokio::task::spawn_blocking(move || -> Result<Vec<RecordBatch>> {
+            let raw = match &f {
+                CopyFormat::Parquet => ingest::read_parquet(data)?,
+                CopyFormat::Csv(o) => ingest::read_csv(&t, data, o)?,
+            };
+            ingest::conform_all(&t, &raw, now)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("COPY decoder panicked: {e}")))??;
+        self.node.storage().append(table, batches).await
+    }
+
+    /// Completes a COPY FROM STDIN with the data the client sent.
+    pub async fn finish_copy_in(&self, copy: CopyIn, data: Bytes) -> Result<Outcome> {
+        let CopyIn { table, format, tracker, .. } = copy;
+        match self.ingest_bytes(&table, &format, data).await {
+            Ok(o) => {
+                tracker.finish_ok(o.added, 0);
+                Ok(copy_done(o))
+            }
+            Err(e) => {
+                tracker.finish_err(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Abandons a COPY FROM STDIN (client sent CopyFail or disconnected).
+    pub fn abort_copy_in(&self, copy: CopyIn, reason: &str) {
+        copy.tracker.finish_err(&Error::BadCopyFormat(format!("COPY from stdin failed: {reason}")));
+    }
+}
+
+/// DataFusion types the VALUES of an `INSERT ... VALUES` with the table's columns,
+/// NOT NULL included, so a NULL literal fails while the batch is built, with a message
+/// that names `columnN` and no row. The statement's own VALUES say which column and
+/// row it was; report that as PostgreSQL does (23502).
+fn explain_values_null(stmt: &Statement, e: Error, table_def: impl Fn(&str) -> Option<Arc<TableDef>>) -> Error {
+    use datafusion::sql::sqlparser::ast::{Expr, SetExpr, Value};
+    let msg = e.message();
+    let Some(rest) = msg.split("Column 'column").nth(1) else { return e };
+    if !msg.contains("non-nullable") {
+        return e;
+    }
+    let Some(k) = rest.split('\'').next().and_then(|n| n.parse::<usize>().ok()) else { return e };
+    let Statement::Insert(insert) = stmt else { return e };
+    let Some(source) = &insert.source else { return e };
+    let SetExpr::Values(values) = source.body.as_ref() else { return e };
+    let table = insert.table.to_string().to_ascii_lowercase();
+    let column = match insert.columns.get(k - 1) {
+        Some(c) => c.to_string().to_ascii_lowercase(),
+        None if insert.columns.is_empty() => match table_def(&table).and_then(|t| t.schema.fields().get(k - 1).cloned()) {
+            Some(f) => f.name().clone(),
+            None => return e,
+        },
+        None => return e,
+    };
+    let row = values.rows.iter().position(|r| {
+        matches!(r.get(k - 1), Some(Expr::Value(v)) if matches!(v.value, Value::Null))
+    });
+    match row {
+        Some(r) => Error::NotNullViolation { table, column, row: r as u64 + 1 },
+        None => e,
+    }
+}
+
+fn copy_done(o: AppendOutcome) -> Outcome {
+    Outcome::Command {
+        tag: "COPY",
+        rows: Some(o.added),
+        notice: Some(format!("rows added: {}, rows already present: {}, rejected: 0", o.added, o.present)),
+    }
+}
+
+fn bytecount_lines(b: &Bytes) -> u64 {
+    b.iter().filter(|c| **c == b'\n').count() as u64
+}
+
+#[derive(Debug, Default)]
+struct CopyOpts {
+    format: Option<String>,
+    header: bool,
+    delimiter: Option<u8>,
+}
+
+impl CopyOpts {
+    fn parse(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<CopyOpts> {
+        let mut o = CopyOpts::default();
+        let delim = |c: char| -> Result<u8> {
+            if c.is_ascii() {
+                Ok(c as u8)
+            } else {
+                Err(Error::InvalidParameter("COPY delimiter must be a single one-byte character".into()))
+            }
+        };
+        for opt in options {
+            match opt {
+                CopyOption::Format(f) => o.format = Some(f.value.to_ascii_lowercase()),
+                CopyOption::Header(h) => o.header = *h,
+                CopyOption::Delimiter(c) => o.delimiter = Some(delim(*c)?),
+                other => return Err(Error::NotSupported(format!("COPY option {other}"))),
+            }
+        }
+        for opt in legacy {
+            match opt {
+                CopyLegacyOption::Csv(csv) => {
+                    o.format = Some("csv".into());
+                    for c in csv {
+                        match c {
+                            CopyLegacyCsvOption::Header => o.header = true,
+                            other => return Err(Error::NotSupported(format!("COPY option {other}"))),
+                        }
+                    }
+                }
+                CopyLegacyOption::Delimiter(c) => o.delimiter = Some(delim(*c)?),
+                CopyLegacyOption::Header => o.header = true,
+                other => return Err(Error::NotSupported(format!("COPY option {other}"))),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// A query-log entry in the making. Finishing records it; dropping an unfinished one
+/// (the client went away mid-stream) records it as cancelled.
+pub struct Tracker {
+    node: Arc<Node>,
+    entry: Option<QueryLogEntry>,
+    started: Instant,
+    pub report: Arc<ScanReport>,
+}
+
+impl Tracker {
+    fn start(node: &Arc<Node>, info: &SessionInfo, sql: &str, kind: String) -> Tracker {
+        let normalized = query_log::normalize(sql);
+        let entry = QueryLogEntry {
+            query_id: node.query_log().next_query_id(),
+            session_id: info.session_id,
+            user_name: info.user.clone(),
+            application_name: info.application_name.clone(),
+            start_time_us: node.clock().now_us(),
+            status: "running",
+            sqlstate: String::new(),
+            statement_kind: kind,
+            query: sql.to_string(),
+            fingerprint: query_log::fingerprint(&normalized),
+            normalized_query: normalized,
+            ..Default::default()
+        };
+        Tracker { node: Arc::clone(node), entry: Some(entry), started: Instant::now(), report: Arc::default() }
+    }
+
+    fn placeholder(node: &Arc<Node>) -> Tracker {
+        Tracker { node: Arc::clone(node), entry: None, started: Instant::now(), report: Arc::default() }
+    }
+
+    fn fill(&mut self, status: &'static str, sqlstate: &str, error: Option<String>, rows: u64, bytes: u64) {
+        let Some(mut e) = self.entry.take() else { return };
+        e.duration_us = self.started.elapsed().as_micros() as i64;
+        e.status = status;
+        e.sqlstate = sqlstate.to_string();
+        e.error = error;
+        e.rows = rows;
+        e.bytes = bytes;
+        let r = self.report.snapshot();
+        e.tables = r.tables.iter().cloned().collect();
+        if !r.tables.is_empty() {
+            e.entity_ids = if r.keys_all { None } else { r.keys.map(|k| k.into_iter().collect()) };
+            let single = |col: &str| match shard_key::key_values(&r.filters, col).values() {
+                Some(v) if v.len() == 1 => v.iter().next().cloned(),
+                _ => None,
+            };
+            e.service = single("service");
+            e.operation = single("operation");
+            if let Some(t) = r.time {
+                e.time_from_us = t.lo_us();
+                e.time_to_us = t.hi_us();
+            }
+        }
+        e.shards = r.shards.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        e.segments = r.segments;
+        e.segments_total = r.segments_total;
+        self.node.query_log().record(e);
+    }
+
+    pub fn finish_ok(mut self, rows: u64, bytes: u64) {
+        self.fill("ok", "00000", None, rows, bytes);
+    }
+
+    pub fn finish_err(mut self, err: &Error) {
+        self.fill("error", err.sqlstate(), Some(err.message()), 0, 0);
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.entry.is_some() {
+            self.fill("cancelled", "57014", Some("the client stopped reading".into()), 0, 0);
+        }
+    }
+}
+
+/// Counts a result stream's rows and bytes and finishes its query-log entry at the end
+/// (or at the first error; dropping it early records the statement as cancelled).
+struct LoggedStream<S, T> {
+    inner: S,
+    tracker: Option<Tracker>,
+    rows: u64,
+    bytes: u64,
+    measure: fn(&T) -> (u64, u64),
+}
+
+impl<S, T> LoggedStream<S, T> {
+    fn new(inner: S, tracker: Tracker, measure: fn(&T) -> (u64, u64)) -> Self {
+        LoggedStream { inner, tracker: Some(tracker), rows: 0, bytes: 0, measure }
+    }
+}
+
+/// Errors a logged stream can carry, seen as Tidemark errors for the log.
+trait LoggableError {
+    /// (SQLSTATE, message)
+    fn log_fields(&self) -> (&'static str, String);
+}
+impl LoggableError for datafusion::error::DataFusionError {
+    fn log_fields(&self) -> (&'static str, String) {
+        let e = Error::from(clone_df_error(self));
+        (e.sqlstate(), e.message())
+    }
+}
+impl LoggableError for Error {
+    fn log_fields(&self) -> (&'static str, String) {
+        (self.sqlstate(), self.message())
+    }
+}
+
+impl<S, T, E> Stream for LoggedStream<S, T>
+where
+    S: Stream<Item = std::result::Result<T, E>> + Unpin,
+    E: LoggableError,
+{
+    type Item = std::result::Result<T, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.inner.poll_next_unpin(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(item))) => {
+                let (r, b) = (self.measure)(item);
+                self.rows += r;
+                self.bytes += b;
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(mut t) = self.tracker.take() {
+                    let (state, msg) = e.log_fields();
+                    t.fill("error", state, Some(msg), 0, 0);
+                }
+            }
+            Poll::Ready(None) => {
+                let (rows, bytes) = (self.rows, self.bytes);
+                if let Some(t) = self.tracker.take() {
+                    t.finish_ok(rows, bytes);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl datafusion::physical_plan::RecordBatchStream for LoggedStream<SendableRecordBatchStream, RecordBatch> {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+}
+
+/// DataFusion errors are not Clone; keep the class (for the SQLSTATE) and the message.
+fn clone_df_error(e: &datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
+    use datafusion::error::DataFusionError as D;
+    match e {
+        D::ArrowError(a, _) => D::ArrowError(Box::new(datafusion::arrow::error::ArrowError::ComputeError(a.to_string())), None),
+        D::Execution(m) => D::Execution(m.clone()),
+        D::ResourcesExhausted(m) => D::ResourcesExhausted(m.clone()),
+        D::NotImplemented(m) => D::NotImplemented(m.clone()),
+        D::Plan(m) => D::Plan(m.clone()),
+        other => D::Internal(other.to_string()),
+    }
+}

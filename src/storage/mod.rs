@@ -1,0 +1,554 @@
+//! Storage: segments in an object store, the manifest that commits them, the
+//! record-id index that makes ingestion idempotent, and background compaction.
+//!
+//! Owns: every byte under the segment store and the manifest. Invariants:
+//! - a segment is visible to readers exactly when the committed manifest names it;
+//!   files are written (and fsynced on a local disk) before the manifest names them, so
+//!   a crash at any point leaves the last committed state, and files no manifest names
+//!   are deleted at the next start;
+//! - a record id is stored at most once per table (the index is rebuilt from the
+//!   segments at start, so it cannot disagree with them);
+//! - appends and compactions commit one at a time (the commit lock), so ids and the
+//!   index stay consistent.
+//! Must never: make part of an append visible, or delete a file that a committed
+//! manifest still names.
+
+pub mod manifest;
+pub mod provider;
+pub mod segment;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch, TimestampMicrosecondArray, UInt32Array};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
+use datafusion::arrow::array::BooleanArray;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parking_lot::{Mutex, RwLock};
+// ParquetObjectReader is deprecated in parquet 59 in favour of hand-written readers;
+// it is still the shortest correct way to read a whole segment.
+#[allow(deprecated)]
+use parquet::arrow::async_reader::ParquetObjectReader;
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+
+use crate::catalog::{Catalog, TableDef};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::shard_map::{shard_of, ShardId};
+use manifest::{Manifest, ManifestFile, SegmentMeta, TableLayout};
+
+/// The URL under which the segment store is registered with DataFusion.
+pub const SEGMENT_STORE_URL: &str = "tidemark://segments";
+
+/// Record-id hashes are already uniformly distributed, so the set uses them directly.
+#[derive(Default)]
+struct IdHasher(u64);
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;
+
+/// 128-bit XXH3 of a record id: collisions are negligible (about 1e-20 for 1e9 ids),
+/// and 16 bytes per record keeps the index in memory.
+pub fn record_hash(id: &str) -> u128 {
+    twox_hash::XxHash3_128::oneshot(id.as_bytes())
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Rows stored by this append.
+    pub added: u64,
+    /// Rows skipped because their record id was already stored (or repeated in the batch).
+    pub present: u64,
+    /// Segments written.
+    pub segments: u64,
+}
+
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    /// The local directory behind `store`, when it is a local disk (for fsync).
+    local_root: Option<PathBuf>,
+    manifest_file: ManifestFile,
+    current: RwLock<Arc<Manifest>>,
+    commit_lock: tokio::sync::Mutex<()>,
+    ids: Mutex<HashMap<String, IdSet>>,
+    catalog: Arc<Catalog>,
+    row_group_rows: usize,
+    compaction_segments_min: usize,
+    clock: Clock,
+    /// Files replaced by compaction, deleted once queries that started before the
+    /// replacement have had time to finish.
+    pending_deletes: Mutex<Vec<(Instant, String)>>,
+}
+
+/// How long a replaced segment file stays readable.
+const DELETE_GRACE: Duration = Duration::from_secs(60);
+
+impl Storage {
+    /// Opens the store: loads the manifest, records new tables' layouts, removes files
+    /// that no manifest names, and rebuilds the record-id index.
+    pub async fn open(cfg: &Config, catalog: Arc<Catalog>, clock: Clock) -> Result<Arc<Storage>> {
+        let (store, local_root) = open_object_store(cfg)?;
+        let manifest_file = ManifestFile::new(&cfg.data_dir);
+        let mut manifest = (*manifest_file.load()?).clone();
+        let mut changed = false;
+        for t in catalog.tables() {
+            if manifest.layout(&t.name).is_none() {
+                manifest.tables.push(TableLayout {
+                    name: t.name.clone(),
+                    shard_count: cfg.shard_count,
+                    window_secs: cfg.segment_window_secs,
+                });
+                changed = true;
+            }
+        }
+        if changed {
+            manifest.version += 1;
+            manifest_file.commit(&manifest)?;
+        }
+        let storage = Arc::new(Storage {
+            store,
+            local_root,
+            manifest_file,
+            current: RwLock::new(Arc::new(manifest)),
+            commit_lock: tokio::sync::Mutex::new(()),
+            ids: Mutex::new(HashMap::new()),
+            catalog,
+            row_group_rows: cfg.segment_row_group_rows,
+            compaction_segments_min: cfg.compaction_segments_min.max(2),
+            clock,
+            pending_deletes: Mutex::new(Vec::new()),
+        });
+        storage.remove_orphans().await?;
+        storage.rebuild_index().await?;
+        Ok(storage)
+    }
+
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
+    pub fn object_store_url() -> ObjectStoreUrl {
+        ObjectStoreUrl::parse(SEGMENT_STORE_URL).expect("static url")
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The committed manifest; readers pin one value for a whole query.
+    pub fn snapshot(&self) -> Arc<Manifest> {
+        Arc::clone(&self.current.read())
+    }
+
+    pub fn layout(&self, table: &str) -> Result<TableLayout> {
+        self.snapshot().layout(table).cloned().ok_or_else(|| Error::UndefinedTable(table.to_string()))
+    }
+
+    async fn remove_orphans(&self) -> Result<()> {
+        let m = self.snapshot();
+        let known: HashSet<&str> = m.segments.iter().map(|s| s.path.as_str()).collect();
+        let listed: Vec<_> = self.store.list(None).try_collect().await?;
+        for obj in listed {
+            if !known.contains(obj.location.as_ref()) {
+                tracing::info!(path = %obj.location, "removing segment file that no manifest names");
+                self.store.delete(&obj.location).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn rebuild_index(&self) -> Result<()> {
+        let m = self.snapshot();
+        let mut ids: HashMap<String, IdSet> = HashMap::new();
+        for t in self.catalog.tables() {
+            let Some(key) = &t.idempotency_key else { continue };
+            let set = ids.entry(t.name.clone()).or_default();
+            let segs: Vec<&SegmentMeta> = m.segments_of(&t.name).collect();
+            set.reserve(segs.iter().map(|s| s.rows as usize).sum());
+            let mut reads = futures::stream::iter(segs.into_iter().map(|s| self.read_segment(s, Some(key.as_str()))))
+                .buffer_unordered(8);
+            while let Some(batches) = reads.next().await {
+                for b in batches? {
+                    let col = b.column(0).as_string::<i32>();
+                    for i in 0..col.len() {
+                        set.insert(record_hash(col.value(i)));
+                    }
+                }
+            }
+        }
+        *self.ids.lock() = ids;
+        Ok(())
+    }
+
+    /// Reads a whole segment (optionally one column).
+    #[allow(deprecated)]
+    pub async fn read_segment(&self, seg: &SegmentMeta, column: Option<&str>) -> Result<Vec<RecordBatch>> {
+        let reader = ParquetObjectReader::new(Arc::clone(&self.store), ObjectPath::from(seg.path.as_str()))
+            .with_file_size(seg.bytes);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(|e| Error::Corrupt(format!("segment {} ({}): {e}", seg.id, seg.path)))?;
+        let builder = match column {
+            Some(c) => {
+                let idx = builder
+                    .schema()
+                    .index_of(c)
+                    .map_err(|_| Error::Corrupt(format!("segment {} has no column {c}", seg.path)))?;
+                let mask = ProjectionMask::roots(builder.parquet_schema(), [idx]);
+                builder.with_projection(mask)
+            }
+            None => builder,
+        };
+        let stream = builder.build().map_err(|e| Error::Corrupt(format!("segment {}: {e}", seg.path)))?;
+        stream.try_collect().await.map_err(|e| Error::Corrupt(format!("segment {}: {e}", seg.path)))
+    }
+
+    /// Stores `batches` (already validated, in the table's schema) atomically: after a
+    /// crash either all of their new rows are visible or none.
+    pub async fn append(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome> {
+        let _commit = self.commit_lock.lock().await;
+        let layout = self.layout(&table.name)?;
+        let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if total == 0 {
+            return Ok(AppendOutcome::default());
+        }
+        // 1. Drop rows whose record id is stored or repeated in this append.
+        let (kept, new_ids, present) = self.dedupe(table, &batches)?;
+        let mut outcome = AppendOutcome { present, ..Default::default() };
+        if kept.iter().all(|b| b.num_rows() == 0) {
+            return Ok(outcome);
+        }
+        let all = concat_batches(&table.schema, &kept)?;
+        // 2. Split by (shard, window), sort and encode each group off the async runtime.
+        let groups = split_groups(table, &layout, &all)?;
+        let now_us = self.clock.now_us();
+        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let row_group_rows = self.row_group_rows;
+        let encoded: Vec<(GroupKey, RecordBatch, Vec<u8>)> = futures::stream::iter(groups.into_iter().map(|(key, rows)| {
+            let table_schema = Arc::clone(&table.schema);
+            let tdef = self.catalog.get(&table.name).cloned();
+            async move {
+                let tdef = tdef.ok_or_else(|| Error::UndefinedTable(table_schema.to_string()))?;
+                tokio::task::spawn_blocking(move || -> Result<(GroupKey, RecordBatch, Vec<u8>)> {
+                    let sorted = segment::sort_rows(&tdef, &rows)?;
+                    let meta = [("shard", key.shard.to_string()), ("window_start_us", key.window_start_us.to_string())];
+                    let bytes = segment::encode(&tdef, &sorted, row_group_rows, &meta)?;
+                    Ok((key, sorted, bytes))
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("segment encoder panicked: {e}")))?
+            }
+        }))
+        .buffer_unordered(parallel)
+        .try_collect()
+        .await?;
+        // 3. Write the files; only the manifest commit makes them visible.
+        let base = self.snapshot();
+        let mut next_id = base.next_segment_id;
+        let mut new_segments = Vec::with_capacity(encoded.len());
+        let mut written = Vec::with_capacity(encoded.len());
+        let result: Result<()> = async {
+            for (key, sorted, bytes) in encoded {
+                let id = next_id;
+                next_id += 1;
+                let path = segment_path(&table.name, key.shard, key.window_start_us, &uuid::Uuid::new_v4().to_string());
+                let (min_t, max_t) = time_bounds(table, &sorted)?;
+                let size = bytes.len() as u64;
+                self.put_durably(&path, bytes).await?;
+                written.push(path.clone());
+                new_segments.push(SegmentMeta {
+                    id,
+                    table: table.name.clone(),
+                    shard: key.shard,
+                    window_start_us: key.window_start_us,
+                    window_end_us: key.window_start_us + layout.window_secs as i64 * 1_000_000,
+                    path,
+                    rows: sorted.num_rows() as u64,
+                    bytes: size,
+                    min_time_us: min_t,
+                    max_time_us: max_t,
+                    created_at_us: now_us,
+                    level: 0,
+                });
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.delete_quietly(&written).await;
+            return Err(e);
+        }
+        let mut next = (*base).clone();
+        next.version += 1;
+        next.next_segment_id = next_id;
+        outcome.added = new_segments.iter().map(|s| s.rows).sum();
+        outcome.segments = new_segments.len() as u64;
+        next.segments.extend(new_segments);
+        if let Err(e) = self.commit(next) {
+            self.delete_quietly(&written).await;
+            return Err(e);
+        }
+        if !new_ids.is_empty() {
+            self.ids.lock().entry(table.name.clone()).or_default().extend(new_ids);
+        }
+        Ok(outcome)
+    }
+
+    fn dedupe(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<(Vec<RecordBatch>, Vec<u128>, u64)> {
+        let Some(key) = &table.idempotency_key else {
+            return Ok((batches.to_vec(), vec![], 0));
+        };
+        let idx = table.column_index(key)?;
+        let ids = self.ids.lock();
+        let stored = ids.get(&table.name);
+        let mut seen = IdSet::default();
+        let mut present = 0u64;
+        let mut kept = Vec::with_capacity(batches.len());
+        for b in batches {
+            let col = b.column(idx).as_string::<i32>();
+            let mask: BooleanArray = (0..col.len())
+                .map(|i| {
+                    let h = record_hash(col.value(i));
+                    let fresh = !stored.is_some_and(|s| s.contains(&h)) && seen.insert(h);
+                    if !fresh {
+                        present += 1;
+                    }
+                    Some(fresh)
+                })
+                .collect();
+            kept.push(filter_record_batch(b, &mask)?);
+        }
+        Ok((kept, seen.into_iter().collect(), present))
+    }
+
+    fn commit(&self, next: Manifest) -> Result<()> {
+        self.manifest_file.commit(&next)?;
+        *self.current.write() = Arc::new(next);
+        Ok(())
+    }
+
+    async fn put_durably(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
+        let location = ObjectPath::from(path);
+        self.store.put(&location, PutPayload::from(bytes)).await?;
+        if let Some(root) = &self.local_root {
+            let file = root.join(path);
+            fsutil::sync_file(&file)?;
+            if let Some(dir) = file.parent() {
+                fsutil::sync_dir(dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_quietly(&self, paths: &[String]) {
+        for p in paths {
+            if let Err(e) = self.store.delete(&ObjectPath::from(p.as_str())).await {
+                tracing::warn!(path = %p, error = %e, "could not delete segment file");
+            }
+        }
+    }
+
+    /// One compaction pass: every (table, shard, window) with at least
+    /// `compaction_segments_min` segments is rewritten as one segment. Returns how many
+    /// groups were compacted.
+    pub async fn compact_once(&self, groups_max: usize) -> Result<usize> {
+        self.delete_expired().await;
+        let m = self.snapshot();
+        let mut groups: BTreeMap<(String, ShardId, i64), Vec<SegmentMeta>> = BTreeMap::new();
+        for s in &m.segments {
+            groups.entry((s.table.clone(), s.shard, s.window_start_us)).or_default().push(s.clone());
+        }
+        let mut done = 0;
+        for ((table, shard, window), segs) in groups {
+            if done >= groups_max {
+                break;
+            }
+            if segs.len() < self.compaction_segments_min {
+                continue;
+            }
+            let tdef = self.catalog.get(&table).cloned().ok_or_else(|| Error::UndefinedTable(table.clone()))?;
+            let mut batches = Vec::new();
+            for s in &segs {
+                batches.extend(self.read_segment(s, None).await?);
+            }
+            let row_group_rows = self.row_group_rows;
+            let t2 = Arc::clone(&tdef);
+            let (sorted, bytes) = tokio::task::spawn_blocking(move || -> Result<(RecordBatch, Vec<u8>)> {
+                let all = concat_batches(&t2.schema, &batches)?;
+                let sorted = segment::sort_rows(&t2, &all)?;
+                let meta = [("shard", shard.to_string()), ("window_start_us", window.to_string())];
+                let bytes = segment::encode(&t2, &sorted, row_group_rows, &meta)?;
+                Ok((sorted, bytes))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("compaction panicked: {e}")))??;
+            let path = segment_path(&table, shard, window, &uuid::Uuid::new_v4().to_string());
+            let size = bytes.len() as u64;
+            let (min_t, max_t) = time_bounds(&tdef, &sorted)?;
+            self.put_durably(&path, bytes).await?;
+            let _commit = self.commit_lock.lock().await;
+            let base = self.snapshot();
+            let inputs: HashSet<u64> = segs.iter().map(|s| s.id).collect();
+            if base.segments.iter().filter(|s| inputs.contains(&s.id)).count() != inputs.len() {
+                // Someone else replaced an input meanwhile; drop our output.
+                self.delete_quietly(&[path]).await;
+                continue;
+            }
+            let mut next = (*base).clone();
+            next.segments.retain(|s| !inputs.contains(&s.id));
+            next.segments.push(SegmentMeta {
+                id: next.next_segment_id,
+                table: table.clone(),
+                shard,
+                window_start_us: window,
+                window_end_us: segs[0].window_end_us,
+                path: path.clone(),
+                rows: sorted.num_rows() as u64,
+                bytes: size,
+                min_time_us: min_t,
+                max_time_us: max_t,
+                created_at_us: self.clock.now_us(),
+                level: segs.iter().map(|s| s.level).max().unwrap_or(0) + 1,
+            });
+            next.next_segment_id += 1;
+            next.version += 1;
+            if let Err(e) = self.commit(next) {
+                self.delete_quietly(&[path]).await;
+                return Err(e);
+            }
+            let at = Instant::now();
+            self.pending_deletes.lock().extend(segs.iter().map(|s| (at, s.path.clone())));
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    async fn delete_expired(&self) {
+        let expired: Vec<String> = {
+            let mut pending = self.pending_deletes.lock();
+            let now = Instant::now();
+            let (old, keep): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| now.duration_since(*at) >= DELETE_GRACE);
+            *pending = keep;
+            old.into_iter().map(|(_, p)| p).collect()
+        };
+        self.delete_quietly(&expired).await;
+    }
+
+    /// Number of stored record ids for `table` (for tests and system tables).
+    pub fn indexed_records(&self, table: &str) -> usize {
+        self.ids.lock().get(table).map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct GroupKey {
+    shard: ShardId,
+    window_start_us: i64,
+}
+
+fn split_groups(table: &TableDef, layout: &TableLayout, batch: &RecordBatch) -> Result<Vec<(GroupKey, RecordBatch)>> {
+    let keys = batch.column(table.column_index(&table.shard_key)?).as_string::<i32>();
+    let times = batch
+        .column(table.column_index(&table.time_column)?)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .ok_or_else(|| Error::Internal("time column is not timestamp(us)".into()))?;
+    let window_us = layout.window_secs as i64 * 1_000_000;
+    let mut groups: BTreeMap<GroupKey, Vec<u32>> = BTreeMap::new();
+    for i in 0..batch.num_rows() {
+        let key = GroupKey {
+            shard: shard_of(keys.value(i), layout.shard_count),
+            window_start_us: times.value(i).div_euclid(window_us) * window_us,
+        };
+        groups.entry(key).or_default().push(i as u32);
+    }
+    groups
+        .into_iter()
+        .map(|(k, rows)| Ok((k, take_record_batch(batch, &UInt32Array::from(rows))?)))
+        .collect()
+}
+
+fn time_bounds(table: &TableDef, batch: &RecordBatch) -> Result<(i64, i64)> {
+    let times = batch
+        .column(table.column_index(&table.time_column)?)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .ok_or_else(|| Error::Internal("time column is not timestamp(us)".into()))?;
+    let min = datafusion::arrow::compute::min(times).unwrap_or(0);
+    let max = datafusion::arrow::compute::max(times).unwrap_or(0);
+    Ok((min, max))
+}
+
+fn segment_path(table: &str, shard: ShardId, window_start_us: i64, unique: &str) -> String {
+    let day = chrono::DateTime::from_timestamp_micros(window_start_us)
+        .map(|t| t.format("%Y-%m-%dT%H").to_string())
+        .unwrap_or_else(|| window_start_us.to_string());
+    format!("{table}/shard-{shard:05}/{day}/{unique}.parquet")
+}
+
+/// The segment store from configuration: a local directory by default, or a URL.
+fn open_object_store(cfg: &Config) -> Result<(Arc<dyn ObjectStore>, Option<PathBuf>)> {
+    let local = |dir: PathBuf| -> Result<(Arc<dyn ObjectStore>, Option<PathBuf>)> {
+        std::fs::create_dir_all(&dir)?;
+        let dir = dir.canonicalize()?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
+        Ok((Arc::new(store), Some(dir)))
+    };
+    match &cfg.object_store_url {
+        None => local(cfg.data_dir.join("segments")),
+        Some(url) => {
+            let parsed = url::Url::parse(url).map_err(|e| Error::Config(format!("object_store_url {url:?}: {e}")))?;
+            match parsed.scheme() {
+                "file" => local(PathBuf::from(parsed.path())),
+                "s3" | "s3a" => {
+                    let store = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).build()?;
+                    let prefix = parsed.path().trim_matches('/');
+                    if prefix.is_empty() {
+                        Ok((Arc::new(store), None))
+                    } else {
+                        Ok((Arc::new(object_store::prefix::PrefixStore::new(store, prefix)), None))
+                    }
+                }
+                other => Err(Error::Config(format!("object_store_url: unsupported scheme {other:?} (use file:// or s3://)"))),
+            }
+        }
+    }
+}
+
+/// Keeps compacting in the background until the returned handle is dropped.
+pub fn spawn_compactor(storage: Arc<Storage>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match storage.compact_once(4).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(groups = n, "compacted segments"),
+                Err(e) => tracing::warn!(error = %e, "compaction failed; will retry"),
+            }
+        }
+    })
+}

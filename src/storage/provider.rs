@@ -1,0 +1,248 @@
+//! The DataFusion table over a catalog table's segments: scans read through the
+//! committed manifest, pruned by shard and time window; INSERT appends through storage.
+//!
+//! Owns: turning a scan's filters into the list of segment files to read, and the
+//! INSERT sink. Must never: skip a segment that could hold a matching row (pruning uses
+//! `planner::shard_key`, which answers "all" when unsure), or read a manifest twice in
+//! one scan (one snapshot per scan keeps a query's view consistent).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::Session;
+use datafusion::common::Result as DfResult;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::sink::{DataSink, DataSinkExec};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
+use datafusion::datasource::listing::PartitionedFile;
+use futures::TryStreamExt;
+use parking_lot::Mutex;
+
+use super::Storage;
+use crate::catalog::TableDef;
+use crate::clock::Clock;
+use crate::error::Error;
+use crate::ingest;
+use crate::planner::shard_key::{self, KeySet, TimeRange};
+use crate::shard_map::{shard_of, ShardId};
+
+/// What the scans of one statement touched; put into the session config by the caller
+/// and filled by [`SegmentTable::scan`], so the query log can say which shards and
+/// segments a statement read.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    inner: Mutex<ScanReportInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ScanReportInner {
+    pub tables: BTreeSet<String>,
+    /// Shard-key values the predicates allow (None = all).
+    pub keys: Option<BTreeSet<String>>,
+    pub keys_all: bool,
+    pub time: Option<TimeRange>,
+    pub shards: BTreeSet<ShardId>,
+    pub segments: u64,
+    pub segments_total: u64,
+    pub filters: Vec<Expr>,
+}
+
+impl ScanReport {
+    pub fn snapshot(&self) -> ScanReportInner {
+        self.inner.lock().clone()
+    }
+}
+
+/// Which segments of `table` a scan with `filters` must read.
+pub struct Pruned {
+    pub keys: KeySet,
+    pub time: TimeRange,
+    pub shards: Option<BTreeSet<ShardId>>,
+    pub segments: Vec<super::manifest::SegmentMeta>,
+    pub segments_total: usize,
+}
+
+pub fn prune(table: &TableDef, shard_count: u32, manifest: &super::manifest::Manifest, filters: &[Expr]) -> Pruned {
+    let keys = shard_key::key_values(filters, &table.shard_key);
+    let time = shard_key::time_range(filters, &table.time_column);
+    let shards: Option<BTreeSet<ShardId>> = keys.values().map(|v| v.iter().map(|k| shard_of(k, shard_count)).collect());
+    let mut total = 0;
+    let segments = manifest
+        .segments_of(&table.name)
+        .inspect(|_| total += 1)
+        .filter(|s| shards.as_ref().is_none_or(|set| set.contains(&s.shard)))
+        .filter(|s| time.overlaps_us(s.min_time_us, s.max_time_us + 1))
+        .cloned()
+        .collect();
+    Pruned { keys, time, shards, segments, segments_total: total }
+}
+
+#[derive(Debug)]
+pub struct SegmentTable {
+    def: Arc<TableDef>,
+    storage: Arc<Storage>,
+    clock: Clock,
+    /// `DEFAULT` of the ingest-time column for INSERTs that leave it out.
+    ingest_default: Option<(String, Expr)>,
+}
+
+impl SegmentTable {
+    pub fn new(def: Arc<TableDef>, storage: Arc<Storage>, clock: Clock) -> SegmentTable {
+        let ingest_default = def
+            .ingest_time_column
+            .clone()
+            .map(|c| (c, datafusion::functions::datetime::expr_fn::now()));
+        SegmentTable { def, storage, clock, ingest_default }
+    }
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage").field("manifest_version", &self.snapshot().version).finish()
+    }
+}
+
+#[async_trait]
+impl TableProvider for SegmentTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.def.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn get_table_definition(&self) -> Option<&str> {
+        Some(&self.def.sql)
+    }
+
+    fn get_column_default(&self, column: &str) -> Option<&Expr> {
+        self.ingest_default.as_ref().filter(|(c, _)| c == column).map(|(_, e)| e)
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Pruning and Parquet statistics may keep extra rows, so DataFusion re-checks.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let manifest = self.storage.snapshot();
+        let layout = manifest
+            .layout(&self.def.name)
+            .ok_or_else(|| Error::UndefinedTable(self.def.name.clone()))?;
+        let pruned = prune(&self.def, layout.shard_count, &manifest, filters);
+        if let Some(report) = state.config().get_extension::<ScanReport>() {
+            let mut r = report.inner.lock();
+            r.tables.insert(self.def.name.clone());
+            match pruned.keys.values() {
+                Some(v) if !r.keys_all => r.keys.get_or_insert_with(BTreeSet::new).extend(v.iter().cloned()),
+                Some(_) => {}
+                None => {
+                    r.keys_all = true;
+                    r.keys = None;
+                }
+            }
+            r.time = Some(match r.time {
+                None => pruned.time,
+                Some(prev) => TimeRange {
+                    lo: prev.lo.zip(pruned.time.lo).map(|(a, b)| a.min(b)),
+                    hi: prev.hi.zip(pruned.time.hi).map(|(a, b)| a.max(b)),
+                },
+            });
+            r.shards.extend(pruned.segments.iter().map(|s| s.shard));
+            r.segments += pruned.segments.len() as u64;
+            r.segments_total += pruned.segments_total as u64;
+            r.filters.extend(filters.iter().cloned());
+        }
+        let projected = match projection {
+            Some(p) => Arc::new(self.def.schema.project(p)?),
+            None => Arc::clone(&self.def.schema),
+        };
+        if pruned.segments.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(projected)));
+        }
+        let groups_n = state.config().target_partitions().max(1).min(pruned.segments.len());
+        let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); groups_n];
+        // Largest first, each to the least filled group, so partitions finish together.
+        let mut segs = pruned.segments;
+        segs.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.id.cmp(&b.id)));
+        let mut sizes = vec![0u64; groups_n];
+        for s in segs {
+            let i = (0..groups_n).min_by_key(|&i| (sizes[i], i)).unwrap_or(0);
+            sizes[i] += s.bytes;
+            groups[i].push(PartitionedFile::new(s.path.clone(), s.bytes));
+        }
+        let source = ParquetSource::new(Arc::clone(&self.def.schema));
+        let config = FileScanConfigBuilder::new(Storage::object_store_url(), Arc::new(source))
+            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
+        format.create_physical_plan(state, config).await
+    }
+
+    async fn insert_into(
+        &self,
+        _state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        op: InsertOp,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if op != InsertOp::Append {
+            return Err(Error::NotSupported(format!("{op} into {}; only INSERT INTO is supported", self.def.name)).into());
+        }
+        // The sink declares every column nullable so that DataFusion does not run its
+        // own NOT NULL check (which names neither the table column nor the row);
+        // `ingest::conform` checks NOT NULL with both.
+        let nullable = Arc::new(datafusion::arrow::datatypes::Schema::new(
+            self.def.schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+        ));
+        let sink = SegmentSink { def: Arc::clone(&self.def), storage: Arc::clone(&self.storage), clock: self.clock.clone(), input_schema: nullable };
+        Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
+    }
+}
+
+/// INSERT target: collects the whole statement's rows, validates them, appends once.
+#[derive(Debug)]
+struct SegmentSink {
+    def: Arc<TableDef>,
+    storage: Arc<Storage>,
+    clock: Clock,
+    input_schema: SchemaRef,
+}
+
+impl DisplayAs for SegmentSink {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SegmentSink: table={}", self.def.name)
+    }
+}
+
+#[async_trait]
+impl DataSink for SegmentSink {
+    fn schema(&self) -> &SchemaRef {
+        &self.input_schema
+    }
+
+    async fn write_all(&self, data: SendableRecordBatchStream, _ctx: &Arc<TaskContext>) -> DfResult<u64> {
+        let batches: Vec<_> = data.try_collect().await?;
+        let rows = ingest::conform_all(&self.def, &batches, self.clock.now_us())?;
+        let outcome = self.storage.append(&self.def, rows).await?;
+        Ok(outcome.added)
+    }
+}

@@ -1,0 +1,246 @@
+//! The `system` schema: read-only tables that show Tidemark's own state.
+//!
+//! Owns: one TableProvider per system table; each builds its rows from a snapshot
+//! when scanned. Must never: hold locks across a scan or let a query change state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::{SchemaProvider, Session};
+use datafusion::common::Result as DfResult;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::ExecutionPlan;
+
+use crate::error::Error;
+use crate::query_log::{self, QueryLog};
+use crate::storage::Storage;
+
+pub const SCHEMA: &str = "system";
+
+/// The `system` schema provider.
+#[derive(Debug)]
+pub struct SystemSchema {
+    tables: BTreeMap<&'static str, Arc<dyn TableProvider>>,
+}
+
+impl SystemSchema {
+    pub fn new(storage: Arc<Storage>, log: Arc<QueryLog>) -> SystemSchema {
+        let mut tables: BTreeMap<&'static str, Arc<dyn TableProvider>> = BTreeMap::new();
+        tables.insert("query_log", Arc::new(QueryLogTable { log }));
+        let s = Arc::clone(&storage);
+        tables.insert("segments", Arc::new(SnapshotTable { schema: segments_schema(), rows: Box::new(move || segments_batch(&s)) }));
+        let s = storage;
+        tables.insert("shards", Arc::new(SnapshotTable { schema: shards_schema(), rows: Box::new(move || shards_batch(&s)) }));
+        SystemSchema { tables }
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for SystemSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.tables.keys().map(|k| k.to_string()).collect()
+    }
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        Ok(self.tables.get(name).cloned())
+    }
+    fn table_exist(&self, name: &str) -> bool {
+        self.tables.contains_key(name)
+    }
+    fn register_table(&self, name: String, _table: Arc<dyn TableProvider>) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        Err(Error::ReadOnly(format!("cannot create system.{name}: the system schema is read-only")).into())
+    }
+    fn deregister_table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        Err(Error::ReadOnly(format!("cannot drop system.{name}: the system schema is read-only")).into())
+    }
+}
+
+type RowsFn = Box<dyn Fn() -> crate::error::Result<RecordBatch> + Send + Sync>;
+
+/// A system table whose rows are computed from in-memory state at scan time.
+struct SnapshotTable {
+    schema: SchemaRef,
+    rows: RowsFn,
+}
+
+impl std::fmt::Debug for SnapshotTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotTable").field("schema", &self.schema).finish()
+    }
+}
+
+#[async_trait]
+impl TableProvider for SnapshotTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batch = (self.rows)()?;
+        Ok(MemorySourceConfig::try_new_exec(&[vec![batch]], Arc::clone(&self.schema), projection.cloned())?)
+    }
+}
+
+/// `system.query_log`: persisted Parquet files plus the entries not yet flushed.
+#[derive(Debug)]
+struct QueryLogTable {
+    log: Arc<QueryLog>,
+}
+
+#[async_trait]
+impl TableProvider for QueryLogTable {
+    fn schema(&self) -> SchemaRef {
+        query_log::schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let schema = query_log::schema();
+        let buffered = query_log::to_batch(&self.log.buffered())?;
+        let memory = MemorySourceConfig::try_new_exec(&[vec![buffered]], Arc::clone(&schema), projection.cloned())?;
+        let files = self.log.files()?;
+        if files.is_empty() {
+            return Ok(memory);
+        }
+        let parts = files
+            .into_iter()
+            .map(|(path, len)| {
+                let p = object_store::path::Path::from_absolute_path(&path)
+                    .map_err(|e| Error::Internal(format!("query log path {}: {e}", path.display())))?;
+                Ok(PartitionedFile::new(p.as_ref().to_string(), len))
+            })
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        let config = FileScanConfigBuilder::new(
+            ObjectStoreUrl::local_filesystem(),
+            Arc::new(ParquetSource::new(Arc::clone(&schema))),
+        )
+        .with_file_groups(vec![FileGroup::new(parts)])
+        .with_projection_indices(projection.cloned())?
+        .build();
+        let persisted = ParquetFormat::new().create_physical_plan(state, config).await?;
+        UnionExec::try_new(vec![persisted, memory])
+    }
+}
+
+fn segments_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+    Arc::new(Schema::new(vec![
+        Field::new("segment_id", DataType::UInt64, false),
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("shard", DataType::UInt32, false),
+        Field::new("window_start", ts.clone(), false),
+        Field::new("window_end", ts.clone(), false),
+        Field::new("min_time", ts.clone(), false),
+        Field::new("max_time", ts.clone(), false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("level", DataType::UInt32, false),
+        Field::new("created_at", ts, false),
+        Field::new("path", DataType::Utf8, false),
+    ]))
+}
+
+fn segments_batch(storage: &Storage) -> crate::error::Result<RecordBatch> {
+    let m = storage.snapshot();
+    let s = &m.segments;
+    let ts = |f: &dyn Fn(&crate::storage::manifest::SegmentMeta) -> i64| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(s.iter().map(f).collect::<Vec<_>>()))
+    };
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from(s.iter().map(|x| x.id).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(s.iter().map(|x| x.table.as_str()).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(s.iter().map(|x| x.shard).collect::<Vec<_>>())),
+        ts(&|x| x.window_start_us),
+        ts(&|x| x.window_end_us),
+        ts(&|x| x.min_time_us),
+        ts(&|x| x.max_time_us),
+        Arc::new(UInt64Array::from(s.iter().map(|x| x.rows).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(s.iter().map(|x| x.bytes).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(s.iter().map(|x| x.level).collect::<Vec<_>>())),
+        ts(&|x| x.created_at_us),
+        Arc::new(StringArray::from(s.iter().map(|x| x.path.as_str()).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(segments_schema(), cols)?)
+}
+
+fn shards_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+    Arc::new(Schema::new(vec![
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("shard", DataType::UInt32, false),
+        Field::new("shard_count", DataType::UInt32, false),
+        Field::new("segments", DataType::UInt64, false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("min_time", ts.clone(), true),
+        Field::new("max_time", ts, true),
+        Field::new("manifest_version", DataType::Int64, false),
+    ]))
+}
+
+fn shards_batch(storage: &Storage) -> crate::error::Result<RecordBatch> {
+    let m = storage.snapshot();
+    #[derive(Default)]
+    struct Acc {
+        segments: u64,
+        rows: u64,
+        bytes: u64,
+        min: Option<i64>,
+        max: Option<i64>,
+    }
+    let mut acc: BTreeMap<(String, u32), Acc> = BTreeMap::new();
+    for t in &m.tables {
+        for shard in 0..t.shard_count {
+            acc.insert((t.name.clone(), shard), Acc::default());
+        }
+    }
+    for s in &m.segments {
+        let a = acc.entry((s.table.clone(), s.shard)).or_default();
+        a.segments += 1;
+        a.rows += s.rows;
+        a.bytes += s.bytes;
+        a.min = Some(a.min.map_or(s.min_time_us, |m| m.min(s.min_time_us)));
+        a.max = Some(a.max.map_or(s.max_time_us, |m| m.max(s.max_time_us)));
+    }
+    let count_of = |t: &str| m.layout(t).map(|l| l.shard_count).unwrap_or(0);
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(acc.keys().map(|k| k.0.as_str()).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(acc.keys().map(|k| k.1).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(acc.keys().map(|k| count_of(&k.0)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(acc.values().map(|a| a.segments).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(acc.values().map(|a| a.rows).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(acc.values().map(|a| a.bytes).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(acc.values().map(|a| a.min).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(acc.values().map(|a| a.max).collect::<Vec<_>>())),
+        Arc::new(Int64Array::from(vec![m.version as i64; acc.len()])),
+    ];
+    Ok(RecordBatch::try_new(shards_schema(), cols)?)
+}

@@ -1,0 +1,94 @@
+//! Shared helpers for integration tests: a node on a temporary directory, served on
+//! port 0, and clients for it.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use tidemark::clock::Clock;
+use tidemark::config::Config;
+use tidemark::frontend::Server;
+use tidemark::node::Node;
+use tidemark::session::{Session, SessionInfo};
+
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub node: Arc<Node>,
+    pub server: Server,
+}
+
+pub fn test_config(dir: &std::path::Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        // Compaction runs only when a test asks for it.
+        compaction_interval_ms: 0,
+        query_log_flush_interval_ms: 200,
+        ..Config::default()
+    }
+}
+
+impl TestNode {
+    pub async fn start() -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = test_config(dir.path());
+        Self::start_with(dir, cfg).await
+    }
+
+    pub async fn start_with(dir: tempfile::TempDir, cfg: Config) -> TestNode {
+        let node = Node::open(cfg, Clock::real()).await.unwrap();
+        let server = Server::start(Arc::clone(&node), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        TestNode { dir, node, server }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.server.local_addr.port()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://tidemark@127.0.0.1:{}/tidemark", self.port())
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url()).await
+    }
+
+    pub fn session(&self) -> Session {
+        Session::new(
+            Arc::clone(&self.node),
+            SessionInfo { session_id: 0, user: "test".into(), application_name: "in-process".into(), statement_timeout: None },
+        )
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// The same text for a timestamp whichever path produced it: `YYYY-MM-DD HH:MM:SS[.fff]`
+/// with trailing fractional zeros removed.
+pub fn normalize_value(v: &str) -> String {
+    let b = v.as_bytes();
+    let looks_like_ts = b.len() >= 19
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && (b[10] == b'T' || b[10] == b' ')
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[..4].iter().all(|c| c.is_ascii_digit());
+    if !looks_like_ts {
+        return v.to_string();
+    }
+    let mut s = v.replacen('T', " ", 1);
+    if let Some(dot) = s.find('.') {
+        let trimmed = s[dot..].trim_end_matches('0').to_string();
+        s.truncate(dot);
+        if trimmed != "." {
+            s.push_str(&trimmed);
+        }
+    }
+    s
+}
