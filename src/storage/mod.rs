@@ -187,14 +187,25 @@ impl Storage {
             let set = ids.entry(t.name.clone()).or_default();
             let segs: Vec<&SegmentMeta> = m.segments_of(&t.name).collect();
             set.reserve(segs.iter().map(|s| s.rows as usize).sum());
-            let mut reads = futures::stream::iter(segs.into_iter().map(|s| self.read_segment(s, Some(key.as_str()))))
-                .buffer_unordered(8);
-            while let Some(batches) = reads.next().await {
-                for b in batches? {
-                    let col = b.column(0).as_string::<i32>();
-                    for i in 0..col.len() {
-                        set.insert(record_hash(col.value(i)));
+            let mut reads = futures::stream::iter(
+                segs.into_iter().map(|s| async move { (s, self.read_segment(s, Some(key.as_str())).await) }),
+            )
+            .buffer_unordered(8);
+            while let Some((seg, batches)) = reads.next().await {
+                match batches {
+                    Ok(batches) => {
+                        for b in batches {
+                            let col = b.column(0).as_string::<i32>();
+                            for i in 0..col.len() {
+                                set.insert(record_hash(col.value(i)));
+                            }
+                        }
                     }
+                    // A damaged segment must not keep the node down: queries that
+                    // touch it fail with XX001 and name it; its record ids are missing
+                    // from the index until it is repaired (re-ingesting its rows would
+                    // store them again).
+                    Err(e) => tracing::error!(segment = seg.id, path = %seg.path, error = %e, "segment is unreadable"),
                 }
             }
         }
