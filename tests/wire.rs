@@ -256,7 +256,7 @@ async fn psql_meta_commands_and_copy() {
     std::fs::File::create(&csv).unwrap().write_all(CSV.as_bytes()).unwrap();
     let out = n.dir.path().join("out.csv");
     let script = format!(
-        "\\dt\n\\d usage\n\\copy usage FROM '{}' WITH (FORMAT csv, HEADER)\nSELECT count(*) AS n FROM usage;\n\\copy (SELECT record_id FROM usage ORDER BY 1) TO '{}' WITH (FORMAT csv)\n",
+        "\\l\n\\dt\n\\d usage\n\\copy usage FROM '{}' WITH (FORMAT csv, HEADER)\nSELECT count(*) AS n FROM usage;\n\\copy (SELECT record_id FROM usage ORDER BY 1) TO '{}' WITH (FORMAT csv)\n",
         csv.display(),
         out.display()
     );
@@ -276,6 +276,7 @@ async fn psql_meta_commands_and_copy() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "psql failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("List of databases") && stdout.contains("tidemark"), "\\l:\n{stdout}");
     assert!(stdout.contains("usage") && stdout.contains("table"), "\\dt:\n{stdout}");
     for col in ["record_id", "entity_id", "quantity", "event_time", "ingest_time", "not null", "numeric", "timestamp without time zone"] {
         assert!(stdout.contains(col), "\\d usage lacks {col}:\n{stdout}");
