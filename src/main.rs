@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tidemark::clock::Clock;
 use tidemark::config::Config;
@@ -37,14 +37,8 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:5433")]
         listen: SocketAddr,
-        #[arg(long, default_value_t = 5_000_000)]
-        rows: u64,
-        #[arg(long, default_value_t = 10_000)]
-        entities: u32,
-        #[arg(long, default_value_t = 30)]
-        days: u32,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        shape: DataShape,
     },
     /// Ingest Parquet files into a running node (COPY ... FROM STDIN, one statement per file).
     Ingest {
@@ -60,18 +54,31 @@ enum Command {
     Gen {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 5_000_000)]
-        rows: u64,
-        #[arg(long, default_value_t = 10_000)]
-        entities: u32,
-        #[arg(long, default_value_t = 30)]
-        days: u32,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        shape: DataShape,
         /// End of the data (RFC 3339); default: now.
         #[arg(long)]
         end: Option<String>,
     },
+}
+
+/// The size and seed of generated data.
+#[derive(Args, Clone, Copy)]
+struct DataShape {
+    #[arg(long, default_value_t = 5_000_000)]
+    rows: u64,
+    #[arg(long, default_value_t = 10_000)]
+    entities: u32,
+    #[arg(long, default_value_t = 30)]
+    days: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl DataShape {
+    fn spec(&self, end_us: i64) -> GenSpec {
+        GenSpec { rows: self.rows, entities: self.entities, days: self.days, seed: self.seed, end_us }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,23 +100,16 @@ fn main() -> anyhow::Result<()> {
                 }
                 serve(cfg, None).await
             }
-            Command::Demo { data_dir, listen, rows, entities, days, seed } => {
+            Command::Demo { data_dir, listen, shape } => {
                 let mut cfg = Config::load(None, Config::env_from_process())?;
                 cfg.data_dir = data_dir;
                 cfg.listen = listen;
-                serve(cfg, Some(DemoSpec { rows, entities, days, seed })).await
+                serve(cfg, Some(shape)).await
             }
             Command::Ingest { url, table, sources } => ingest(&url, &table, &sources).await,
-            Command::Gen { out, rows, entities, days, seed, end } => gen(&out, rows, entities, days, seed, end.as_deref()),
+            Command::Gen { out, shape, end } => gen(&out, shape, end.as_deref()),
         }
     })
-}
-
-struct DemoSpec {
-    rows: u64,
-    entities: u32,
-    days: u32,
-    seed: u64,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -122,7 +122,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-async fn serve(cfg: Config, demo: Option<DemoSpec>) -> anyhow::Result<()> {
+async fn serve(cfg: Config, demo: Option<DataShape>) -> anyhow::Result<()> {
     let clock = Clock::real();
     let node = Node::open(cfg.clone(), clock.clone()).await.context("starting the node")?;
     if let Some(spec) = demo {
@@ -140,17 +140,14 @@ async fn serve(cfg: Config, demo: Option<DemoSpec>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fill_demo(node: &Arc<Node>, spec: &DemoSpec, clock: &Clock) -> anyhow::Result<()> {
+async fn fill_demo(node: &Arc<Node>, spec: &DataShape, clock: &Clock) -> anyhow::Result<()> {
     let table = node.catalog().get("usage").cloned().context("catalog has no usage table")?;
     let existing: u64 = node.storage().snapshot().segments_of("usage").map(|s| s.rows).sum();
     if existing > 0 {
         eprintln!("Reusing {existing} usage rows already in the data directory.");
         return Ok(());
     }
-    let gen = Generator::new(
-        GenSpec { rows: spec.rows, entities: spec.entities, days: spec.days, seed: spec.seed, end_us: clock.now_us() },
-        Arc::clone(&table.schema),
-    );
+    let gen = Generator::new(spec.spec(clock.now_us()), Arc::clone(&table.schema));
     eprintln!(
         "Generating {} usage rows over {} days for {} entities (seed {}).",
         spec.rows, spec.days, spec.entities, spec.seed
@@ -174,14 +171,14 @@ async fn fill_demo(node: &Arc<Node>, spec: &DemoSpec, clock: &Clock) -> anyhow::
     Ok(())
 }
 
-fn gen(out: &Path, rows: u64, entities: u32, days: u32, seed: u64, end: Option<&str>) -> anyhow::Result<()> {
+fn gen(out: &Path, shape: DataShape, end: Option<&str>) -> anyhow::Result<()> {
     let end_us = match end {
         Some(e) => chrono::DateTime::parse_from_rfc3339(e).context("--end must be RFC 3339")?.timestamp_micros(),
         None => Clock::real().now_us(),
     };
     let table = tidemark::catalog::Catalog::parse(tidemark::catalog::DEFAULT_CATALOG[0].1)?.remove(0);
-    let gen = Generator::new(GenSpec { rows, entities, days, seed, end_us }, Arc::clone(&table.schema));
-    let pb = bar(rows, "generating");
+    let gen = Generator::new(shape.spec(end_us), Arc::clone(&table.schema));
+    let pb = bar(shape.rows, "generating");
     let n = tidemark::datagen::write_parquet(&gen, out, |k| pb.inc(k))?;
     pb.finish_and_clear();
     eprintln!("Wrote {n} rows to {}", out.display());
