@@ -102,6 +102,9 @@ pub struct Storage {
     pending_deletes: Mutex<Vec<(Instant, String)>>,
 }
 
+/// Segment files written at once by one append.
+const PUTS_IN_FLIGHT_MAX: usize = 8;
+
 /// How long a replaced segment file stays readable.
 const DELETE_GRACE: Duration = Duration::from_secs(60);
 
@@ -275,37 +278,37 @@ impl Storage {
         .buffer_unordered(parallel)
         .try_collect()
         .await?;
-        // 3. Write the files; only the manifest commit makes them visible.
+        // 3. Write the files (several at once: each put ends with an fsync); only the
+        //    manifest commit makes them visible.
         let base = self.snapshot();
         let mut next_id = base.next_segment_id;
-        let mut new_segments = Vec::with_capacity(encoded.len());
-        let mut written = Vec::with_capacity(encoded.len());
-        let result: Result<()> = async {
-            for (key, sorted, bytes) in encoded {
-                let id = next_id;
-                next_id += 1;
-                let path = segment_path(&table.name, key.shard, key.window_start_us, &uuid::Uuid::new_v4().to_string());
-                let (min_t, max_t) = time_bounds(table, &sorted)?;
-                let size = bytes.len() as u64;
-                self.put_durably(&path, bytes).await?;
-                written.push(path.clone());
-                new_segments.push(SegmentMeta {
-                    id,
-                    table: table.name.clone(),
-                    shard: key.shard,
-                    window_start_us: key.window_start_us,
-                    window_end_us: key.window_start_us + layout.window_secs as i64 * 1_000_000,
-                    path,
-                    rows: sorted.num_rows() as u64,
-                    bytes: size,
-                    min_time_us: min_t,
-                    max_time_us: max_t,
-                    created_at_us: now_us,
-                    level: 0,
-                });
-            }
-            Ok(())
+        let mut planned = Vec::with_capacity(encoded.len());
+        for (key, sorted, bytes) in encoded {
+            let (min_t, max_t) = time_bounds(table, &sorted)?;
+            let meta = SegmentMeta {
+                id: next_id,
+                table: table.name.clone(),
+                shard: key.shard,
+                window_start_us: key.window_start_us,
+                window_end_us: key.window_start_us + layout.window_secs as i64 * 1_000_000,
+                path: segment_path(&table.name, key.shard, key.window_start_us, &uuid::Uuid::new_v4().to_string()),
+                rows: sorted.num_rows() as u64,
+                bytes: bytes.len() as u64,
+                min_time_us: min_t,
+                max_time_us: max_t,
+                created_at_us: now_us,
+                level: 0,
+            };
+            next_id += 1;
+            planned.push((meta, bytes));
         }
+        let written: Vec<String> = planned.iter().map(|(m, _)| m.path.clone()).collect();
+        let new_segments: Vec<SegmentMeta> = planned.iter().map(|(m, _)| m.clone()).collect();
+        let result: Result<Vec<()>> = futures::stream::iter(planned.into_iter().map(|(m, bytes)| async move {
+            self.put_durably(&m.path, bytes).await
+        }))
+        .buffer_unordered(PUTS_IN_FLIGHT_MAX)
+        .try_collect()
         .await;
         if let Err(e) = result {
             self.delete_quietly(&written).await;
@@ -365,10 +368,15 @@ impl Storage {
         self.store.put(&location, PutPayload::from(bytes)).await?;
         if let Some(root) = &self.local_root {
             let file = root.join(path);
-            fsutil::sync_file(&file)?;
-            if let Some(dir) = file.parent() {
-                fsutil::sync_dir(dir)?;
-            }
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                fsutil::sync_file(&file)?;
+                match file.parent() {
+                    Some(dir) => fsutil::sync_dir(dir),
+                    None => Ok(()),
+                }
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("fsync task panicked: {e}")))??;
         }
         Ok(())
     }
