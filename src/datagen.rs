@@ -226,11 +226,27 @@ impl Generator {
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), cols)?)
     }
 
-    /// All rows, a day per batch.
+    /// All rows, one batch per UTC calendar day (the first and last may be partial), so
+    /// that each batch fills exactly one segment window per shard.
     pub fn day_batches(&self) -> impl Iterator<Item = Result<RecordBatch>> + '_ {
-        (0..self.spec.days as usize).map(move |d| {
-            let hours: Vec<RecordBatch> = (d * 24..(d + 1) * 24).map(|h| self.hour_batch(h)).collect::<Result<_>>()?;
-            Ok(datafusion::arrow::compute::concat_batches(&self.schema, &hours)?)
+        let start = self.spec.start_us();
+        let day_of = move |h: usize| (start + h as i64 * 3_600_000_000).div_euclid(86_400_000_000);
+        let hours = self.hours();
+        let mut h = 0;
+        std::iter::from_fn(move || {
+            if h >= hours {
+                return None;
+            }
+            let day = day_of(h);
+            let first = h;
+            while h < hours && day_of(h) == day {
+                h += 1;
+            }
+            let batch = (first..h)
+                .map(|i| self.hour_batch(i))
+                .collect::<Result<Vec<_>>>()
+                .and_then(|b| Ok(datafusion::arrow::compute::concat_batches(&self.schema, &b)?));
+            Some(batch)
         })
     }
 }
