@@ -45,6 +45,13 @@ pub struct Config {
     pub compaction_interval_ms: u64,
     /// A (shard, window) with at least this many segments is compacted into one.
     pub compaction_segments_min: usize,
+    /// Rows held in the write buffer (durable in its write-ahead log) before they are
+    /// flushed into segments; 0 turns the buffer off (every statement writes segments).
+    pub write_buffer_rows_max: usize,
+    /// Statements with more rows than this bypass the buffer and write segments.
+    pub write_buffer_statement_rows_max: usize,
+    /// Buffered rows are flushed at the latest this long after the first arrived.
+    pub write_buffer_flush_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -64,6 +71,9 @@ impl Default for Config {
             query_log_disk_bytes_max: 1 << 30,
             compaction_interval_ms: 5_000,
             compaction_segments_min: 4,
+            write_buffer_rows_max: 50_000,
+            write_buffer_statement_rows_max: 10_000,
+            write_buffer_flush_interval_ms: 2_000,
         }
     }
 }
@@ -79,6 +89,7 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_STATEMENT_TIMEOUT_MS",
     "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX",
     "TIDEMARK_COMPACTION_INTERVAL_MS",
+    "TIDEMARK_WRITE_BUFFER_ROWS_MAX",
 ];
 
 impl Config {
@@ -119,6 +130,7 @@ impl Config {
             "TIDEMARK_STATEMENT_TIMEOUT_MS" => self.statement_timeout_ms = num(key, value)?,
             "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX" => self.query_log_memory_rows_max = num(key, value)?,
             "TIDEMARK_COMPACTION_INTERVAL_MS" => self.compaction_interval_ms = num(key, value)?,
+            "TIDEMARK_WRITE_BUFFER_ROWS_MAX" => self.write_buffer_rows_max = num(key, value)?,
             _ => {}
         }
         Ok(())

@@ -67,6 +67,12 @@ impl Node {
                 Arc::clone(&node.query_log),
                 Duration::from_millis(node.config.query_log_flush_interval_ms.max(10)),
             ));
+            if node.config.write_buffer_rows_max > 0 {
+                bg.push(storage::spawn_buffer_flusher(
+                    Arc::clone(&node.storage),
+                    Duration::from_millis(node.config.write_buffer_flush_interval_ms.max(10)),
+                ));
+            }
             if node.config.compaction_interval_ms > 0 {
                 bg.push(storage::spawn_compactor(
                     Arc::clone(&node.storage),

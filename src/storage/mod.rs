@@ -9,13 +9,17 @@
 //! - a record id is stored at most once per table (the index is rebuilt from the
 //!   segments at start, so it cannot disagree with them);
 //! - appends and compactions commit one at a time (the commit lock), so ids and the
-//!   index stay consistent.
+//!   index stay consistent;
+//! - a small append is acknowledged after its write-ahead-log record is fsynced; it is
+//!   visible from the write buffer until a flush turns it into segments, and the flush
+//!   swaps manifest and buffer in one step, so no reader sees it twice or not at all.
 //! Must never: make part of an append visible, or delete a file that a committed
 //! manifest still names.
 
 pub mod manifest;
 pub mod provider;
 pub mod segment;
+pub mod wal;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -100,6 +104,22 @@ pub struct Storage {
     /// Files replaced by compaction, deleted once queries that started before the
     /// replacement have had time to finish.
     pending_deletes: Mutex<Vec<(Instant, String)>>,
+    /// Rows acknowledged but not yet in segments. Lock order: `current`, then `buffer`.
+    buffer: RwLock<Arc<Buffered>>,
+    /// `None` when the write buffer is off.
+    wal: Mutex<Option<wal::Wal>>,
+    buffer_rows_max: usize,
+    buffer_statement_rows_max: usize,
+    flush_wanted: tokio::sync::Notify,
+}
+
+/// The write buffer's content.
+#[derive(Debug, Default)]
+pub struct Buffered {
+    pub tables: HashMap<String, Vec<RecordBatch>>,
+    pub rows: usize,
+    /// When the oldest buffered row arrived.
+    pub since: Option<Instant>,
 }
 
 /// Segment files written at once by one append.
@@ -142,10 +162,50 @@ impl Storage {
             compaction_segments_min: cfg.compaction_segments_min.max(2),
             clock,
             pending_deletes: Mutex::new(Vec::new()),
+            buffer: RwLock::new(Arc::default()),
+            wal: Mutex::new(None),
+            buffer_rows_max: cfg.write_buffer_rows_max,
+            buffer_statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
+            flush_wanted: tokio::sync::Notify::new(),
         });
         storage.remove_orphans().await?;
         storage.rebuild_index().await?;
+        storage.recover_wal(&cfg.data_dir.join("meta").join("wal")).await?;
         Ok(storage)
+    }
+
+    /// Stores what the write-ahead logs of an earlier run hold (rows already in segments
+    /// are skipped by the record-id index), then starts a new log if buffering is on.
+    async fn recover_wal(&self, dir: &std::path::Path) -> Result<()> {
+        let files = wal::Wal::existing(dir)?;
+        let mut last = 0;
+        for (seq, path) in &files {
+            last = *seq;
+            let (records, torn) = wal::Wal::read(path)?;
+            if torn {
+                tracing::warn!(path = %path.display(), "write-ahead log ends with a torn record (never acknowledged); ignoring it");
+            }
+            for (table, batch) in records {
+                let tdef = self.catalog.get(&table).cloned().ok_or_else(|| {
+                    Error::Corrupt(format!("write-ahead log {} names unknown table {table}", path.display()))
+                })?;
+                self.append_to_segments(&tdef, vec![batch]).await?;
+            }
+        }
+        for (_, path) in &files {
+            std::fs::remove_file(path)?;
+        }
+        if self.buffer_rows_max > 0 {
+            *self.wal.lock() = Some(wal::Wal::create(dir, last + 1)?);
+        }
+        Ok(())
+    }
+
+    /// The committed manifest and the write buffer, as one consistent view.
+    pub fn view(&self) -> (Arc<Manifest>, Arc<Buffered>) {
+        let m = self.current.read();
+        let b = self.buffer.read();
+        (Arc::clone(&m), Arc::clone(&b))
     }
 
     pub fn object_store(&self) -> Arc<dyn ObjectStore> {
@@ -240,80 +300,117 @@ impl Storage {
     }
 
     /// Stores `batches` (already validated, in the table's schema) atomically: after a
-    /// crash either all of their new rows are visible or none.
+    /// crash either all of their new rows are visible or none. Small statements go to
+    /// the write buffer (one fsynced log record); large ones straight to segments.
     pub async fn append(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome> {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if rows > self.buffer_statement_rows_max || self.buffer_rows_max == 0 {
+            return self.append_to_segments(table, batches).await;
+        }
+        let _commit = self.commit_lock.lock().await;
+        let (kept, new_ids, present) = self.dedupe(table, &batches)?;
+        let mut outcome = AppendOutcome { present, ..Default::default() };
+        let all = concat_batches(&table.schema, &kept)?;
+        if all.num_rows() == 0 {
+            return Ok(outcome);
+        }
+        {
+            let mut wal = self.wal.lock();
+            let w = wal.as_mut().ok_or_else(|| Error::Internal("write buffer without a log".into()))?;
+            w.append(&table.name, &all)?;
+        }
+        outcome.added = all.num_rows() as u64;
+        let full = {
+            let mut b = self.buffer.write();
+            let mut next = Buffered {
+                tables: b.tables.clone(),
+                rows: b.rows + all.num_rows(),
+                since: b.since.or_else(|| Some(Instant::now())),
+            };
+            next.tables.entry(table.name.clone()).or_default().push(all);
+            let full = next.rows >= self.buffer_rows_max;
+            *b = Arc::new(next);
+            full
+        };
+        self.ids.lock().entry(table.name.clone()).or_default().extend(new_ids);
+        if full {
+            self.flush_wanted.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Moves the write buffer into segments. Returns the rows flushed.
+    pub async fn flush_buffer(&self) -> Result<usize> {
+        let _commit = self.commit_lock.lock().await;
+        let buffered = Arc::clone(&self.buffer.read());
+        if buffered.rows == 0 {
+            return Ok(0);
+        }
+        let base = self.snapshot();
+        let mut next_id = base.next_segment_id;
+        let mut new_segments = Vec::new();
+        for (name, batches) in &buffered.tables {
+            let tdef = self.catalog.get(name).cloned().ok_or_else(|| Error::UndefinedTable(name.clone()))?;
+            let layout = self.layout(name)?;
+            let all = concat_batches(&tdef.schema, batches)?;
+            match self.write_segments(&tdef, &layout, &all, &mut next_id).await {
+                Ok(segs) => new_segments.extend(segs),
+                Err(e) => {
+                    let paths: Vec<String> = new_segments.iter().map(|s: &SegmentMeta| s.path.clone()).collect();
+                    self.delete_quietly(&paths).await;
+                    return Err(e);
+                }
+            }
+        }
+        let mut next = (*base).clone();
+        next.version += 1;
+        next.next_segment_id = next_id;
+        next.segments.extend(new_segments.iter().cloned());
+        // Manifest and buffer change in one step for readers.
+        let committed = {
+            let mut cur = self.current.write();
+            let mut buf = self.buffer.write();
+            match self.manifest_file.commit(&next) {
+                Ok(()) => {
+                    *cur = Arc::new(next);
+                    *buf = Arc::default();
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = committed {
+            let paths: Vec<String> = new_segments.iter().map(|s| s.path.clone()).collect();
+            self.delete_quietly(&paths).await;
+            return Err(e);
+        }
+        // The rows are in segments now; the log that held them can go.
+        let old = self.wal.lock().as_mut().map(|w| w.rotate()).transpose()?;
+        if let Some(old) = old {
+            std::fs::remove_file(old)?;
+        }
+        Ok(buffered.rows)
+    }
+
+    /// Stores rows as new segments and commits them (the path of large statements and
+    /// of write-ahead-log recovery).
+    pub async fn append_to_segments(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome> {
         let _commit = self.commit_lock.lock().await;
         let layout = self.layout(&table.name)?;
         let total: usize = batches.iter().map(|b| b.num_rows()).sum();
         if total == 0 {
             return Ok(AppendOutcome::default());
         }
-        // 1. Drop rows whose record id is stored or repeated in this append.
         let (kept, new_ids, present) = self.dedupe(table, &batches)?;
         let mut outcome = AppendOutcome { present, ..Default::default() };
         if kept.iter().all(|b| b.num_rows() == 0) {
             return Ok(outcome);
         }
         let all = concat_batches(&table.schema, &kept)?;
-        // 2. Split by (shard, window), sort and encode each group off the async runtime.
-        let groups = split_groups(table, &layout, &all)?;
-        let now_us = self.clock.now_us();
-        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        let row_group_rows = self.row_group_rows;
-        let encoded: Vec<(GroupKey, RecordBatch, Vec<u8>)> = futures::stream::iter(groups.into_iter().map(|(key, rows)| {
-            let table_schema = Arc::clone(&table.schema);
-            let tdef = self.catalog.get(&table.name).cloned();
-            async move {
-                let tdef = tdef.ok_or_else(|| Error::UndefinedTable(table_schema.to_string()))?;
-                tokio::task::spawn_blocking(move || -> Result<(GroupKey, RecordBatch, Vec<u8>)> {
-                    let sorted = segment::sort_rows(&tdef, &rows)?;
-                    let meta = [("shard", key.shard.to_string()), ("window_start_us", key.window_start_us.to_string())];
-                    let bytes = segment::encode(&tdef, &sorted, row_group_rows, &meta)?;
-                    Ok((key, sorted, bytes))
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("segment encoder panicked: {e}")))?
-            }
-        }))
-        .buffer_unordered(parallel)
-        .try_collect()
-        .await?;
-        // 3. Write the files (several at once: each put ends with an fsync); only the
-        //    manifest commit makes them visible.
         let base = self.snapshot();
         let mut next_id = base.next_segment_id;
-        let mut planned = Vec::with_capacity(encoded.len());
-        for (key, sorted, bytes) in encoded {
-            let (min_t, max_t) = time_bounds(table, &sorted)?;
-            let meta = SegmentMeta {
-                id: next_id,
-                table: table.name.clone(),
-                shard: key.shard,
-                window_start_us: key.window_start_us,
-                window_end_us: key.window_start_us + layout.window_secs as i64 * 1_000_000,
-                path: segment_path(&table.name, key.shard, key.window_start_us, &uuid::Uuid::new_v4().to_string()),
-                rows: sorted.num_rows() as u64,
-                bytes: bytes.len() as u64,
-                min_time_us: min_t,
-                max_time_us: max_t,
-                created_at_us: now_us,
-                level: 0,
-            };
-            next_id += 1;
-            planned.push((meta, bytes));
-        }
-        let written: Vec<String> = planned.iter().map(|(m, _)| m.path.clone()).collect();
-        let new_segments: Vec<SegmentMeta> = planned.iter().map(|(m, _)| m.clone()).collect();
-        let result: Result<Vec<()>> = futures::stream::iter(planned.into_iter().map(|(m, bytes)| async move {
-            self.put_durably(&m.path, bytes).await
-        }))
-        .buffer_unordered(PUTS_IN_FLIGHT_MAX)
-        .try_collect()
-        .await;
-        if let Err(e) = result {
-            self.delete_quietly(&written).await;
-            return Err(e);
-        }
+        let new_segments = self.write_segments(table, &layout, &all, &mut next_id).await?;
+        let written: Vec<String> = new_segments.iter().map(|s| s.path.clone()).collect();
         let mut next = (*base).clone();
         next.version += 1;
         next.next_segment_id = next_id;
@@ -328,6 +425,74 @@ impl Storage {
             self.ids.lock().entry(table.name.clone()).or_default().extend(new_ids);
         }
         Ok(outcome)
+    }
+
+    /// Splits rows by (shard, window), sorts and encodes each group off the async
+    /// runtime, and writes the files (not yet visible). On error, nothing is left behind.
+    async fn write_segments(
+        &self,
+        table: &TableDef,
+        layout: &TableLayout,
+        all: &RecordBatch,
+        next_id: &mut u64,
+    ) -> Result<Vec<SegmentMeta>> {
+        let groups = split_groups(table, layout, all)?;
+        let now_us = self.clock.now_us();
+        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let row_group_rows = self.row_group_rows;
+        let encoded: Vec<(GroupKey, RecordBatch, Vec<u8>)> = futures::stream::iter(groups.into_iter().map(|(key, rows)| {
+            let tdef = self.catalog.get(&table.name).cloned();
+            async move {
+                let tdef = tdef.ok_or_else(|| Error::Internal("table vanished from the catalog".into()))?;
+                tokio::task::spawn_blocking(move || -> Result<(GroupKey, RecordBatch, Vec<u8>)> {
+                    let sorted = segment::sort_rows(&tdef, &rows)?;
+                    let meta = [("shard", key.shard.to_string()), ("window_start_us", key.window_start_us.to_string())];
+                    let bytes = segment::encode(&tdef, &sorted, row_group_rows, &meta)?;
+                    Ok((key, sorted, bytes))
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("segment encoder panicked: {e}")))?
+            }
+        }))
+        .buffer_unordered(parallel)
+        .try_collect()
+        .await?;
+        let mut planned = Vec::with_capacity(encoded.len());
+        for (key, sorted, bytes) in encoded {
+            let (min_t, max_t) = time_bounds(table, &sorted)?;
+            planned.push((
+                SegmentMeta {
+                    id: *next_id,
+                    table: table.name.clone(),
+                    shard: key.shard,
+                    window_start_us: key.window_start_us,
+                    window_end_us: key.window_start_us + layout.window_secs as i64 * 1_000_000,
+                    path: segment_path(&table.name, key.shard, key.window_start_us, &uuid::Uuid::new_v4().to_string()),
+                    rows: sorted.num_rows() as u64,
+                    bytes: bytes.len() as u64,
+                    min_time_us: min_t,
+                    max_time_us: max_t,
+                    created_at_us: now_us,
+                    level: 0,
+                },
+                bytes,
+            ));
+            *next_id += 1;
+        }
+        let written: Vec<String> = planned.iter().map(|(m, _)| m.path.clone()).collect();
+        let metas: Vec<SegmentMeta> = planned.iter().map(|(m, _)| m.clone()).collect();
+        // Several files at once: each put ends with an fsync.
+        let result: Result<Vec<()>> = futures::stream::iter(
+            planned.into_iter().map(|(m, bytes)| async move { self.put_durably(&m.path, bytes).await }),
+        )
+        .buffer_unordered(PUTS_IN_FLIGHT_MAX)
+        .try_collect()
+        .await;
+        if let Err(e) = result {
+            self.delete_quietly(&written).await;
+            return Err(e);
+        }
+        Ok(metas)
     }
 
     fn dedupe(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<(Vec<RecordBatch>, Vec<u128>, u64)> {
@@ -554,6 +719,28 @@ fn open_object_store(cfg: &Config) -> Result<(Arc<dyn ObjectStore>, Option<PathB
             }
         }
     }
+}
+
+/// Flushes the write buffer when it is full or its oldest row is `interval` old.
+pub fn spawn_buffer_flusher(storage: Arc<Storage>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let tick = (interval / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = storage.flush_wanted.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let due = {
+                let b = storage.buffer.read();
+                b.rows >= storage.buffer_rows_max.max(1) || b.since.is_some_and(|t| t.elapsed() >= interval)
+            };
+            if due {
+                if let Err(e) = storage.flush_buffer().await {
+                    tracing::warn!(error = %e, "write buffer flush failed; will retry");
+                }
+            }
+        }
+    })
 }
 
 /// Keeps compacting in the background until the returned handle is dropped.

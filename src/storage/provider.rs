@@ -142,7 +142,7 @@ impl TableProvider for SegmentTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let manifest = self.storage.snapshot();
+        let (manifest, buffered) = self.storage.view();
         let layout = manifest
             .layout(&self.def.name)
             .ok_or_else(|| Error::UndefinedTable(self.def.name.clone()))?;
@@ -174,8 +174,38 @@ impl TableProvider for SegmentTable {
             Some(p) => Arc::new(self.def.schema.project(p)?),
             None => Arc::clone(&self.def.schema),
         };
+        // Rows still in the write buffer: filtered and projected here, unioned below.
+        let mut memory = Vec::new();
+        if let Some(batches) = buffered.tables.get(&self.def.name) {
+            let df_schema = datafusion::common::DFSchema::try_from(self.def.schema.as_ref().clone())?;
+            let predicate = datafusion::logical_expr::utils::conjunction(filters.to_vec())
+                .map(|p| state.create_physical_expr(p, &df_schema))
+                .transpose()?;
+            for b in batches {
+                let b = match &predicate {
+                    Some(p) => {
+                        let mask = p.evaluate(b)?.into_array(b.num_rows())?;
+                        let mask = datafusion::common::cast::as_boolean_array(&mask)?;
+                        datafusion::arrow::compute::filter_record_batch(b, mask)?
+                    }
+                    None => b.clone(),
+                };
+                if b.num_rows() > 0 {
+                    memory.push(match projection {
+                        Some(p) => b.project(p)?,
+                        None => b,
+                    });
+                }
+            }
+        }
+        let memory_plan = (!memory.is_empty())
+            .then(|| datafusion::datasource::memory::MemorySourceConfig::try_new_exec(&[memory], Arc::clone(&projected), None))
+            .transpose()?;
         if pruned.segments.is_empty() {
-            return Ok(Arc::new(EmptyExec::new(projected)));
+            return Ok(match memory_plan {
+                Some(m) => m,
+                None => Arc::new(EmptyExec::new(projected)),
+            });
         }
         let groups_n = state.config().target_partitions().max(1).min(pruned.segments.len());
         let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); groups_n];
@@ -195,7 +225,11 @@ impl TableProvider for SegmentTable {
             .with_limit(limit)
             .build();
         let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
-        format.create_physical_plan(state, config).await
+        let files = format.create_physical_plan(state, config).await?;
+        match memory_plan {
+            Some(m) => datafusion::physical_plan::union::UnionExec::try_new(vec![files, m]),
+            None => Ok(files),
+        }
     }
 
     async fn insert_into(

@@ -22,6 +22,9 @@ pub fn test_config(dir: &std::path::Path) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         // Compaction runs only when a test asks for it.
         compaction_interval_ms: 0,
+        // Statements write segments directly, so tests can reason about segments;
+        // the write buffer has tests of its own.
+        write_buffer_rows_max: 0,
         query_log_flush_interval_ms: 200,
         ..Config::default()
     }
