@@ -21,9 +21,26 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A node process that is killed (SIGKILL) when dropped, so a failing assertion does
+/// not leave it running.
+struct NodeProcess(Child);
+
+impl NodeProcess {
+    fn kill_9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
 /// `compact_ms` 0 turns compaction off (for a verifying start whose files must not move).
-fn start_node(dir: &Path, port: u16, compact_ms: u32) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tidemark"))
+fn start_node(dir: &Path, port: u16, compact_ms: u32) -> NodeProcess {
+    NodeProcess(Command::new(env!("CARGO_BIN_EXE_tidemark"))
         .args(["serve", "--data-dir"])
         .arg(dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -32,7 +49,7 @@ fn start_node(dir: &Path, port: u16, compact_ms: u32) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start tidemark")
+        .expect("start tidemark"))
 }
 
 async fn wait_ready(port: u16) -> tokio_postgres::Client {
@@ -120,8 +137,7 @@ async fn kill_9_during_ingestion_keeps_whole_batches() {
             })
         };
         tokio::time::sleep(kill_after.saturating_sub(started.elapsed())).await;
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.kill_9();
         let outcomes = writer.await.unwrap();
         for (b, r) in &outcomes {
             match r {
@@ -171,8 +187,7 @@ async fn kill_9_during_ingestion_keeps_whole_batches() {
             .collect();
         let on_disk = files_under(&dir.path().join("segments"));
         assert_eq!(listed, on_disk, "cycle {cycle}: manifest and segment files disagree");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill_9();
     }
     assert!(acked.len() >= 4, "too few batches were acknowledged to mean anything: {acked:?}");
 }
