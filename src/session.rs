@@ -92,6 +92,21 @@ fn refused(stmt: &Statement) -> Option<&'static str> {
 }
 
 pub fn statement_kind(stmt: &Statement) -> String {
+    // The common kinds without printing the statement (this runs for every statement).
+    let kind = match stmt {
+        Statement::Query(_) => "SELECT",
+        Statement::Insert(_) => "INSERT",
+        Statement::Copy { .. } => "COPY",
+        Statement::Explain { .. } => "EXPLAIN",
+        Statement::Set(_) => "SET",
+        Statement::StartTransaction { .. } => "BEGIN",
+        Statement::Commit { .. } => "COMMIT",
+        Statement::Rollback { .. } => "ROLLBACK",
+        _ => "",
+    };
+    if !kind.is_empty() {
+        return kind.to_string();
+    }
     let text = stmt.to_string();
     let mut words = text.split_whitespace();
     let first = words.next().unwrap_or("").to_ascii_uppercase();
@@ -197,8 +212,10 @@ impl Session {
         if let Statement::Copy { source, to, target, options, legacy_options, .. } = stmt {
             return self.copy(source, *to, target, options, legacy_options, tracker).await;
         }
+        let started = Instant::now();
         let mut state = self.node.state();
         state.config_mut().set_extension(Arc::clone(&tracker.report));
+        let state_ready = started.elapsed();
         let logical = match plan {
             Some(p) => p.clone(),
             None => state.statement_to_plan(DfStatement::Statement(Box::new(stmt.clone()))).await?,
@@ -220,9 +237,18 @@ impl Session {
             return Err(Error::NotSupported("only INSERT is supported".into()));
         }
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
+        let planned = started.elapsed();
         let run = async {
             let physical = state.create_physical_plan(&logical).await?;
+            let physical_ready = started.elapsed();
             let stream = execute_stream(physical, state.task_ctx())?;
+            tracing::debug!(
+                state_us = state_ready.as_micros() as u64,
+                logical_plan_us = (planned - state_ready).as_micros() as u64,
+                optimize_and_physical_plan_us = (physical_ready - planned).as_micros() as u64,
+                execute_start_us = (started.elapsed() - physical_ready).as_micros() as u64,
+                "statement phases"
+            );
             Ok::<_, Error>(stream)
         };
         let stream = match timeout {

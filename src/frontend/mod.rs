@@ -263,7 +263,10 @@ impl SimpleQueryHandler for Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let conn = self.conn(client);
-        let statements = match conn.session.parse(query) {
+        let t = std::time::Instant::now();
+        let parsed = conn.session.parse(query);
+        tracing::debug!(parse_us = t.elapsed().as_micros() as u64, "parsed");
+        let statements = match parsed {
             Ok(s) => s,
             Err(e) => {
                 conn.session.record_failure(query, &e);

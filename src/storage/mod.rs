@@ -232,6 +232,26 @@ impl Storage {
     async fn remove_orphans(&self) -> Result<()> {
         let m = self.snapshot();
         let known: HashSet<&str> = m.segments.iter().map(|s| s.path.as_str()).collect();
+        if let Some(root) = &self.local_root {
+            // Walk the directory itself: object_store's listing hides its own staging
+            // files (`name#N`), which a crash in the middle of a put leaves behind.
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                for entry in std::fs::read_dir(&dir)? {
+                    let path = entry?.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                        continue;
+                    }
+                    let rel = path.strip_prefix(root).map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+                    if !known.contains(rel.as_str()) {
+                        tracing::info!(path = %rel, "removing segment file that no manifest names");
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+            }
+            return Ok(());
+        }
         let listed: Vec<_> = self.store.list(None).try_collect().await?;
         for obj in listed {
             if !known.contains(obj.location.as_ref()) {
