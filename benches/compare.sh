@@ -60,6 +60,9 @@ t0=$(now_ms)
 t1=$(now_ms)
 PG_INGEST_MS=$((t1 - t0))
 "${PSQL_PG[@]}" -c "VACUUM ANALYZE usage"
+# Let PostgreSQL write out its dirty pages now, not during Tidemark's ingestion.
+"${PSQL_PG[@]}" -c "CHECKPOINT"
+sync
 
 echo "== Tidemark"
 "$BIN" serve --data-dir "$WORK/tm" --listen "127.0.0.1:$TM_PORT" >"$WORK/tm.log" 2>&1 &

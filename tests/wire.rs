@@ -286,3 +286,31 @@ async fn psql_meta_commands_and_copy() {
     let c = connect(&n.url()).await;
     assert_eq!(c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap().get::<_, i64>(0), 3);
 }
+
+/// Statements commit on their own: a write inside BEGIN ... COMMIT is refused (it could
+/// not be rolled back), reads inside one work, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_inside_a_transaction_block_are_refused() {
+    let n = TestNode::start().await;
+    let c = n.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap().get::<_, i64>(0), 0);
+    let e = c
+        .batch_execute(
+            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) \
+             VALUES ('t1', 'acct-1', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:00:00')",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap().get::<_, i64>(0), 0);
+    // Outside a block the same INSERT commits.
+    c.batch_execute(
+        "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) \
+         VALUES ('t1', 'acct-1', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:00:00')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap().get::<_, i64>(0), 1);
+}
