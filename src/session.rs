@@ -91,6 +91,49 @@ fn refused(stmt: &Statement) -> Option<&'static str> {
     })
 }
 
+/// The column names PostgreSQL would give a SELECT's result: an alias as written, a
+/// column's own name, a function call's name (`sum`, `count`, `date_trunc`), a cast's
+/// inner name, `?column?` otherwise. DataFusion names columns after whole expressions
+/// (`sum(usage.quantity)`), which drivers and BI tools do not expect. Statements other
+/// than a plain SELECT with one output column per item keep DataFusion's names.
+pub fn pg_column_names(stmt: &Statement, schema: &datafusion::arrow::datatypes::Schema) -> Option<Vec<String>> {
+    use datafusion::sql::sqlparser::ast::{Expr, SelectItem, SetExpr};
+    fn expr_name(e: &Expr) -> Option<String> {
+        match e {
+            Expr::Identifier(id) => Some(id.value.clone()),
+            Expr::CompoundIdentifier(parts) => parts.last().map(|p| p.value.clone()),
+            Expr::Function(f) => f.name.0.last().map(|p| p.to_string().to_ascii_lowercase()),
+            Expr::Cast { expr, .. } | Expr::Nested(expr) => expr_name(expr),
+            _ => None,
+        }
+    }
+    let Statement::Query(q) = stmt else { return None };
+    let SetExpr::Select(select) = q.body.as_ref() else { return None };
+    if select.projection.len() != schema.fields().len() {
+        return None;
+    }
+    select
+        .projection
+        .iter()
+        .map(|item| match item {
+            SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+            SelectItem::UnnamedExpr(e) => Some(expr_name(e).unwrap_or_else(|| "?column?".to_string())),
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) | SelectItem::ExprWithAliases { .. } => None,
+        })
+        .collect()
+}
+
+/// `schema` with PostgreSQL's column names (see [`pg_column_names`]).
+pub fn pg_schema(stmt: &Statement, schema: SchemaRef) -> SchemaRef {
+    match pg_column_names(stmt, &schema) {
+        Some(names) => Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
+            schema.fields().iter().zip(names).map(|(f, n)| f.as_ref().clone().with_name(n)).collect::<Vec<_>>(),
+            schema.metadata().clone(),
+        )),
+        None => schema,
+    }
+}
+
 pub fn statement_kind(stmt: &Statement) -> String {
     // The common kinds without printing the statement (this runs for every statement).
     let kind = match stmt {
@@ -172,7 +215,7 @@ impl Session {
         let tracker = self.track(sql, statement_kind(stmt));
         match self.execute_tracked(stmt, plan, params, &tracker).await {
             Ok(Outcome::Rows { schema, stream }) => Ok(Outcome::Rows {
-                schema,
+                schema: pg_schema(stmt, schema),
                 stream: Box::pin(LoggedStream::new(stream, tracker, |b: &RecordBatch| {
                     (b.num_rows() as u64, b.get_array_memory_size() as u64)
                 })),

@@ -314,3 +314,31 @@ async fn writes_inside_a_transaction_block_are_refused() {
     .unwrap();
     assert_eq!(c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap().get::<_, i64>(0), 1);
 }
+
+/// Result columns are named as PostgreSQL names them, in both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_columns_have_postgres_names() {
+    let n = TestNode::start().await;
+    let c = n.client().await;
+    load_csv(&c, CSV).await;
+    let sql = "SELECT entity_id, sum(quantity), count(*), date_trunc('hour', event_time), quantity::text, usage.service, \
+               1 + 1, max(region) AS \"Last Region\" FROM usage GROUP BY entity_id, 4, 5, usage.service";
+    let want = ["entity_id", "sum", "count", "date_trunc", "quantity", "service", "?column?", "Last Region"];
+    let stmt = c.prepare(sql).await.unwrap();
+    let names: Vec<&str> = stmt.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, want);
+    let rows = c.query(&stmt, &[]).await.unwrap();
+    assert_eq!(rows[0].columns().iter().map(|c| c.name()).collect::<Vec<_>>(), want);
+    let msgs = c.simple_query(sql).await.unwrap();
+    let simple: Vec<String> = msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::RowDescription(d) => Some(d.iter().map(|c| c.name().to_string()).collect()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(simple, want);
+    // SELECT * keeps the table's names.
+    let stmt = c.prepare("SELECT * FROM usage").await.unwrap();
+    assert_eq!(stmt.columns()[0].name(), "record_id");
+}

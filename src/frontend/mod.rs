@@ -357,9 +357,10 @@ impl QueryParser for PreparedParser {
     }
 
     fn get_result_schema(&self, stmt: &Prepared, format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
-        match &stmt.plan {
-            Some(plan) if !matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => {
-                arrow_pg::datatypes::arrow_schema_to_pg_fields(plan.schema().as_arrow(), format.unwrap_or(&Format::UnifiedText), None)
+        match (&stmt.plan, &stmt.stmt) {
+            (Some(plan), Some(parsed)) if !matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => {
+                let schema = crate::session::pg_schema(parsed, Arc::new(plan.schema().as_arrow().clone()));
+                arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format.unwrap_or(&Format::UnifiedText), None)
             }
             _ => Ok(vec![]),
         }
