@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use datafusion::arrow::array::{new_null_array, Array, ArrayRef, RecordBatch, TimestampMicrosecondArray};
 use datafusion::arrow::compute::{cast_with_options, CastOptions};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -223,11 +223,6 @@ pub fn conform_all(table: &TableDef, batches: &[RecordBatch], ingest_time_us: i6
         first += b.num_rows() as u64;
     }
     Ok(out)
-}
-
-/// The Arrow type of a table's time column, for building test data.
-pub fn time_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, None)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit}
 use parking_lot::Mutex;
 use parquet::arrow::ArrowWriter;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fsutil;
 
 #[derive(Debug, Clone, Default)]
@@ -298,10 +298,6 @@ impl QueryLog {
         self.buffer.lock().iter().cloned().collect()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Persisted files, oldest first.
     pub fn files(&self) -> Result<Vec<(PathBuf, u64)>> {
         let mut files = Vec::new();
@@ -388,12 +384,6 @@ pub fn spawn_flusher(log: Arc<QueryLog>, interval: std::time::Duration) -> tokio
             }
         }
     })
-}
-
-impl From<Error> for std::io::Error {
-    fn from(e: Error) -> Self {
-        std::io::Error::other(e.to_string())
-    }
 }
 
 #[cfg(test)]

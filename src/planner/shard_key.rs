@@ -161,8 +161,8 @@ fn single(s: String) -> KeySet {
 fn is_text_column(e: &Expr, column: &str) -> bool {
     match e {
         Expr::Column(c) => c.name == column,
-        Expr::Cast(c) => is_string_type(&c.field.data_type()) && is_text_column(&c.expr, column),
-        Expr::TryCast(c) => is_string_type(&c.field.data_type()) && is_text_column(&c.expr, column),
+        Expr::Cast(c) => is_string_type(c.field.data_type()) && is_text_column(&c.expr, column),
+        Expr::TryCast(c) => is_string_type(c.field.data_type()) && is_text_column(&c.expr, column),
         _ => false,
     }
 }
@@ -179,7 +179,7 @@ fn text_literal(e: &Expr) -> Option<String> {
             }
             _ => None,
         },
-        Expr::Cast(c) if is_string_type(&c.field.data_type()) => text_literal(&c.expr),
+        Expr::Cast(c) if is_string_type(c.field.data_type()) => text_literal(&c.expr),
         _ => None,
     }
 }

@@ -13,6 +13,7 @@
 //! - a small append is acknowledged after its write-ahead-log record is fsynced; it is
 //!   visible from the write buffer until a flush turns it into segments, and the flush
 //!   swaps manifest and buffer in one step, so no reader sees it twice or not at all.
+//!
 //! Must never: make part of an append visible, or delete a file that a committed
 //! manifest still names.
 
@@ -660,10 +661,6 @@ impl Storage {
         self.delete_quietly(&expired).await;
     }
 
-    /// Number of stored record ids for `table` (for tests and system tables).
-    pub fn indexed_records(&self, table: &str) -> usize {
-        self.ids.lock().get(table).map(|s| s.len()).unwrap_or(0)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
