@@ -28,7 +28,8 @@ use crate::system::{SystemSchema, SCHEMA as SYSTEM_SCHEMA};
 /// The database name clients connect to.
 pub const DATABASE: &str = "tidemark";
 
-pub const SERVER_VERSION: &str = "15.0";
+/// Matches the `server_version` pgwire reports at start-up, so clients see one version.
+pub const SERVER_VERSION: &str = "16.6";
 
 pub struct Node {
     config: Config,
