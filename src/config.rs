@@ -52,6 +52,8 @@ pub struct Config {
     pub write_buffer_statement_rows_max: usize,
     /// Buffered rows are flushed at the latest this long after the first arrived.
     pub write_buffer_flush_interval_ms: u64,
+    /// Bytes of segment files kept in memory (least recently used evicted); 0 = off.
+    pub segment_cache_bytes_max: u64,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             write_buffer_rows_max: 50_000,
             write_buffer_statement_rows_max: 10_000,
             write_buffer_flush_interval_ms: 2_000,
+            segment_cache_bytes_max: 512 << 20,
         }
     }
 }

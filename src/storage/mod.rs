@@ -17,6 +17,7 @@
 //! Must never: make part of an append visible, or delete a file that a committed
 //! manifest still names.
 
+pub mod cache;
 pub mod manifest;
 pub mod provider;
 pub mod segment;
@@ -134,6 +135,11 @@ impl Storage {
     /// that no manifest names, and rebuilds the record-id index.
     pub async fn open(cfg: &Config, catalog: Arc<Catalog>, clock: Clock) -> Result<Arc<Storage>> {
         let (store, local_root) = open_object_store(cfg)?;
+        let store: Arc<dyn ObjectStore> = if cfg.segment_cache_bytes_max > 0 {
+            Arc::new(cache::CachedStore::new(store, cfg.segment_cache_bytes_max))
+        } else {
+            store
+        };
         let manifest_file = ManifestFile::new(&cfg.data_dir);
         let mut manifest = (*manifest_file.load()?).clone();
         let mut changed = false;
