@@ -84,6 +84,17 @@ pub struct PreparedParser {
     hooks: Vec<Arc<dyn QueryHook>>,
 }
 
+/// Who the client is, from its start-up parameters.
+fn session_info<C: ClientInfo + ?Sized>(client: &C) -> SessionInfo {
+    let md = client.metadata();
+    SessionInfo {
+        session_id: client.pid_and_secret_key().0,
+        user: md.get("user").cloned().unwrap_or_default(),
+        application_name: md.get("application_name").cloned().unwrap_or_default(),
+        statement_timeout: None,
+    }
+}
+
 fn to_pg(e: &Error) -> PgWireError {
     PgWireError::UserError(Box::new(error_info(e)))
 }
@@ -107,16 +118,9 @@ impl Frontend {
 
     fn conn<C: ClientInfo>(&self, client: &C) -> Arc<ConnState> {
         let node = Arc::clone(&self.node);
-        client.session_extensions().get_or_insert_with(|| {
-            let md = client.metadata();
-            let info = SessionInfo {
-                session_id: client.pid_and_secret_key().0,
-                user: md.get("user").cloned().unwrap_or_default(),
-                application_name: md.get("application_name").cloned().unwrap_or_default(),
-                statement_timeout: None,
-            };
-            ConnState { session: Session::new(node, info), copy_in: Mutex::new(None) }
-        })
+        client
+            .session_extensions()
+            .get_or_insert_with(|| ConnState { session: Session::new(node, session_info(client)), copy_in: Mutex::new(None) })
     }
 
     /// Runs one statement for the simple protocol.
@@ -300,15 +304,7 @@ impl QueryParser for PreparedParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let session = Session::new(
-            Arc::clone(&self.node),
-            SessionInfo {
-                session_id: client.pid_and_secret_key().0,
-                user: client.metadata().get("user").cloned().unwrap_or_default(),
-                application_name: client.metadata().get("application_name").cloned().unwrap_or_default(),
-                statement_timeout: None,
-            },
-        );
+        let session = Session::new(Arc::clone(&self.node), session_info(client));
         let mut statements = match session.parse(sql) {
             Ok(s) => s,
             Err(e) => {

@@ -592,7 +592,7 @@ impl Storage {
             groups.entry((s.table.clone(), s.shard, s.window_start_us)).or_default().push(s.clone());
         }
         let mut done = 0;
-        for ((table, shard, window), segs) in groups {
+        for ((table, _, _), segs) in groups {
             if done >= groups_max {
                 break;
             }
@@ -600,53 +600,37 @@ impl Storage {
                 continue;
             }
             let tdef = self.catalog.get(&table).cloned().ok_or_else(|| Error::UndefinedTable(table.clone()))?;
+            let layout = self.layout(&table)?;
             let mut batches = Vec::new();
             for s in &segs {
                 batches.extend(self.read_segment(s, None).await?);
             }
-            let row_group_rows = self.row_group_rows;
-            let t2 = Arc::clone(&tdef);
-            let (sorted, bytes) = tokio::task::spawn_blocking(move || -> Result<(RecordBatch, Vec<u8>)> {
-                let all = concat_batches(&t2.schema, &batches)?;
-                let sorted = segment::sort_rows(&t2, &all)?;
-                let meta = [("shard", shard.to_string()), ("window_start_us", window.to_string())];
-                let bytes = segment::encode(&t2, &sorted, row_group_rows, &meta)?;
-                Ok((sorted, bytes))
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("compaction panicked: {e}")))??;
-            let path = segment_path(&table, shard, window, &uuid::Uuid::new_v4().to_string());
-            let size = bytes.len() as u64;
-            let (min_t, max_t) = time_bounds(&tdef, &sorted)?;
-            self.put_durably(&path, bytes).await?;
+            let all = concat_batches(&tdef.schema, &batches)?;
+            // The inputs share one shard and window, so this writes one segment; its id
+            // and level are set at the commit below.
+            let mut ids_unused = 0;
+            let outputs = self.write_segments(&tdef, &layout, &all, &mut ids_unused).await?;
+            let paths: Vec<String> = outputs.iter().map(|s| s.path.clone()).collect();
             let _commit = self.commit_lock.lock().await;
             let base = self.snapshot();
             let inputs: HashSet<u64> = segs.iter().map(|s| s.id).collect();
             if base.segments.iter().filter(|s| inputs.contains(&s.id)).count() != inputs.len() {
                 // Someone else replaced an input meanwhile; drop our output.
-                self.delete_quietly(&[path]).await;
+                self.delete_quietly(&paths).await;
                 continue;
             }
+            let level = segs.iter().map(|s| s.level).max().unwrap_or(0) + 1;
             let mut next = (*base).clone();
             next.segments.retain(|s| !inputs.contains(&s.id));
-            next.segments.push(SegmentMeta {
-                id: next.next_segment_id,
-                table: table.clone(),
-                shard,
-                window_start_us: window,
-                window_end_us: segs[0].window_end_us,
-                path: path.clone(),
-                rows: sorted.num_rows() as u64,
-                bytes: size,
-                min_time_us: min_t,
-                max_time_us: max_t,
-                created_at_us: self.clock.now_us(),
-                level: segs.iter().map(|s| s.level).max().unwrap_or(0) + 1,
-            });
-            next.next_segment_id += 1;
+            for mut out in outputs {
+                out.id = next.next_segment_id;
+                out.level = level;
+                next.next_segment_id += 1;
+                next.segments.push(out);
+            }
             next.version += 1;
             if let Err(e) = self.commit(next) {
-                self.delete_quietly(&[path]).await;
+                self.delete_quietly(&paths).await;
                 return Err(e);
             }
             let at = Instant::now();
@@ -666,7 +650,12 @@ impl Storage {
         };
         self.delete_quietly(&expired).await;
     }
+}
 
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("manifest_version", &self.snapshot().version).finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -106,12 +106,6 @@ impl SegmentTable {
     }
 }
 
-impl fmt::Debug for Storage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Storage").field("manifest_version", &self.snapshot().version).finish()
-    }
-}
-
 #[async_trait]
 impl TableProvider for SegmentTable {
     fn schema(&self) -> SchemaRef {
