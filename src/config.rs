@@ -52,8 +52,37 @@ pub struct Config {
     pub write_buffer_statement_rows_max: usize,
     /// Buffered rows are flushed at the latest this long after the first arrived.
     pub write_buffer_flush_interval_ms: u64,
-    /// Bytes of segment files kept in memory (least recently used evicted); 0 = off.
+    /// Bytes of segment files kept in memory on this node (least recently used
+    /// evicted), split evenly among its pipelines; 0 = off.
     pub segment_cache_bytes_max: u64,
+    /// This node's id in the cluster (pipelines are named `n<node_id>.p<index>`).
+    pub node_id: u64,
+    /// Address of the internal Arrow Flight service that other nodes send fragments
+    /// to; `None` = no service (a one-node cluster needs none).
+    pub internal_addr: Option<SocketAddr>,
+    /// The other nodes, as `node_id=host:port` of their internal addresses.
+    pub peers: Vec<String>,
+    /// In-process pipelines on this node; unset = one per core; 0 = a pure gateway
+    /// that runs every fragment on its peers.
+    pub pipelines: Option<u32>,
+    /// Pipelines each peer runs (until the metadata group tells, every node is
+    /// assumed to run this many; 0 = one per core of this machine).
+    pub peer_pipelines: u32,
+    /// Fragments a pipeline runs at once.
+    pub pipeline_slots: u32,
+    /// Fragments that may wait for a slot; more are refused with 53000.
+    pub pipeline_queue_max: u32,
+    /// Pipelines holding each shard (routing candidates).
+    pub shard_replicas: u32,
+    /// A remote fragment that sends nothing for this long is abandoned (and retried
+    /// on another replica if it had sent no rows).
+    pub fragment_timeout_ms: u64,
+    /// Routing decisions kept for `system.routing_decisions`.
+    pub routing_log_rows_max: usize,
+    /// This node only reads the segment store (it neither writes, compacts nor
+    /// removes files there): for nodes that share another node's store until
+    /// shards are replicated with Raft.
+    pub segment_store_read_only: bool,
 }
 
 impl Default for Config {
@@ -77,6 +106,17 @@ impl Default for Config {
             write_buffer_statement_rows_max: 10_000,
             write_buffer_flush_interval_ms: 2_000,
             segment_cache_bytes_max: 512 << 20,
+            node_id: 1,
+            internal_addr: None,
+            peers: Vec::new(),
+            pipelines: None,
+            peer_pipelines: 0,
+            pipeline_slots: 2,
+            pipeline_queue_max: 256,
+            shard_replicas: 2,
+            fragment_timeout_ms: 30_000,
+            routing_log_rows_max: 10_000,
+            segment_store_read_only: false,
         }
     }
 }
@@ -93,6 +133,10 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX",
     "TIDEMARK_COMPACTION_INTERVAL_MS",
     "TIDEMARK_WRITE_BUFFER_ROWS_MAX",
+    "TIDEMARK_NODE_ID",
+    "TIDEMARK_INTERNAL_ADDR",
+    "TIDEMARK_PEERS",
+    "TIDEMARK_PIPELINES",
 ];
 
 impl Config {
@@ -134,6 +178,16 @@ impl Config {
             "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX" => self.query_log_memory_rows_max = num(key, value)?,
             "TIDEMARK_COMPACTION_INTERVAL_MS" => self.compaction_interval_ms = num(key, value)?,
             "TIDEMARK_WRITE_BUFFER_ROWS_MAX" => self.write_buffer_rows_max = num(key, value)?,
+            "TIDEMARK_NODE_ID" => self.node_id = num(key, value)?,
+            "TIDEMARK_INTERNAL_ADDR" => {
+                self.internal_addr = Some(
+                    value.parse().map_err(|_| Error::Config(format!("{key}: not a socket address: {value:?}")))?,
+                )
+            }
+            "TIDEMARK_PEERS" => {
+                self.peers = value.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
+            }
+            "TIDEMARK_PIPELINES" => self.pipelines = Some(num(key, value)?),
             _ => {}
         }
         Ok(())
@@ -155,7 +209,58 @@ impl Config {
         if self.connections_max == 0 {
             return Err(Error::Config("connections_max must be positive".into()));
         }
+        if self.pipeline_slots == 0 {
+            return Err(Error::Config("pipeline_slots must be positive".into()));
+        }
+        if self.shard_replicas == 0 {
+            return Err(Error::Config("shard_replicas must be positive".into()));
+        }
+        if self.routing_log_rows_max == 0 {
+            return Err(Error::Config("routing_log_rows_max must be positive".into()));
+        }
+        let peers = self.parsed_peers()?;
+        if peers.iter().any(|(id, _)| *id == self.node_id) {
+            return Err(Error::Config(format!("peers name this node's own id {}", self.node_id)));
+        }
+        if self.local_pipelines() == 0 && peers.is_empty() {
+            return Err(Error::Config("pipelines = 0 needs peers to run queries on".into()));
+        }
         Ok(())
+    }
+
+    /// `peers` as (node id, internal address), sorted by id.
+    pub fn parsed_peers(&self) -> Result<Vec<(u64, SocketAddr)>> {
+        let mut out = Vec::new();
+        for p in &self.peers {
+            let bad = || Error::Config(format!("peer {p:?}: expected node_id=host:port"));
+            let (id, addr) = p.split_once('=').ok_or_else(bad)?;
+            let id: u64 = id.trim().parse().map_err(|_| bad())?;
+            let addr: SocketAddr = addr.trim().parse().map_err(|_| bad())?;
+            if out.iter().any(|(i, _)| *i == id) {
+                return Err(Error::Config(format!("peer id {id} appears twice")));
+            }
+            out.push((id, addr));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn cores() -> u32 {
+        std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2)
+    }
+
+    /// In-process pipelines this node runs.
+    pub fn local_pipelines(&self) -> u32 {
+        self.pipelines.unwrap_or_else(Self::cores)
+    }
+
+    /// Pipelines each peer is assumed to run.
+    pub fn peer_pipeline_count(&self) -> u32 {
+        if self.peer_pipelines == 0 {
+            Self::cores()
+        } else {
+            self.peer_pipelines
+        }
     }
 
     /// Environment pairs relevant to Tidemark, read once at start-up.

@@ -52,6 +52,9 @@ pub enum Error {
     QueueFull { what: &'static str, limit: u64, unit: &'static str },
     #[error("{0}")]
     ResourcesExhausted(String),
+    /// A pipeline could not run a fragment (its node is down, unreachable or timed out).
+    #[error("pipeline {pipeline} is unavailable: {reason}")]
+    PipelineUnavailable { pipeline: String, reason: String },
     #[error("data corrupted: {0}")]
     Corrupt(String),
     #[error("I/O error: {0}")]
@@ -123,6 +126,7 @@ impl Error {
             Error::StatementTimeout => "57014",
             Error::QueueFull { .. } => "53000",
             Error::ResourcesExhausted(_) => "53200",
+            Error::PipelineUnavailable { .. } => "58000",
             Error::Corrupt(_) => "XX001",
             Error::Io(_) => "58030",
             Error::ObjectStore(e) => match e {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::execution::context::SessionState;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
@@ -17,6 +18,10 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use parking_lot::Mutex;
 
 use crate::catalog::Catalog;
+use crate::pipeline::local::LocalPipeline;
+use crate::pipeline::{Cluster, Pipeline};
+use crate::planner::fragment::Fragmenter;
+use crate::shard_map::PipelineId;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -33,6 +38,7 @@ pub const SERVER_VERSION: &str = "16.6";
 
 pub struct Node {
     config: Config,
+    cluster: Arc<Cluster>,
     catalog: Arc<Catalog>,
     storage: Arc<Storage>,
     query_log: Arc<QueryLog>,
@@ -51,8 +57,10 @@ impl Node {
         let catalog = Arc::new(Catalog::load_or_init(&config.data_dir)?);
         let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
-        let ctx = build_context(&catalog, &storage, &query_log, &clock)?;
+        let cluster = build_cluster(&config, &catalog, &storage, &clock)?;
+        let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster)?;
         let node = Arc::new(Node {
+            cluster,
             background: Mutex::new(Vec::new()),
             parser: PostgresCompatibilityParser::new(),
             config,
@@ -103,6 +111,9 @@ impl Node {
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
     }
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
     pub fn query_log(&self) -> &Arc<QueryLog> {
         &self.query_log
     }
@@ -134,7 +145,45 @@ impl Drop for Node {
     }
 }
 
-fn build_context(catalog: &Arc<Catalog>, storage: &Arc<Storage>, log: &Arc<QueryLog>, clock: &Clock) -> Result<SessionContext> {
+/// This node's pipelines and its view of the others, with the epoch-1 shard map.
+fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &Clock) -> Result<Arc<Cluster>> {
+    let local = config.local_pipelines();
+    let cache_each = config.segment_cache_bytes_max / u64::from(local.max(1));
+    let mut pipelines: Vec<Arc<dyn Pipeline>> = Vec::new();
+    for i in 0..local {
+        pipelines.push(Arc::new(LocalPipeline::new(
+            PipelineId::new(config.node_id, i),
+            config.pipeline_slots,
+            config.pipeline_queue_max,
+            storage.object_store(),
+            cache_each,
+        )?));
+    }
+    // Every table is split into the same number of shards in practice; the map covers
+    // the largest so that any table's shard has a placement.
+    let manifest = storage.snapshot();
+    let shard_count = catalog
+        .tables()
+        .filter_map(|t| manifest.layout(&t.name).map(|l| l.shard_count))
+        .max()
+        .unwrap_or(config.shard_count);
+    Ok(Arc::new(Cluster::new(
+        config.node_id,
+        clock.clone(),
+        shard_count,
+        config.shard_replicas,
+        pipelines,
+        config.routing_log_rows_max,
+    )))
+}
+
+fn build_context(
+    catalog: &Arc<Catalog>,
+    storage: &Arc<Storage>,
+    log: &Arc<QueryLog>,
+    clock: &Clock,
+    cluster: &Arc<Cluster>,
+) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_default_catalog_and_schema(DATABASE, "public")
         .with_information_schema(true)
@@ -156,7 +205,13 @@ fn build_context(catalog: &Arc<Catalog>, storage: &Arc<Storage>, log: &Arc<Query
         // round-robin repartition on top only adds a task hand-off to point queries.
         o.optimizer.enable_round_robin_repartition = false;
     }
-    let ctx = SessionContext::new_with_config(config);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        // Last, after DataFusion's own rules: split per-shard work into fragments.
+        .with_physical_optimizer_rule(Arc::new(Fragmenter::new(Arc::clone(cluster))))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     let url = url::Url::parse(SEGMENT_STORE_URL).map_err(|e| Error::Internal(e.to_string()))?;
     ctx.register_object_store(&url, storage.object_store());
     for t in catalog.tables() {
@@ -165,7 +220,10 @@ fn build_context(catalog: &Arc<Catalog>, storage: &Arc<Storage>, log: &Arc<Query
     let db = ctx
         .catalog(DATABASE)
         .ok_or_else(|| Error::Internal("default catalog missing".into()))?;
-    db.register_schema(SYSTEM_SCHEMA, Arc::new(SystemSchema::new(Arc::clone(storage), Arc::clone(log))))?;
+    db.register_schema(
+        SYSTEM_SCHEMA,
+        Arc::new(SystemSchema::new(Arc::clone(storage), Arc::clone(log), Arc::clone(cluster))),
+    )?;
     datafusion_pg_catalog::pg_catalog::setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
         .map_err(|e| Error::from(*e))?;
     let version = format!("PostgreSQL {SERVER_VERSION} (Tidemark {})", env!("CARGO_PKG_VERSION"));

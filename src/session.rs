@@ -572,7 +572,8 @@ impl Tracker {
             normalized_query: normalized,
             ..Default::default()
         };
-        Tracker { node: Arc::clone(node), entry: Some(entry), started: Instant::now(), report: Arc::default() }
+        let report = Arc::new(ScanReport::for_query(entry.query_id));
+        Tracker { node: Arc::clone(node), entry: Some(entry), started: Instant::now(), report }
     }
 
     fn placeholder(node: &Arc<Node>) -> Tracker {

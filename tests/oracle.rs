@@ -6,10 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
-use rust_decimal::Decimal;
 use tidemark::datagen::{entity_id, GenSpec, Generator};
 
-use common::{normalize_value, TestNode};
+use common::{duckdb_rows, normalize, TestNode};
 
 /// 2026-01-20 00:00:00 UTC: the generated data ends here, and it stands in for now().
 const END_US: i64 = 1_768_867_200_000_000;
@@ -45,55 +44,6 @@ fn queries() -> Vec<String> {
         "SELECT count(*), count(DISTINCT entity_id), count(region), min(event_time), max(event_time) FROM usage".to_string(),
         "SELECT usage_type, avg(quantity)::double precision IS NOT NULL, max(quantity), min(quantity) FROM usage GROUP BY 1 ORDER BY 1".to_string(),
     ]
-}
-
-fn normalize(v: &str) -> String {
-    if let Ok(d) = v.parse::<Decimal>() {
-        return d.normalize().to_string();
-    }
-    match v {
-        "True" | "true" => "t".into(),
-        "False" | "false" => "f".into(),
-        _ => normalize_value(v),
-    }
-}
-
-fn duckdb_rows(parquet: &std::path::Path, queries: &[String]) -> Vec<Vec<Vec<String>>> {
-    let script = r#"
-import json, sys
-try:
-    import duckdb
-except ImportError:
-    sys.exit("the oracle test needs DuckDB's Python package: python3 -m pip install duckdb (see .ci/run)")
-path, qfile = sys.argv[1], sys.argv[2]
-con = duckdb.connect()
-con.execute("SET TimeZone = 'UTC'")
-con.execute(f"CREATE VIEW usage AS SELECT * FROM read_parquet('{path}')")
-out = []
-for q in json.load(open(qfile)):
-    rows = con.execute(q).fetchall()
-    out.append([[None if v is None else str(v) for v in r] for r in rows])
-print(json.dumps(out))
-"#;
-    let qfile = parquet.with_extension("queries.json");
-    std::fs::write(&qfile, serde_json::to_string(queries).unwrap()).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(parquet)
-        .arg(&qfile)
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "DuckDB failed: {}", String::from_utf8_lossy(&out.stderr));
-    let parsed: Vec<Vec<Vec<Option<String>>>> = serde_json::from_slice(&out.stdout).unwrap();
-    parsed
-        .into_iter()
-        .map(|rows| {
-            rows.into_iter()
-                .map(|r| r.into_iter().map(|v| v.map(|s| normalize(&s)).unwrap_or_else(|| "NULL".into())).collect())
-                .collect()
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,3 +2,4 @@
 //! what a query's predicates say about shard keys and time.
 
 pub mod shard_key;
+pub mod fragment;

@@ -111,6 +111,17 @@ impl TimeRange {
     }
 }
 
+impl std::fmt::Display for TimeRange {
+    /// `[2026-01-05T00:00:00Z, 2026-01-06T00:00:00Z)`, `-inf` / `+inf` when unbounded.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |us: Option<i64>, inf: &str| match us.and_then(chrono::DateTime::from_timestamp_micros) {
+            Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string(),
+            None => inf.to_string(),
+        };
+        write!(f, "[{}, {})", show(self.lo_us(), "-inf"), show(self.hi_us(), "+inf"))
+    }
+}
+
 fn ceil_div(a: i128, b: i128) -> i128 {
     -((-a).div_euclid(b))
 }

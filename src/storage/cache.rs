@@ -34,6 +34,25 @@ pub struct CachedStore {
     inner: Arc<dyn ObjectStore>,
     files: Arc<Mutex<Files>>,
     bytes_max: u64,
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+}
+
+/// What a cache holds and how well it served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub bytes: u64,
+    pub bytes_max: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl CacheStats {
+    /// Hits over lookups, or None before the first lookup.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.hits + self.misses;
+        (n > 0).then(|| self.hits as f64 / n as f64)
+    }
 }
 
 impl Files {
@@ -46,7 +65,12 @@ impl Files {
 
 impl CachedStore {
     pub fn new(inner: Arc<dyn ObjectStore>, bytes_max: u64) -> CachedStore {
-        CachedStore { inner, files: Arc::default(), bytes_max }
+        CachedStore { inner, files: Arc::default(), bytes_max, hits: Default::default(), misses: Default::default() }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        CacheStats { bytes: self.cached_bytes(), bytes_max: self.bytes_max, hits: self.hits.load(Relaxed), misses: self.misses.load(Relaxed) }
     }
 
     /// Bytes currently cached.
@@ -65,9 +89,11 @@ impl CachedStore {
             let tick = f.tick;
             if let Some(entry) = f.map.get_mut(location) {
                 entry.2 = tick;
+                self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok((entry.0.clone(), entry.1.clone()));
             }
         }
+        self.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let got = self.inner.get(location).await?;
         let meta = got.meta.clone();
         let bytes = got.bytes().await?;

@@ -110,6 +110,9 @@ pub struct Storage {
     buffer: RwLock<Arc<Buffered>>,
     /// `None` when the write buffer is off.
     wal: Mutex<Option<wal::Wal>>,
+    /// Set on nodes that share another node's segment store: no writes, compaction
+    /// or orphan removal here.
+    read_only: bool,
     buffer_rows_max: usize,
     buffer_statement_rows_max: usize,
     flush_wanted: tokio::sync::Notify,
@@ -134,12 +137,9 @@ impl Storage {
     /// Opens the store: loads the manifest, records new tables' layouts, removes files
     /// that no manifest names, and rebuilds the record-id index.
     pub async fn open(cfg: &Config, catalog: Arc<Catalog>, clock: Clock) -> Result<Arc<Storage>> {
+        // Reads of segments for queries go through the pipelines' own caches
+        // (`pipeline::local`); storage itself writes, compacts and lists uncached.
         let (store, local_root) = open_object_store(cfg)?;
-        let store: Arc<dyn ObjectStore> = if cfg.segment_cache_bytes_max > 0 {
-            Arc::new(cache::CachedStore::new(store, cfg.segment_cache_bytes_max))
-        } else {
-            store
-        };
         let manifest_file = ManifestFile::new(&cfg.data_dir);
         let mut manifest = (*manifest_file.load()?).clone();
         let mut changed = false;
@@ -174,7 +174,12 @@ impl Storage {
             buffer_rows_max: cfg.write_buffer_rows_max,
             buffer_statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
             flush_wanted: tokio::sync::Notify::new(),
+            read_only: cfg.segment_store_read_only,
         });
+        if storage.read_only {
+            // The store belongs to another node: its files are not ours to judge.
+            return Ok(storage);
+        }
         storage.remove_orphans().await?;
         storage.rebuild_index().await?;
         storage.recover_wal(&cfg.data_dir.join("meta").join("wal")).await?;
@@ -204,6 +209,16 @@ impl Storage {
         }
         if self.buffer_rows_max > 0 {
             *self.wal.lock() = Some(wal::Wal::create(dir, last + 1)?);
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(
+                "this node only reads a shared segment store (segment_store_read_only); write through the node that owns it"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -330,6 +345,7 @@ impl Storage {
     /// crash either all of their new rows are visible or none. Small statements go to
     /// the write buffer (one fsynced log record); large ones straight to segments.
     pub async fn append(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome> {
+        self.check_writable()?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         if rows > self.buffer_statement_rows_max || self.buffer_rows_max == 0 {
             return self.append_to_segments(table, batches).await;
@@ -422,6 +438,7 @@ impl Storage {
     /// Stores rows as new segments and commits them (the path of large statements and
     /// of write-ahead-log recovery).
     pub async fn append_to_segments(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome> {
+        self.check_writable()?;
         let _commit = self.commit_lock.lock().await;
         let layout = self.layout(&table.name)?;
         let total: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -585,6 +602,9 @@ impl Storage {
     /// `compaction_segments_min` segments is rewritten as one segment. Returns how many
     /// groups were compacted.
     pub async fn compact_once(&self, groups_max: usize) -> Result<usize> {
+        if self.read_only {
+            return Ok(0);
+        }
         self.delete_expired().await;
         let m = self.snapshot();
         let mut groups: BTreeMap<(String, ShardId, i64), Vec<SegmentMeta>> = BTreeMap::new();

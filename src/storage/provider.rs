@@ -41,6 +41,8 @@ use crate::shard_map::{shard_of, ShardId};
 /// segments a statement read.
 #[derive(Debug, Default)]
 pub struct ScanReport {
+    /// The statement's query id (fragments and routing decisions carry it).
+    pub query_id: u64,
     inner: Mutex<ScanReportInner>,
 }
 
@@ -58,9 +60,31 @@ pub struct ScanReportInner {
 }
 
 impl ScanReport {
+    pub fn for_query(query_id: u64) -> ScanReport {
+        ScanReport { query_id, inner: Mutex::default() }
+    }
+
     pub fn snapshot(&self) -> ScanReportInner {
         self.inner.lock().clone()
     }
+}
+
+/// What a scan's predicates said, shared by all its segment files (EXPLAIN shows it).
+#[derive(Debug)]
+pub struct ScanInfo {
+    pub table: String,
+    /// Shard-key values the predicates allow (None = all).
+    pub keys: Option<Vec<String>>,
+    pub time: TimeRange,
+    pub shard_count: u32,
+    pub segments_total: usize,
+}
+
+/// Attached to each segment file of a scan: the fragmenter groups files by shard.
+#[derive(Debug, Clone)]
+pub struct SegmentRef {
+    pub shard: ShardId,
+    pub scan: Arc<ScanInfo>,
 }
 
 /// Which segments of `table` a scan with `filters` must read.
@@ -192,15 +216,21 @@ impl TableProvider for SegmentTable {
                 }
             }
         }
-        let memory_plan = (!memory.is_empty())
-            .then(|| datafusion::datasource::memory::MemorySourceConfig::try_new_exec(&[memory], Arc::clone(&projected), None))
-            .transpose()?;
+        let memory_plan: Option<Arc<dyn ExecutionPlan>> =
+            (!memory.is_empty()).then(|| Arc::new(BufferExec::new(Arc::clone(&projected), memory)) as _);
         if pruned.segments.is_empty() {
             return Ok(match memory_plan {
                 Some(m) => m,
                 None => Arc::new(EmptyExec::new(projected)),
             });
         }
+        let info = Arc::new(ScanInfo {
+            table: self.def.name.clone(),
+            keys: pruned.keys.values().map(|v| v.iter().cloned().collect()),
+            time: pruned.time,
+            shard_count: layout.shard_count,
+            segments_total: pruned.segments_total,
+        });
         let groups_n = state.config().target_partitions().max(1).min(pruned.segments.len());
         let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); groups_n];
         // Largest first, each to the least filled group, so partitions finish together.
@@ -210,7 +240,9 @@ impl TableProvider for SegmentTable {
         for s in segs {
             let i = (0..groups_n).min_by_key(|&i| (sizes[i], i)).unwrap_or(0);
             sizes[i] += s.bytes;
-            groups[i].push(PartitionedFile::new(s.path.clone(), s.bytes));
+            groups[i].push(
+                PartitionedFile::new(s.path.clone(), s.bytes).with_extension(SegmentRef { shard: s.shard, scan: Arc::clone(&info) }),
+            );
         }
         let source = ParquetSource::new(Arc::clone(&self.def.schema));
         let config = FileScanConfigBuilder::new(Storage::object_store_url(), Arc::new(source))
@@ -272,5 +304,66 @@ impl DataSink for SegmentSink {
         let rows = ingest::conform_all(&self.def, &batches, self.clock.now_us())?;
         let outcome = self.storage.append(&self.def, rows).await?;
         Ok(outcome.added)
+    }
+}
+
+/// Rows of the write buffer that a scan matched (already filtered and projected).
+/// Runs only in the process that holds the buffer: it is never sent to another node.
+#[derive(Debug)]
+pub struct BufferExec {
+    batches: Vec<datafusion::arrow::record_batch::RecordBatch>,
+    props: Arc<datafusion::physical_plan::PlanProperties>,
+}
+
+impl BufferExec {
+    pub fn new(schema: SchemaRef, batches: Vec<datafusion::arrow::record_batch::RecordBatch>) -> BufferExec {
+        use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+        let props = datafusion::physical_plan::PlanProperties::new(
+            datafusion::physical_expr::EquivalenceProperties::new(schema),
+            datafusion::physical_plan::Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        BufferExec { batches, props: Arc::new(props) }
+    }
+}
+
+impl DisplayAs for BufferExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: usize = self.batches.iter().map(|b| b.num_rows()).sum();
+        write!(f, "BufferExec: rows={rows}")
+    }
+}
+
+impl ExecutionPlan for BufferExec {
+    fn name(&self) -> &str {
+        "BufferExec"
+    }
+
+    fn properties(&self) -> &Arc<datafusion::physical_plan::PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn datafusion::physical_expr::PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(&self, partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(datafusion::error::DataFusionError::Internal(format!("BufferExec has one partition, not {partition}")));
+        }
+        Ok(Box::pin(datafusion::physical_plan::memory::MemoryStream::try_new(self.batches.clone(), self.schema(), None)?))
     }
 }

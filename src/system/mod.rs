@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array,
+    UInt64Array,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{SchemaProvider, Session};
 use datafusion::common::Result as DfResult;
@@ -23,6 +26,7 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::Error;
+use crate::pipeline::Cluster;
 use crate::query_log::{self, QueryLog};
 use crate::storage::Storage;
 
@@ -35,13 +39,20 @@ pub struct SystemSchema {
 }
 
 impl SystemSchema {
-    pub fn new(storage: Arc<Storage>, log: Arc<QueryLog>) -> SystemSchema {
+    pub fn new(storage: Arc<Storage>, log: Arc<QueryLog>, cluster: Arc<Cluster>) -> SystemSchema {
         let mut tables: BTreeMap<&'static str, Arc<dyn TableProvider>> = BTreeMap::new();
         tables.insert("query_log", Arc::new(QueryLogTable { log }));
         let s = Arc::clone(&storage);
         tables.insert("segments", Arc::new(SnapshotTable { schema: segments_schema(), rows: Box::new(move || segments_batch(&s)) }));
         let s = storage;
         tables.insert("shards", Arc::new(SnapshotTable { schema: shards_schema(), rows: Box::new(move || shards_batch(&s)) }));
+        let c = Arc::clone(&cluster);
+        tables.insert("pipelines", Arc::new(SnapshotTable { schema: pipelines_schema(), rows: Box::new(move || pipelines_batch(&c)) }));
+        let c = cluster;
+        tables.insert(
+            "routing_decisions",
+            Arc::new(SnapshotTable { schema: routing_schema(), rows: Box::new(move || routing_batch(&c)) }),
+        );
         SystemSchema { tables }
     }
 }
@@ -243,4 +254,82 @@ fn shards_batch(storage: &Storage) -> crate::error::Result<RecordBatch> {
         Arc::new(Int64Array::from(vec![m.version as i64; acc.len()])),
     ];
     Ok(RecordBatch::try_new(shards_schema(), cols)?)
+}
+
+fn pipelines_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("node", DataType::UInt64, false),
+        Field::new("local", DataType::Boolean, false),
+        Field::new("available", DataType::Boolean, false),
+        Field::new("slots", DataType::UInt32, false),
+        Field::new("in_flight", DataType::UInt32, false),
+        Field::new("queued", DataType::UInt32, false),
+        Field::new("completed", DataType::UInt64, false),
+        Field::new("failed", DataType::UInt64, false),
+        Field::new("latency_p50_us", DataType::UInt64, true),
+        Field::new("latency_p95_us", DataType::UInt64, true),
+        Field::new("latency_p99_us", DataType::UInt64, true),
+        Field::new("shard_replicas", DataType::UInt32, false),
+        Field::new("cache_bytes", DataType::UInt64, true),
+        Field::new("cache_bytes_max", DataType::UInt64, true),
+        Field::new("cache_hit_rate", DataType::Float64, true),
+        Field::new("epoch", DataType::UInt64, false),
+    ]))
+}
+
+fn pipelines_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
+    let map = cluster.shard_map();
+    let loads = map.loads();
+    let ps = cluster.pipelines();
+    let stats: Vec<_> = ps.iter().map(|p| p.stats().snapshot()).collect();
+    let caches: Vec<_> = ps.iter().map(|p| p.cache()).collect();
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(ps.iter().map(|p| p.id().to_string()).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(ps.iter().map(|p| p.id().node).collect::<Vec<_>>())),
+        Arc::new(BooleanArray::from(ps.iter().map(|p| p.is_local()).collect::<Vec<_>>())),
+        Arc::new(BooleanArray::from(ps.iter().map(|p| p.available()).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(ps.iter().map(|p| p.slots()).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(stats.iter().map(|s| s.in_flight).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(stats.iter().map(|s| s.queued).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(stats.iter().map(|s| s.completed).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(stats.iter().map(|s| s.failed).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(stats.iter().map(|s| s.p50_us).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(stats.iter().map(|s| s.p95_us).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(stats.iter().map(|s| s.p99_us).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(ps.iter().map(|p| loads.get(&p.id()).copied().unwrap_or(0) as u32).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(caches.iter().map(|c| c.map(|c| c.bytes)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(caches.iter().map(|c| c.map(|c| c.bytes_max)).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(caches.iter().map(|c| c.and_then(|c| c.hit_rate())).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(vec![map.epoch; ps.len()])),
+    ];
+    Ok(RecordBatch::try_new(pipelines_schema(), cols)?)
+}
+
+fn routing_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("query_id", DataType::UInt64, false),
+        Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, None), false),
+        Field::new("epoch", DataType::UInt64, false),
+        Field::new("shard", DataType::UInt32, true),
+        Field::new("candidates", DataType::Utf8, false),
+        Field::new("choice", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("attempt", DataType::UInt32, false),
+    ]))
+}
+
+fn routing_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
+    let r = cluster.routing_log();
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from(r.iter().map(|x| x.query_id).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(r.iter().map(|x| x.time_us).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(r.iter().map(|x| x.epoch).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(r.iter().map(|x| x.shard).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.candidates.as_str()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.choice.as_deref()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.reason.as_str()).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(r.iter().map(|x| x.attempt).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(routing_schema(), cols)?)
 }

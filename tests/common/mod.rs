@@ -95,3 +95,54 @@ pub fn normalize_value(v: &str) -> String {
     }
     s
 }
+
+/// A value as text, normalized so that Tidemark's and DuckDB's spellings compare equal.
+pub fn normalize(v: &str) -> String {
+    if let Ok(d) = v.parse::<rust_decimal::Decimal>() {
+        return d.normalize().to_string();
+    }
+    match v {
+        "True" | "true" => "t".into(),
+        "False" | "false" => "f".into(),
+        _ => normalize_value(v),
+    }
+}
+
+pub fn duckdb_rows(parquet: &std::path::Path, queries: &[String]) -> Vec<Vec<Vec<String>>> {
+    let script = r#"
+import json, sys
+try:
+    import duckdb
+except ImportError:
+    sys.exit("the oracle test needs DuckDB's Python package: python3 -m pip install duckdb (see .ci/run)")
+path, qfile = sys.argv[1], sys.argv[2]
+con = duckdb.connect()
+con.execute("SET TimeZone = 'UTC'")
+con.execute(f"CREATE VIEW usage AS SELECT * FROM read_parquet('{path}')")
+out = []
+for q in json.load(open(qfile)):
+    rows = con.execute(q).fetchall()
+    out.append([[None if v is None else str(v) for v in r] for r in rows])
+print(json.dumps(out))
+"#;
+    let qfile = parquet.with_extension("queries.json");
+    std::fs::write(&qfile, serde_json::to_string(queries).unwrap()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(parquet)
+        .arg(&qfile)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "DuckDB failed: {}", String::from_utf8_lossy(&out.stderr));
+    let parsed: Vec<Vec<Vec<Option<String>>>> = serde_json::from_slice(&out.stdout).unwrap();
+    parsed
+        .into_iter()
+        .map(|rows| {
+            rows.into_iter()
+                .map(|r| r.into_iter().map(|v| v.map(|s| normalize(&s)).unwrap_or_else(|| "NULL".into())).collect())
+                .collect()
+        })
+        .collect()
+}
+

@@ -1,0 +1,294 @@
+//! Pipelines: the workers that run plan fragments, and the cluster view that the
+//! planner routes over.
+//!
+//! Owns: the [`Pipeline`] interface and its two implementations, in-process
+//! ([`local::LocalPipeline`]: fixed slots, bounded queue, its own segment cache) and
+//! remote ([`remote::RemotePipeline`]: another node's pipeline over Arrow Flight);
+//! per-pipeline counters; the [`Cluster`] (this node's shard map, the pipelines it can
+//! reach, their load, and the bounded log of routing decisions).
+//! Must never: let a fragment wait in an unbounded queue, or count a pipeline's
+//! request as finished before its stream ends.
+
+pub mod local;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::error::Result as DfResult;
+use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::ExecutionPlan;
+use futures::Stream;
+use parking_lot::{Mutex, RwLock};
+
+use crate::clock::Clock;
+use crate::error::Result;
+use crate::router::{LoadSnapshot, PipelineLoad};
+use crate::shard_map::{PipelineId, ShardId, ShardMap};
+use crate::storage::cache::CacheStats;
+
+/// One fragment of a query, ready to run: a physical plan whose output is one partition.
+#[derive(Debug, Clone)]
+pub struct Fragment {
+    pub query_id: u64,
+    /// The shard it reads, or None for the write buffer.
+    pub shard: Option<ShardId>,
+    pub plan: Arc<dyn ExecutionPlan>,
+}
+
+/// A worker that runs fragments.
+#[async_trait]
+pub trait Pipeline: Send + Sync + fmt::Debug {
+    fn id(&self) -> PipelineId;
+    /// Fragments it runs at once.
+    fn slots(&self) -> u32;
+    /// Counters kept on this node (for a remote pipeline: this node's requests to it).
+    fn stats(&self) -> &Arc<PipelineStats>;
+    /// Its segment cache, when it runs in this process.
+    fn cache(&self) -> Option<CacheStats>;
+    fn is_local(&self) -> bool;
+    /// False while the pipeline is known to be unreachable.
+    fn available(&self) -> bool {
+        true
+    }
+    /// Starts `fragment` and returns its output. Waits for a slot (in a bounded
+    /// queue: a full queue is an error, never a longer wait).
+    async fn run(&self, fragment: Fragment, ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream>;
+}
+
+/// Latencies kept per pipeline for percentiles.
+const LATENCY_SAMPLES_MAX: usize = 1024;
+
+/// A pipeline's counters.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub in_flight: AtomicU32,
+    pub queued: AtomicU32,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    /// The most recent fragment latencies in microseconds (bounded).
+    latencies_us: Mutex<VecDeque<u64>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StatsSnapshot {
+    pub in_flight: u32,
+    pub queued: u32,
+    pub completed: u64,
+    pub failed: u64,
+    pub p50_us: Option<u64>,
+    pub p95_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
+impl PipelineStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let mut l: Vec<u64> = self.latencies_us.lock().iter().copied().collect();
+        l.sort_unstable();
+        let pct = |p: f64| (!l.is_empty()).then(|| l[((l.len() - 1) as f64 * p).round() as usize]);
+        StatsSnapshot {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            completed: self.completed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            p50_us: pct(0.50),
+            p95_us: pct(0.95),
+            p99_us: pct(0.99),
+        }
+    }
+
+    fn finish(&self, started: Instant, ok: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if ok {
+            self.completed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut l = self.latencies_us.lock();
+        if l.len() == LATENCY_SAMPLES_MAX {
+            l.pop_front();
+        }
+        l.push_back(started.elapsed().as_micros() as u64);
+    }
+}
+
+/// Counts one request as in flight from creation until it is dropped; records its
+/// latency and outcome then.
+pub struct InFlight {
+    stats: Arc<PipelineStats>,
+    started: Instant,
+    failed: bool,
+}
+
+impl InFlight {
+    pub fn start(stats: &Arc<PipelineStats>) -> InFlight {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { stats: Arc::clone(stats), started: Instant::now(), failed: false }
+    }
+
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.finish(self.started, !self.failed);
+    }
+}
+
+/// A fragment's output stream that holds its [`InFlight`] (and any slot permit) until
+/// it ends or is dropped.
+pub struct TrackedStream<G> {
+    inner: SendableRecordBatchStream,
+    flight: Option<InFlight>,
+    _guard: G,
+}
+
+impl<G> TrackedStream<G> {
+    pub fn new(inner: SendableRecordBatchStream, flight: InFlight, guard: G) -> TrackedStream<G> {
+        TrackedStream { inner, flight: Some(flight), _guard: guard }
+    }
+}
+
+impl<G: Unpin> Stream for TrackedStream<G> {
+    type Item = DfResult<RecordBatch>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let r = self.inner.as_mut().poll_next(cx);
+        match &r {
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut f) = self.flight.take() {
+                    f.fail();
+                }
+            }
+            Poll::Ready(None) => {
+                self.flight.take();
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+impl<G: Unpin> RecordBatchStream for TrackedStream<G> {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+}
+
+/// One routing decision, as `system.routing_decisions` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingRecord {
+    pub query_id: u64,
+    pub time_us: i64,
+    pub epoch: u64,
+    /// None for the write-buffer fragment.
+    pub shard: Option<ShardId>,
+    /// `pipeline=score` pairs in shard-map preference order.
+    pub candidates: String,
+    pub choice: Option<String>,
+    pub reason: String,
+    /// 1 for the first try, 2 for the retry on another replica.
+    pub attempt: u32,
+}
+
+/// This node's view of the cluster: the shard map at the current epoch and every
+/// pipeline it can send fragments to.
+#[derive(Debug)]
+pub struct Cluster {
+    node_id: u64,
+    clock: Clock,
+    map: RwLock<Arc<ShardMap>>,
+    pipelines: RwLock<BTreeMap<PipelineId, Arc<dyn Pipeline>>>,
+    routing_log: Mutex<VecDeque<RoutingRecord>>,
+    routing_log_max: usize,
+    routing_dropped: AtomicU64,
+}
+
+impl Cluster {
+    /// A cluster of `pipelines` with `shard_count` shards of `replicas` copies each.
+    pub fn new(
+        node_id: u64,
+        clock: Clock,
+        shard_count: u32,
+        replicas: u32,
+        pipelines: Vec<Arc<dyn Pipeline>>,
+        routing_log_max: usize,
+    ) -> Cluster {
+        let ids: Vec<PipelineId> = pipelines.iter().map(|p| p.id()).collect();
+        let map = ShardMap::build(shard_count, replicas, &ids);
+        Cluster {
+            node_id,
+            clock,
+            map: RwLock::new(Arc::new(map)),
+            pipelines: RwLock::new(pipelines.into_iter().map(|p| (p.id(), p)).collect()),
+            routing_log: Mutex::new(VecDeque::new()),
+            routing_log_max: routing_log_max.max(1),
+            routing_dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    pub fn now_us(&self) -> i64 {
+        self.clock.now_us()
+    }
+
+    /// The shard map a query pins from routing to completion.
+    pub fn shard_map(&self) -> Arc<ShardMap> {
+        Arc::clone(&self.map.read())
+    }
+
+    pub fn pipeline(&self, id: PipelineId) -> Option<Arc<dyn Pipeline>> {
+        self.pipelines.read().get(&id).cloned()
+    }
+
+    pub fn pipelines(&self) -> Vec<Arc<dyn Pipeline>> {
+        self.pipelines.read().values().cloned().collect()
+    }
+
+    /// This process's pipelines.
+    pub fn local_pipelines(&self) -> Vec<Arc<dyn Pipeline>> {
+        self.pipelines.read().values().filter(|p| p.is_local()).cloned().collect()
+    }
+
+    /// Every pipeline's load now.
+    pub fn load_snapshot(&self) -> LoadSnapshot {
+        LoadSnapshot::new(
+            self.pipelines
+                .read()
+                .values()
+                .map(|p| {
+                    let s = p.stats();
+                    let mut l = PipelineLoad::idle(p.id(), p.slots());
+                    l.in_flight = s.in_flight.load(Ordering::Relaxed);
+                    l.queued = s.queued.load(Ordering::Relaxed);
+                    l.available = p.available();
+                    l
+                })
+                .collect(),
+        )
+    }
+
+    pub fn record_route(&self, r: RoutingRecord) {
+        let mut log = self.routing_log.lock();
+        if log.len() >= self.routing_log_max {
+            log.pop_front();
+            self.routing_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        log.push_back(r);
+    }
+
+    pub fn routing_log(&self) -> Vec<RoutingRecord> {
+        self.routing_log.lock().iter().cloned().collect()
+    }
+}

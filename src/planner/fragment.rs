@@ -1,0 +1,528 @@
+//! Fragmenting: splits a physical plan at the point where per-shard work ends, and
+//! runs that part once per shard on the pipeline the router picks.
+//!
+//! Owns: the [`Fragmenter`] (the last physical optimizer rule) and [`DistributeExec`]
+//! (the plan node that runs fragments and streams their output to the gateway's part
+//! of the plan). Must never: change a query's answer. A subtree is split only when
+//! every operator in it works partition by partition (scan, filter, projection,
+//! partial aggregate, per-partition sort / TopK, local limit, union), so running it
+//! on a subset of the files and combining the outputs is the same as running it on
+//! all of them; whatever needs all rows (final aggregate, global sort, limit, joins)
+//! stays above, in the gateway.
+//!
+//! Shape: `DistributeExec` has one output partition per fragment (one per shard the
+//! scan kept, plus one for rows still in the write buffer, which always runs on this
+//! node). When the gateway's part expects one partition, a merge is put on top: a
+//! sort-preserving merge (with the TopK's fetch) when the fragments are sorted, else a
+//! plain coalesce. A query that touches one shard runs one fragment and gets no merge.
+//! The template (the subtree before splitting) is the node's child, so EXPLAIN shows
+//! the fragment plan under the routing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::Result as DfResult;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::DataFusionError;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::execution_plan::{Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::limit::LocalLimitExec;
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, Distribution, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties,
+};
+use futures::{StreamExt, TryStreamExt};
+use parking_lot::Mutex;
+
+use crate::error::Error;
+use crate::pipeline::{Cluster, Fragment, RoutingRecord};
+use crate::router::{self, Decision};
+use crate::shard_map::{PipelineId, ShardId};
+use crate::storage::provider::{BufferExec, ScanReport, SegmentRef};
+use crate::storage::Storage;
+
+/// The physical optimizer rule that distributes scans of segment tables.
+#[derive(Debug)]
+pub struct Fragmenter {
+    cluster: Arc<Cluster>,
+}
+
+impl Fragmenter {
+    pub fn new(cluster: Arc<Cluster>) -> Fragmenter {
+        Fragmenter { cluster }
+    }
+
+    fn rewrite(&self, node: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let node = split_single_aggregate(node)?;
+        let required = node.input_distribution_requirements().into_per_child();
+        let mut changed = false;
+        let mut children = Vec::new();
+        for (i, child) in node.children().into_iter().enumerate() {
+            if fragmentable(child) {
+                let single = matches!(required.get(i), Some(Distribution::SinglePartition));
+                children.push(self.distribute(child, single));
+                changed = true;
+            } else {
+                let new = self.rewrite(Arc::clone(child))?;
+                changed |= !Arc::ptr_eq(&new, child);
+                children.push(new);
+            }
+        }
+        if !changed {
+            return Ok(node);
+        }
+        node.replace_children(children, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))
+    }
+
+    /// Replaces `template` by a [`DistributeExec`], merged into one partition when the
+    /// consumer needs one (or when the template had one, for a consumer that relies on it).
+    fn distribute(&self, template: &Arc<dyn ExecutionPlan>, consumer_needs_one: bool) -> Arc<dyn ExecutionPlan> {
+        let mut shards: BTreeMap<ShardId, usize> = BTreeMap::new();
+        let mut has_buffer = false;
+        let mut scan: Option<Arc<crate::storage::provider::ScanInfo>> = None;
+        visit_leaves(template, &mut |leaf| {
+            if let Some(files) = segment_files(leaf) {
+                for f in files {
+                    if let Some(r) = f.extensions.get::<SegmentRef>() {
+                        *shards.entry(r.shard).or_default() += 1;
+                        scan.get_or_insert_with(|| Arc::clone(&r.scan));
+                    }
+                }
+            } else if leaf.is::<BufferExec>() {
+                has_buffer = true;
+            }
+        });
+        let map = self.cluster.shard_map();
+        let snapshot = self.cluster.load_snapshot();
+        let shard_list: Vec<ShardId> = shards.keys().copied().collect();
+        let mut fragments: Vec<FragmentSpec> = router::route_all(&shard_list, &map, &snapshot)
+            .into_iter()
+            .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d })
+            .collect();
+        if has_buffer {
+            // The write buffer lives in this process: one of its pipelines reads it
+            // (or the gateway itself, on a node without pipelines).
+            let local: Vec<PipelineId> = self.cluster.local_pipelines().iter().map(|p| p.id()).collect();
+            let decision = router::route(0, &local, &snapshot, &[]);
+            fragments.push(FragmentSpec { shard: None, segments: 0, decision });
+        }
+        let exec: Arc<dyn ExecutionPlan> = Arc::new(DistributeExec::new(
+            Arc::clone(template),
+            fragments,
+            map.epoch,
+            scan,
+            Arc::clone(&self.cluster),
+        ));
+        let was_one = template.output_partitioning().partition_count() == 1;
+        if exec.output_partitioning().partition_count() == 1 || !(consumer_needs_one || was_one) {
+            return exec;
+        }
+        merge(exec, template)
+    }
+}
+
+impl PhysicalOptimizerRule for Fragmenter {
+    fn optimize(&self, plan: Arc<dyn ExecutionPlan>, _config: &ConfigOptions) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if fragmentable(&plan) {
+            return Ok(self.distribute(&plan, true));
+        }
+        self.rewrite(plan)
+    }
+
+    fn name(&self) -> &str {
+        "tidemark_fragmenter"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// Merges `exec`'s partitions into one, keeping the template's order (and its TopK
+/// fetch) when it has one.
+fn merge(exec: Arc<dyn ExecutionPlan>, template: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    match template.output_ordering() {
+        Some(ordering) => {
+            let fetch = template.downcast_ref::<SortExec>().and_then(|s| s.fetch());
+            Arc::new(SortPreservingMergeExec::new(ordering.clone(), exec).with_fetch(fetch))
+        }
+        None => Arc::new(CoalescePartitionsExec::new(exec)),
+    }
+}
+
+/// An aggregate in `Single` mode over a splittable input becomes `Partial` (which goes
+/// into the fragments) under `Final` (which stays in the gateway).
+fn split_single_aggregate(node: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let Some(agg) = node.downcast_ref::<AggregateExec>() else { return Ok(node) };
+    if !matches!(agg.mode(), AggregateMode::Single) || !fragmentable(agg.input()) {
+        return Ok(node);
+    }
+    let partial = Arc::new(AggregateExec::try_new(
+        AggregateMode::Partial,
+        agg.group_expr().clone(),
+        agg.aggr_expr().to_vec(),
+        agg.filter_expr().to_vec(),
+        Arc::clone(agg.input()),
+        agg.input_schema(),
+    )?);
+    let final_group = partial.group_expr().as_final();
+    let fin = AggregateExec::try_new(
+        AggregateMode::Final,
+        final_group,
+        agg.aggr_expr().to_vec(),
+        agg.filter_expr().to_vec(),
+        partial,
+        agg.input_schema(),
+    )?
+    .with_limit_options(agg.limit_options());
+    Ok(Arc::new(fin))
+}
+
+/// The segment files a leaf scans, if it is a scan of segments.
+fn segment_files(plan: &Arc<dyn ExecutionPlan>) -> Option<Vec<datafusion::datasource::listing::PartitionedFile>> {
+    let ds = plan.downcast_ref::<DataSourceExec>()?;
+    let config = ds.data_source().downcast_ref::<FileScanConfig>()?;
+    if config.object_store_url != Storage::object_store_url() {
+        return None;
+    }
+    let files: Vec<_> = config.file_groups.iter().flat_map(|g| g.files().iter().cloned()).collect();
+    files.iter().all(|f| f.extensions.get::<SegmentRef>().is_some()).then_some(files)
+}
+
+fn visit_leaves(plan: &Arc<dyn ExecutionPlan>, f: &mut dyn FnMut(&Arc<dyn ExecutionPlan>)) {
+    let children = plan.children();
+    if children.is_empty() {
+        f(plan);
+    }
+    for c in children {
+        visit_leaves(c, f);
+    }
+}
+
+/// True when every operator of `plan` works partition by partition and its leaves
+/// are segment scans, the write buffer or empty, with at least one real source.
+pub fn fragmentable(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    fn walk(p: &Arc<dyn ExecutionPlan>, sources: &mut usize) -> bool {
+        if segment_files(p).is_some() || p.is::<BufferExec>() {
+            *sources += 1;
+            return true;
+        }
+        if p.is::<EmptyExec>() {
+            return true;
+        }
+        let per_partition = p.is::<FilterExec>()
+            || p.is::<ProjectionExec>()
+            || p.is::<LocalLimitExec>()
+            || p.is::<UnionExec>()
+            || p.is::<CooperativeExec>()
+            || p.downcast_ref::<AggregateExec>().is_some_and(|a| matches!(a.mode(), AggregateMode::Partial))
+            || p.downcast_ref::<SortExec>().is_some_and(|s| {
+                s.preserve_partitioning() || s.input().output_partitioning().partition_count() == 1
+            });
+        per_partition && p.children().into_iter().all(|c| walk(c, sources))
+    }
+    let mut sources = 0;
+    walk(plan, &mut sources) && sources > 0
+}
+
+/// The template cut down to one fragment: segment scans keep only `shard`'s files
+/// (in one file group), the buffer stays only in the buffer fragment (`shard` None),
+/// and branches left without input disappear. The result has one output partition.
+pub fn restrict(template: &Arc<dyn ExecutionPlan>, shard: Option<ShardId>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let plan = match restrict_inner(template, shard)? {
+        Some(p) => p,
+        None => Arc::new(EmptyExec::new(template.schema())),
+    };
+    Ok(if plan.output_partitioning().partition_count() > 1 { merge(plan, template) } else { plan })
+}
+
+fn restrict_inner(plan: &Arc<dyn ExecutionPlan>, shard: Option<ShardId>) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+    if let Some(files) = segment_files(plan) {
+        let Some(shard) = shard else { return Ok(None) };
+        let mine: Vec<_> =
+            files.into_iter().filter(|f| f.extensions.get::<SegmentRef>().is_some_and(|r| r.shard == shard)).collect();
+        if mine.is_empty() {
+            return Ok(None);
+        }
+        let ds = plan.downcast_ref::<DataSourceExec>().expect("segment_files checked");
+        let config = ds.data_source().downcast_ref::<FileScanConfig>().expect("segment_files checked");
+        let config = FileScanConfigBuilder::from(config.clone()).with_file_groups(vec![FileGroup::new(mine)]).build();
+        return Ok(Some(DataSourceExec::from_data_source(config)));
+    }
+    if plan.is::<BufferExec>() {
+        return Ok(shard.is_none().then(|| Arc::clone(plan)));
+    }
+    if plan.is::<EmptyExec>() {
+        return Ok(None);
+    }
+    let mut kept = Vec::new();
+    for c in plan.children() {
+        if let Some(c) = restrict_inner(c, shard)? {
+            kept.push(c);
+        }
+    }
+    if plan.is::<UnionExec>() {
+        return Ok(match kept.len() {
+            0 => None,
+            1 => kept.pop(),
+            _ => Some(UnionExec::try_new(kept)?),
+        });
+    }
+    if kept.len() != plan.children().len() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::clone(plan).replace_children(kept, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?))
+}
+
+/// One fragment as planned: the shard it reads and where the router sent it.
+#[derive(Debug, Clone)]
+pub struct FragmentSpec {
+    /// None = the write buffer.
+    pub shard: Option<ShardId>,
+    pub segments: usize,
+    pub decision: Decision,
+}
+
+/// What happened when a fragment ran (for EXPLAIN ANALYZE).
+#[derive(Debug, Clone, Default)]
+struct FragmentRun {
+    pipeline: Option<PipelineId>,
+    attempts: u32,
+    rows: u64,
+}
+
+/// Runs the template once per fragment on the chosen pipelines; output partition i
+/// is fragment i's output.
+#[derive(Debug)]
+pub struct DistributeExec {
+    template: Arc<dyn ExecutionPlan>,
+    fragments: Vec<FragmentSpec>,
+    epoch: u64,
+    scan: Option<Arc<crate::storage::provider::ScanInfo>>,
+    cluster: Arc<Cluster>,
+    props: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+    runs: Arc<Mutex<Vec<FragmentRun>>>,
+}
+
+impl DistributeExec {
+    fn new(
+        template: Arc<dyn ExecutionPlan>,
+        fragments: Vec<FragmentSpec>,
+        epoch: u64,
+        scan: Option<Arc<crate::storage::provider::ScanInfo>>,
+        cluster: Arc<Cluster>,
+    ) -> DistributeExec {
+        let props = PlanProperties::new(
+            template.equivalence_properties().clone(),
+            Partitioning::UnknownPartitioning(fragments.len().max(1)),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        let runs = Arc::new(Mutex::new(vec![FragmentRun::default(); fragments.len()]));
+        DistributeExec { template, fragments, epoch, scan, cluster, props: Arc::new(props), metrics: ExecutionPlanMetricsSet::new(), runs }
+    }
+
+    pub fn fragments(&self) -> &[FragmentSpec] {
+        &self.fragments
+    }
+}
+
+impl DisplayAs for DistributeExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DistributeExec: epoch={}", self.epoch)?;
+        if let Some(s) = &self.scan {
+            match &s.keys {
+                Some(k) => write!(f, ", shard_keys=[{}]", k.join(", "))?,
+                None => write!(f, ", shard_keys=all")?,
+            }
+            write!(f, ", time={}", s.time)?;
+            let shards: BTreeSet<_> = self.fragments.iter().filter_map(|x| x.shard).collect();
+            let segments: usize = self.fragments.iter().map(|x| x.segments).sum();
+            write!(f, ", shards={} of {}, segments={} of {}", shards.len(), s.shard_count, segments, s.segments_total)?;
+        }
+        let runs = self.runs.lock();
+        write!(f, ", fragments=[")?;
+        for (i, x) in self.fragments.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            match x.shard {
+                Some(s) => write!(f, "shard {s} ({} segments)", x.segments)?,
+                None => write!(f, "write buffer")?,
+            }
+            let cands: Vec<String> = x.decision.candidates.iter().map(|c| format!("{}={}", c.id, c.score)).collect();
+            match x.decision.choice {
+                Some(c) => write!(f, " -> {c} ({}; candidates {})", x.decision.reason.as_str(), cands.join(" "))?,
+                None if x.shard.is_none() => write!(f, " -> gateway")?,
+                None => write!(f, " -> none ({})", x.decision.reason.as_str())?,
+            }
+            if let Some(r) = runs.get(i).filter(|r| r.attempts > 0) {
+                let on = r.pipeline.map(|p| p.to_string()).unwrap_or_else(|| "gateway".into());
+                write!(f, " ran on {on}, attempts={}, rows={}", r.attempts, r.rows)?;
+            }
+        }
+        write!(f, "]")
+    }
+}
+
+impl ExecutionPlan for DistributeExec {
+    fn name(&self) -> &str {
+        "DistributeExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.template]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let template = children.into_iter().next().ok_or_else(|| DataFusionError::Internal("DistributeExec needs its template".into()))?;
+        Ok(Arc::new(DistributeExec::new(template, self.fragments.clone(), self.epoch, self.scan.clone(), Arc::clone(&self.cluster))))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        let spec = self
+            .fragments
+            .get(partition)
+            .cloned()
+            .ok_or_else(|| DataFusionError::Internal(format!("DistributeExec has no partition {partition}")))?;
+        let plan = restrict(&self.template, spec.shard)?;
+        let query_id = ctx.session_config().get_extension::<ScanReport>().map(|r| r.query_id).unwrap_or(0);
+        let fragment = Fragment { query_id, shard: spec.shard, plan };
+        let cluster = Arc::clone(&self.cluster);
+        let runs = Arc::clone(&self.runs);
+        let metrics = BaselineMetrics::new(&self.metrics, partition);
+        let epoch = self.epoch;
+        let schema = self.schema();
+        let open = async move {
+            let stream = open_fragment(&cluster, epoch, spec, fragment, ctx, &runs, partition).await?;
+            let runs = Arc::clone(&runs);
+            Ok::<_, DataFusionError>(stream.inspect_ok(move |b| {
+                metrics.record_output(b.num_rows());
+                if let Some(r) = runs.lock().get_mut(partition) {
+                    r.rows += b.num_rows() as u64;
+                }
+            }))
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::once(open).try_flatten())))
+    }
+}
+
+fn record(cluster: &Cluster, epoch: u64, query_id: u64, d: &Decision, attempt: u32) {
+    cluster.record_route(RoutingRecord {
+        query_id,
+        time_us: cluster.now_us(),
+        epoch,
+        shard: Some(d.shard),
+        candidates: d.candidates.iter().map(|c| format!("{}={}", c.id, c.score)).collect::<Vec<_>>().join(" "),
+        choice: d.choice.map(|c| c.to_string()),
+        reason: d.reason.as_str().to_string(),
+        attempt,
+    });
+}
+
+fn is_retryable(e: &Error) -> bool {
+    matches!(e, Error::PipelineUnavailable { .. })
+}
+
+/// Starts a fragment on its chosen pipeline; when that pipeline is unavailable before
+/// the fragment produced anything, routes it once more, away from that pipeline.
+async fn open_fragment(
+    cluster: &Arc<Cluster>,
+    epoch: u64,
+    spec: FragmentSpec,
+    fragment: Fragment,
+    ctx: Arc<TaskContext>,
+    runs: &Mutex<Vec<FragmentRun>>,
+    partition: usize,
+) -> DfResult<SendableRecordBatchStream> {
+    let mut decision = spec.decision.clone();
+    let mut excluded: Vec<PipelineId> = Vec::new();
+    for attempt in 1..=2u32 {
+        if spec.shard.is_some() {
+            record(cluster, epoch, fragment.query_id, &decision, attempt);
+        }
+        if let Some(r) = runs.lock().get_mut(partition) {
+            r.attempts = attempt;
+            r.pipeline = decision.choice;
+        }
+        let Some(choice) = decision.choice else {
+            if spec.shard.is_none() {
+                // No local pipeline: the gateway reads its own write buffer.
+                return fragment.plan.execute(0, ctx);
+            }
+            return Err(Error::PipelineUnavailable {
+                pipeline: format!("for shard {}", decision.shard),
+                reason: format!("{} (tried {})", decision.reason.as_str(), list(&excluded)),
+            }
+            .into());
+        };
+        let pipeline = cluster
+            .pipeline(choice)
+            .ok_or_else(|| Error::Internal(format!("routed to unknown pipeline {choice}")))?;
+        let err: Error = match pipeline.run(fragment.clone(), Arc::clone(&ctx)).await {
+            Ok(mut stream) => match stream.next().await {
+                Some(Err(e)) => Error::from(e),
+                first => return Ok(prepend(first, stream)),
+            },
+            Err(e) => e,
+        };
+        if attempt == 2 || !is_retryable(&err) || spec.shard.is_none() {
+            return Err(err.into());
+        }
+        tracing::warn!(pipeline = %choice, shard = decision.shard, error = %err, "fragment failed before sending rows; retrying on another replica");
+        excluded.push(choice);
+        let map = cluster.shard_map();
+        decision = router::route(decision.shard, map.replicas_of(decision.shard), &cluster.load_snapshot(), &excluded);
+    }
+    unreachable!("the loop returns on its second attempt")
+}
+
+fn list(ids: &[PipelineId]) -> String {
+    if ids.is_empty() {
+        return "none".into();
+    }
+    ids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// `first` (already taken from `rest`) followed by the rest of the stream.
+fn prepend(
+    first: Option<DfResult<datafusion::arrow::record_batch::RecordBatch>>,
+    rest: SendableRecordBatchStream,
+) -> SendableRecordBatchStream {
+    let schema = rest.schema();
+    let head = futures::stream::iter(first);
+    Box::pin(RecordBatchStreamAdapter::new(schema, head.chain(rest)))
+}
