@@ -52,6 +52,10 @@ pub enum Error {
     QueueFull { what: &'static str, limit: u64, unit: &'static str },
     #[error("{0}")]
     ResourcesExhausted(String),
+    /// An error whose SQLSTATE is known but which arrived second-hand: from another
+    /// node, or shared between several streams inside DataFusion.
+    #[error("{message}")]
+    Relayed { sqlstate: &'static str, message: String },
     /// A pipeline could not run a fragment (its node is down, unreachable or timed out).
     #[error("pipeline {pipeline} is unavailable: {reason}")]
     PipelineUnavailable { pipeline: String, reason: String },
@@ -69,6 +73,29 @@ pub enum Error {
     Internal(String),
 }
 
+/// A SQLSTATE received from another node, as a `&'static str`: each distinct
+/// well-formed code is interned once (at most a few hundred exist); anything else is
+/// reported as XX000.
+pub fn intern_sqlstate(code: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static CODES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    const CODES_MAX: usize = 1024;
+    if code.len() != 5 || !code.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()) {
+        return "XX000";
+    }
+    let mut set = CODES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = set.get(code) {
+        return c;
+    }
+    if set.len() >= CODES_MAX {
+        return "XX000";
+    }
+    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
 impl From<DataFusionError> for Error {
     fn from(e: DataFusionError) -> Self {
         // Unwrap our own errors that travelled through DataFusion (for example from a
@@ -76,18 +103,50 @@ impl From<DataFusionError> for Error {
         match e {
             DataFusionError::External(inner) => match inner.downcast::<Error>() {
                 Ok(ours) => *ours,
-                Err(other) => Error::DataFusion(Box::new(DataFusionError::External(other))),
+                Err(other) => match find_ours(other.as_ref()) {
+                    Some(ours) => Error::Relayed { sqlstate: ours.sqlstate(), message: ours.message() },
+                    None => Error::DataFusion(Box::new(DataFusionError::External(other))),
+                },
             },
             DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
                 Error::from(*inner)
             }
             DataFusionError::Shared(inner) => match std::sync::Arc::try_unwrap(inner) {
                 Ok(inner) => Error::from(inner),
-                Err(shared) => Error::DataFusion(Box::new(DataFusionError::Shared(shared))),
+                Err(shared) => match find_ours(shared.as_ref()) {
+                    Some(ours) => Error::Relayed { sqlstate: ours.sqlstate(), message: ours.message() },
+                    None => Error::DataFusion(Box::new(DataFusionError::Shared(shared))),
+                },
             },
-            other => Error::DataFusion(Box::new(other)),
+            other => match find_ours(&other) {
+                Some(ours) => Error::Relayed { sqlstate: ours.sqlstate(), message: ours.message() },
+                None => Error::DataFusion(Box::new(other)),
+            },
         }
     }
+}
+
+/// Our own error somewhere inside `e` (behind External, Shared, Context or Arrow's
+/// ExternalError wrappers), found by reference.
+pub fn find_ours<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    for _ in 0..32 {
+        let x = cur?;
+        if let Some(ours) = x.downcast_ref::<Error>() {
+            return Some(ours);
+        }
+        cur = match x.downcast_ref::<DataFusionError>() {
+            Some(DataFusionError::External(inner)) => Some(inner.as_ref()),
+            Some(DataFusionError::Shared(inner)) => Some(inner.as_ref()),
+            Some(DataFusionError::Context(_, inner)) | Some(DataFusionError::Diagnostic(_, inner)) => Some(inner.as_ref()),
+            Some(DataFusionError::ArrowError(inner, _)) => Some(inner.as_ref()),
+            _ => match x.downcast_ref::<ArrowError>() {
+                Some(ArrowError::ExternalError(inner)) => Some(inner.as_ref()),
+                _ => x.source(),
+            },
+        };
+    }
+    None
 }
 
 impl From<ArrowError> for Error {
@@ -127,6 +186,7 @@ impl Error {
             Error::QueueFull { .. } => "53000",
             Error::ResourcesExhausted(_) => "53200",
             Error::PipelineUnavailable { .. } => "58000",
+            Error::Relayed { sqlstate, .. } => sqlstate,
             Error::Corrupt(_) => "XX001",
             Error::Io(_) => "58030",
             Error::ObjectStore(e) => match e {
@@ -264,6 +324,25 @@ fn execution_sqlstate(msg: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn our_sqlstate_survives_shared_and_nested_wrappers() {
+        use std::sync::Arc;
+        let ours = || Error::PipelineUnavailable { pipeline: "n2.p0".into(), reason: "gone".into() };
+        let shared = DataFusionError::Shared(Arc::new(DataFusionError::External(Box::new(ours()))));
+        let _keep = match &shared {
+            DataFusionError::Shared(a) => Arc::clone(a),
+            _ => unreachable!(),
+        };
+        assert_eq!(Error::from(shared).sqlstate(), "58000");
+        let nested = DataFusionError::ArrowError(
+            Box::new(ArrowError::ExternalError(Box::new(DataFusionError::External(Box::new(ours()))))),
+            None,
+        );
+        assert_eq!(Error::from(nested).sqlstate(), "58000");
+        let twice = DataFusionError::External(Box::new(DataFusionError::External(Box::new(ours()))));
+        assert_eq!(Error::from(twice).sqlstate(), "58000");
+    }
+
     use super::*;
 
     #[test]

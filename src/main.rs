@@ -30,6 +30,8 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[arg(long)]
         listen: Option<SocketAddr>,
+        #[command(flatten)]
+        cluster: ClusterFlags,
     },
     /// Run a one-node Tidemark filled with generated usage data (generated on first run).
     Demo {
@@ -62,6 +64,58 @@ enum Command {
     },
 }
 
+/// Where this node sits in a cluster of several `tidemark serve` processes.
+#[derive(Args, Clone, Default)]
+struct ClusterFlags {
+    /// This node's id (pipelines are named n<id>.p<index>).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Internal Arrow Flight address other nodes send fragments to.
+    #[arg(long)]
+    internal_addr: Option<SocketAddr>,
+    /// Other nodes as id=host:port of their internal addresses (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// In-process pipelines on this node (default: one per core; 0 = gateway only).
+    #[arg(long)]
+    pipelines: Option<u32>,
+    /// Pipelines each peer runs (default: as many as this machine has cores).
+    #[arg(long)]
+    peer_pipelines: Option<u32>,
+    /// Segments live in another node's store: read them, never write there.
+    #[arg(long)]
+    segment_store_read_only: bool,
+    /// Where segments live (file:///path or s3://bucket/prefix); default <data-dir>/segments.
+    #[arg(long)]
+    object_store_url: Option<String>,
+}
+
+impl ClusterFlags {
+    fn apply(self, cfg: &mut Config) {
+        if let Some(v) = self.node_id {
+            cfg.node_id = v;
+        }
+        if let Some(v) = self.internal_addr {
+            cfg.internal_addr = Some(v);
+        }
+        if !self.peers.is_empty() {
+            cfg.peers = self.peers;
+        }
+        if let Some(v) = self.pipelines {
+            cfg.pipelines = Some(v);
+        }
+        if let Some(v) = self.peer_pipelines {
+            cfg.peer_pipelines = v;
+        }
+        if self.segment_store_read_only {
+            cfg.segment_store_read_only = true;
+        }
+        if let Some(v) = self.object_store_url {
+            cfg.object_store_url = Some(v);
+        }
+    }
+}
+
 /// The size and seed of generated data.
 #[derive(Args, Clone, Copy)]
 struct DataShape {
@@ -90,7 +144,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve { config, data_dir, listen } => {
+            Command::Serve { config, data_dir, listen, cluster } => {
                 let mut cfg = Config::load(config.as_deref(), Config::env_from_process())?;
                 if let Some(d) = data_dir {
                     cfg.data_dir = d;
@@ -98,6 +152,8 @@ fn main() -> anyhow::Result<()> {
                 if let Some(l) = listen {
                     cfg.listen = l;
                 }
+                cluster.apply(&mut cfg);
+                cfg.validate()?;
                 serve(cfg, None).await
             }
             Command::Demo { data_dir, listen, shape } => {

@@ -18,7 +18,9 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use parking_lot::Mutex;
 
 use crate::catalog::Catalog;
+use crate::pipeline::flight::{FlightServer, FragmentService};
 use crate::pipeline::local::LocalPipeline;
+use crate::pipeline::remote::RemotePipeline;
 use crate::pipeline::{Cluster, Pipeline};
 use crate::planner::fragment::Fragmenter;
 use crate::shard_map::PipelineId;
@@ -38,6 +40,8 @@ pub const SERVER_VERSION: &str = "16.6";
 
 pub struct Node {
     config: Config,
+    /// The internal Flight service, when `internal_addr` is set.
+    flight: Mutex<Option<FlightServer>>,
     cluster: Arc<Cluster>,
     catalog: Arc<Catalog>,
     storage: Arc<Storage>,
@@ -59,7 +63,12 @@ impl Node {
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let cluster = build_cluster(&config, &catalog, &storage, &clock)?;
         let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster)?;
+        let flight = match config.internal_addr {
+            Some(addr) => Some(FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster))).await?),
+            None => None,
+        };
         let node = Arc::new(Node {
+            flight: Mutex::new(flight),
             cluster,
             background: Mutex::new(Vec::new()),
             parser: PostgresCompatibilityParser::new(),
@@ -94,6 +103,7 @@ impl Node {
 
     /// Stops background work and flushes the query log.
     pub fn shutdown(&self) {
+        self.flight.lock().take();
         for h in self.background.lock().drain(..) {
             h.abort();
         }
@@ -110,6 +120,10 @@ impl Node {
     }
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
+    }
+    /// The bound address of the internal Flight service.
+    pub fn internal_addr(&self) -> Option<std::net::SocketAddr> {
+        self.flight.lock().as_ref().map(|f| f.local_addr)
     }
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
@@ -150,6 +164,16 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
     let local = config.local_pipelines();
     let cache_each = config.segment_cache_bytes_max / u64::from(local.max(1));
     let mut pipelines: Vec<Arc<dyn Pipeline>> = Vec::new();
+    for (node, addr) in config.parsed_peers()? {
+        for i in 0..config.peer_pipeline_count() {
+            pipelines.push(Arc::new(RemotePipeline::new(
+                PipelineId::new(node, i),
+                addr,
+                config.pipeline_slots,
+                Duration::from_millis(config.fragment_timeout_ms.max(1)),
+            )?));
+        }
+    }
     for i in 0..local {
         pipelines.push(Arc::new(LocalPipeline::new(
             PipelineId::new(config.node_id, i),

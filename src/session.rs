@@ -649,6 +649,9 @@ trait LoggableError {
 }
 impl LoggableError for datafusion::error::DataFusionError {
     fn log_fields(&self) -> (&'static str, String) {
+        if let Some(ours) = crate::error::find_ours(self) {
+            return (ours.sqlstate(), ours.message());
+        }
         let e = Error::from(clone_df_error(self));
         (e.sqlstate(), e.message())
     }

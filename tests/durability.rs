@@ -7,40 +7,19 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::SinkExt;
 use rand::{Rng, SeedableRng};
 
-use common::{connect, test_config, TestNode};
+use common::{connect, free_port, test_config, wait_ready, NodeProcess, TestNode};
 
 const BATCH_ROWS: usize = 300;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A node process that is killed (SIGKILL) when dropped, so a failing assertion does
-/// not leave it running.
-struct NodeProcess(Child);
-
-impl NodeProcess {
-    fn kill_9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
-
 /// `compact_ms` 0 turns compaction off (for a verifying start whose files must not move).
 fn start_node(dir: &Path, port: u16, compact_ms: u32) -> NodeProcess {
-    NodeProcess(Command::new(env!("CARGO_BIN_EXE_tidemark"))
+    NodeProcess::new(Command::new(env!("CARGO_BIN_EXE_tidemark"))
         .args(["serve", "--data-dir"])
         .arg(dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -50,21 +29,6 @@ fn start_node(dir: &Path, port: u16, compact_ms: u32) -> NodeProcess {
         .stderr(Stdio::null())
         .spawn()
         .expect("start tidemark"))
-}
-
-async fn wait_ready(port: u16) -> tokio_postgres::Client {
-    let url = format!("postgres://tidemark@127.0.0.1:{port}/tidemark");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            return c;
-        }
-        assert!(Instant::now() < deadline, "node did not start within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn batch_csv(batch: u32) -> String {

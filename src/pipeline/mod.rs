@@ -9,7 +9,9 @@
 //! Must never: let a fragment wait in an unbounded queue, or count a pipeline's
 //! request as finished before its stream ends.
 
+pub mod flight;
 pub mod local;
+pub mod remote;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;

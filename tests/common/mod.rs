@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tidemark::clock::Clock;
 use tidemark::config::Config;
@@ -144,5 +145,48 @@ print(json.dumps(out))
                 .collect()
         })
         .collect()
+}
+
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A node process that is killed (SIGKILL) when dropped, so a failing assertion does
+/// not leave it running.
+pub struct NodeProcess(std::process::Child);
+
+impl NodeProcess {
+    pub fn new(child: std::process::Child) -> NodeProcess {
+        NodeProcess(child)
+    }
+
+    pub fn kill_9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// Waits (at most 60 s) until a node answers on `port` and returns a client.
+pub async fn wait_ready(port: u16) -> tokio_postgres::Client {
+    let url = format!("postgres://tidemark@127.0.0.1:{port}/tidemark");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return c;
+        }
+        assert!(Instant::now() < deadline, "node did not start within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
