@@ -107,6 +107,20 @@ async fn a_gateway_runs_fragments_on_other_nodes() {
         .map(|p| p.stats().snapshot().completed)
         .sum();
     assert!(worked >= 6, "workers completed {worked} fragments");
+    // Garbage sent to a worker's internal port is refused with 22023; the worker goes on.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", n2.internal_addr().unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut flight = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
+    let garbage: [&[u8]; 4] = [b"", b"TMF1", b"TMF1\x02\x00\x00\x00{}not a plan", b"TMF1\x0b\x00\x00\x00{\"pipeline\":9}"];
+    for bad in garbage {
+        let err = flight.do_get(arrow_flight::Ticket { ticket: bytes::Bytes::copy_from_slice(bad) }).await.err().expect("refused");
+        assert!(err.message().starts_with("SQLSTATE 22023"), "{bad:?}: {err}");
+    }
+    let again = rows_of(&c, &qs[0]).await.unwrap();
+    assert_eq!(again.len(), 1);
     // A worker refuses writes: the segment store is not its own.
     let err = n2.storage().append(n2.catalog().get("usage").unwrap(), vec![]).await.unwrap_err();
     assert_eq!(err.sqlstate(), "25006");

@@ -143,3 +143,65 @@ impl Pipeline for LocalPipeline {
         Ok(Box::pin(TrackedStream::new(builder.build(), flight, permit)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::physical_plan::ExecutionPlan;
+    use futures::StreamExt;
+
+    fn fragment(rows: i64) -> Fragment {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from_iter_values(0..rows))]).unwrap();
+        let plan: Arc<dyn ExecutionPlan> =
+            datafusion::datasource::memory::MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None).unwrap();
+        Fragment { query_id: 1, shard: Some(0), plan }
+    }
+
+    #[tokio::test]
+    async fn slots_queue_and_counters() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let p = LocalPipeline::new(PipelineId::new(1, 0), 1, 0, store, 0).unwrap();
+        let ctx = Arc::new(TaskContext::default());
+        let held = p.run(fragment(3), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(p.stats().snapshot().in_flight, 1);
+        // One slot, taken; a queue of 0: the next fragment is refused, not parked.
+        let err = p.run(fragment(3), Arc::clone(&ctx)).await.err().expect("refused");
+        assert_eq!(err.sqlstate(), "53000", "{err}");
+        assert_eq!(p.stats().snapshot().queued, 0);
+        // Reading the stream to its end frees the slot and counts a completion.
+        let rows: usize = held.map(|b| b.unwrap().num_rows()).collect::<Vec<_>>().await.into_iter().sum();
+        assert_eq!(rows, 3);
+        let s = p.stats().snapshot();
+        assert_eq!((s.in_flight, s.completed), (0, 1));
+        assert!(s.p50_us.is_some());
+        // A dropped stream frees its slot too.
+        drop(p.run(fragment(5), Arc::clone(&ctx)).await.unwrap());
+        let again = p.run(fragment(2), ctx).await.unwrap();
+        assert_eq!(again.map(|b| b.unwrap().num_rows()).collect::<Vec<_>>().await.into_iter().sum::<usize>(), 2);
+    }
+
+    #[tokio::test]
+    async fn waiters_queue_up_to_the_limit() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let p = Arc::new(LocalPipeline::new(PipelineId::new(1, 0), 1, 1, store, 0).unwrap());
+        let ctx = Arc::new(TaskContext::default());
+        let held = p.run(fragment(1), Arc::clone(&ctx)).await.unwrap();
+        let (p2, c2) = (Arc::clone(&p), Arc::clone(&ctx));
+        let waiter = tokio::spawn(async move { p2.run(fragment(1), c2).await.map(|_| ()) });
+        for _ in 0..100 {
+            if p.stats().snapshot().queued == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(p.stats().snapshot().queued, 1);
+        assert_eq!(p.run(fragment(1), Arc::clone(&ctx)).await.err().expect("refused").sqlstate(), "53000");
+        drop(held);
+        waiter.await.unwrap().unwrap();
+        assert_eq!(p.stats().snapshot().queued, 0);
+    }
+}
