@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tidemark::config::Config;
 use tidemark::datagen::{entity_id, GenSpec, Generator};
 
-use common::{duckdb_rows, normalize, test_config, TestNode};
+use common::{duckdb_rows, normalize, random_query, test_config, TestNode};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 /// 2026-01-20 00:00:00 UTC: the generated data ends here.
 const END_US: i64 = 1_768_867_200_000_000;
@@ -128,48 +128,6 @@ async fn system_tables_show_pipelines_and_routing() {
     assert_eq!(p[1][5], "8");
 }
 
-/// A random predicate over the generated data's columns: shard-key equalities, IN
-/// lists, ORs, negations, service/operation filters and time ranges in several spellings.
-fn predicate(rng: &mut StdRng, depth: u32) -> String {
-    let e = |rng: &mut StdRng| entity_id(rng.random_range(0..220));
-    let day = |rng: &mut StdRng| format!("2026-01-{:02}", rng.random_range(8..21));
-    if depth > 0 && rng.random_bool(0.35) {
-        let a = predicate(rng, depth - 1);
-        let b = predicate(rng, depth - 1);
-        let op = if rng.random_bool(0.5) { "AND" } else { "OR" };
-        return format!("({a} {op} {b})");
-    }
-    match rng.random_range(0..12) {
-        0 | 1 => format!("entity_id = '{}'", e(rng)),
-        2 => {
-            let n = rng.random_range(1..5);
-            let list: Vec<String> = (0..n).map(|_| format!("'{}'", e(rng))).collect();
-            format!("entity_id IN ({})", list.join(", "))
-        }
-        3 => format!("(entity_id = '{}' OR entity_id = '{}')", e(rng), e(rng)),
-        4 => format!("NOT (entity_id = '{}')", e(rng)),
-        5 => format!("service = '{}'", ["storage", "compute", "network", "database", "queue"][rng.random_range(0..5)]),
-        6 => format!("event_time >= TIMESTAMP '{} 00:00:00'", day(rng)),
-        7 => format!("event_time < TIMESTAMP '{} 12:00:00'", day(rng)),
-        8 => format!("event_time BETWEEN TIMESTAMP '{} 06:00:00' AND TIMESTAMP '{} 18:30:00'", day(rng), day(rng)),
-        9 => format!("date_trunc('day', event_time) = TIMESTAMP '{} 00:00:00'", day(rng)),
-        10 => format!("quantity > {}", rng.random_range(0..50)),
-        _ => format!("CAST(entity_id AS VARCHAR) = '{}'", e(rng)),
-    }
-}
-
-fn query(rng: &mut StdRng) -> String {
-    let p = predicate(rng, 2);
-    match rng.random_range(0..6) {
-        0 => format!("SELECT count(*), sum(quantity), min(event_time), max(event_time) FROM usage WHERE {p}"),
-        1 => format!("SELECT entity_id, service, count(*), sum(quantity) FROM usage WHERE {p} GROUP BY 1, 2 ORDER BY 1, 2"),
-        2 => format!("SELECT record_id, quantity FROM usage WHERE {p} ORDER BY event_time DESC, record_id LIMIT 7"),
-        3 => format!("SELECT date_trunc('hour', event_time) AS h, sum(quantity) FROM usage WHERE {p} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5"),
-        4 => format!("SELECT count(DISTINCT entity_id), count(region) FROM usage WHERE {p}"),
-        _ => format!("SELECT service, operation, usage_type, sum(quantity) FROM usage WHERE {p} GROUP BY 1, 2, 3"),
-    }
-}
-
 /// The same few hundred queries give the same rows with one pipeline, with several
 /// (one slot each, two copies per shard), and in DuckDB over the same file (which
 /// prunes nothing): pruning and fragmenting never change an answer.
@@ -187,7 +145,7 @@ async fn results_do_not_depend_on_pipelines() {
     })
     .await;
     let mut rng = StdRng::seed_from_u64(42);
-    let qs: Vec<String> = (0..300).map(|_| query(&mut rng)).collect();
+    let qs: Vec<String> = (0..300).map(|_| random_query(&mut rng)).collect();
     let expected = duckdb_rows(&parquet, &qs);
     let (c1, c2) = (one.client().await, many.client().await);
     let mut nonempty = 0;
@@ -204,4 +162,24 @@ async fn results_do_not_depend_on_pipelines() {
         nonempty += usize::from(!a.is_empty() && a[0].iter().any(|v| v != "NULL" && v != "0"));
     }
     assert!(nonempty > 100, "too few queries select anything ({nonempty}); the generator needs fixing");
+}
+
+/// `$n` parameters are bound before routing: a prepared point query touches one shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_are_bound_before_routing() {
+    let (n, _) = loaded(|c| c.pipelines = Some(2)).await;
+    let c = n.client().await;
+    let stmt = c.prepare("SELECT count(*) FROM usage WHERE entity_id = $1 AND event_time >= $2").await.unwrap();
+    let since = chrono::NaiveDate::from_ymd_opt(2026, 1, 12).unwrap().and_hms_opt(0, 0, 0).unwrap();
+    for i in [5u32, 6, 7] {
+        let e = entity_id(i);
+        let row = c.query_one(&stmt, &[&e, &since]).await.unwrap();
+        assert!(row.get::<_, i64>(0) > 0);
+    }
+    let routed = rows_of(&c, "SELECT query_id, count(*), min(shard) FROM system.routing_decisions GROUP BY 1 ORDER BY 1").await;
+    let last3: Vec<_> = routed.iter().rev().take(3).rev().collect();
+    for (r, i) in last3.iter().zip([5u32, 6, 7]) {
+        assert_eq!(r[1], "1", "one fragment per execution: {routed:?}");
+        assert_eq!(r[2], tidemark::shard_map::shard_of(&entity_id(i), 8).to_string());
+    }
 }

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::Rng;
+
 use tidemark::clock::Clock;
 use tidemark::config::Config;
 use tidemark::frontend::Server;
@@ -187,6 +189,49 @@ pub async fn wait_ready(port: u16) -> tokio_postgres::Client {
         }
         assert!(Instant::now() < deadline, "node did not start within 60 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+
+/// A random predicate over the generated data's columns: shard-key equalities, IN
+/// lists, ORs, negations, service/operation filters and time ranges in several spellings.
+pub fn predicate(rng: &mut rand::rngs::StdRng, depth: u32) -> String {
+    let e = |rng: &mut rand::rngs::StdRng| tidemark::datagen::entity_id(rng.random_range(0..220));
+    let day = |rng: &mut rand::rngs::StdRng| format!("2026-01-{:02}", rng.random_range(8..21));
+    if depth > 0 && rng.random_bool(0.35) {
+        let a = predicate(rng, depth - 1);
+        let b = predicate(rng, depth - 1);
+        let op = if rng.random_bool(0.5) { "AND" } else { "OR" };
+        return format!("({a} {op} {b})");
+    }
+    match rng.random_range(0..12) {
+        0 | 1 => format!("entity_id = '{}'", e(rng)),
+        2 => {
+            let n = rng.random_range(1..5);
+            let list: Vec<String> = (0..n).map(|_| format!("'{}'", e(rng))).collect();
+            format!("entity_id IN ({})", list.join(", "))
+        }
+        3 => format!("(entity_id = '{}' OR entity_id = '{}')", e(rng), e(rng)),
+        4 => format!("NOT (entity_id = '{}')", e(rng)),
+        5 => format!("service = '{}'", ["storage", "compute", "network", "database", "queue"][rng.random_range(0..5)]),
+        6 => format!("event_time >= TIMESTAMP '{} 00:00:00'", day(rng)),
+        7 => format!("event_time < TIMESTAMP '{} 12:00:00'", day(rng)),
+        8 => format!("event_time BETWEEN TIMESTAMP '{} 06:00:00' AND TIMESTAMP '{} 18:30:00'", day(rng), day(rng)),
+        9 => format!("date_trunc('day', event_time) = TIMESTAMP '{} 00:00:00'", day(rng)),
+        10 => format!("quantity > {}", rng.random_range(0..50)),
+        _ => format!("CAST(entity_id AS VARCHAR) = '{}'", e(rng)),
+    }
+}
+
+pub fn random_query(rng: &mut rand::rngs::StdRng) -> String {
+    let p = predicate(rng, 2);
+    match rng.random_range(0..6) {
+        0 => format!("SELECT count(*), sum(quantity), min(event_time), max(event_time) FROM usage WHERE {p}"),
+        1 => format!("SELECT entity_id, service, count(*), sum(quantity) FROM usage WHERE {p} GROUP BY 1, 2 ORDER BY 1, 2"),
+        2 => format!("SELECT record_id, quantity FROM usage WHERE {p} ORDER BY event_time DESC, record_id LIMIT 7"),
+        3 => format!("SELECT date_trunc('hour', event_time) AS h, sum(quantity) FROM usage WHERE {p} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5"),
+        4 => format!("SELECT count(DISTINCT entity_id), count(region) FROM usage WHERE {p}"),
+        _ => format!("SELECT service, operation, usage_type, sum(quantity) FROM usage WHERE {p} GROUP BY 1, 2, 3"),
     }
 }
 
