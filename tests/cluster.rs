@@ -71,6 +71,9 @@ async fn a_gateway_runs_fragments_on_other_nodes() {
     let mut cfg = test_config(gw_dir.path());
     cfg.pipelines = Some(0);
     cfg.peer_pipelines = 2;
+    // Small writes wait in the gateway's write buffer; its rows are read in the gateway.
+    cfg.write_buffer_rows_max = 50_000;
+    cfg.write_buffer_flush_interval_ms = 3_600_000;
     cfg.peers = vec![format!("2={}", n2.internal_addr().unwrap()), format!("3={}", n3.internal_addr().unwrap())];
     let gw = TestNode::start_with(gw_dir, cfg).await;
     let parquet = load(&gw, 20_000).await;
@@ -110,6 +113,19 @@ async fn a_gateway_runs_fragments_on_other_nodes() {
         .map(|p| p.stats().snapshot().completed)
         .sum();
     assert!(worked >= 150, "workers completed {worked} fragments");
+    // A row still in the gateway's write buffer is seen at once (read-your-writes),
+    // together with the fragments' rows from the workers.
+    let before = rows_of(&c, &qs[0]).await.unwrap();
+    c.execute(
+        &format!("INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES ('new-1', '{e}', 'storage', 'GetObject', 'Requests', 2.5, '2026-01-19 10:00:00')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(gw.node.storage().view().1.rows == 1, "the row should wait in the write buffer");
+    let after = rows_of(&c, &qs[0]).await.unwrap();
+    let count = |r: &Vec<Vec<String>>| r[0][1].parse::<i64>().unwrap();
+    assert_eq!(count(&after), count(&before) + 1, "{before:?} -> {after:?}");
     // Garbage sent to a worker's internal port is refused with 22023; the worker goes on.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", n2.internal_addr().unwrap()))
         .unwrap()
