@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod frontend;
 
+pub mod forecast;
 pub mod fsutil;
 pub mod ingest;
 pub mod node;

@@ -32,6 +32,8 @@ enum Command {
         listen: Option<SocketAddr>,
         #[command(flatten)]
         cluster: ClusterFlags,
+        #[command(flatten)]
+        clock: ClockFlags,
     },
     /// Run a one-node Tidemark filled with generated usage data (generated on first run).
     Demo {
@@ -41,6 +43,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         shape: DataShape,
+        #[command(flatten)]
+        clock: ClockFlags,
     },
     /// Ingest Parquet files into a running node (COPY ... FROM STDIN, one statement per file).
     Ingest {
@@ -116,6 +120,27 @@ impl ClusterFlags {
     }
 }
 
+/// The clock: real time by default; accelerated for demos, tests and replays.
+#[derive(Args, Clone, Copy)]
+struct ClockFlags {
+    /// Clock seconds per real second (3600 makes one second one hour).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Where the clock starts (RFC 3339, e.g. 2026-01-05T00:00:00Z); default: now.
+    #[arg(long, value_parser = parse_instant)]
+    clock_start: Option<i64>,
+}
+
+fn parse_instant(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_micros()).map_err(|e| format!("{s:?} is not RFC 3339: {e}"))
+}
+
+impl ClockFlags {
+    fn clock(&self) -> anyhow::Result<Clock> {
+        Ok(Clock::from_settings(self.time_scale, self.clock_start)?)
+    }
+}
+
 /// The size and seed of generated data.
 #[derive(Args, Clone, Copy)]
 struct DataShape {
@@ -144,7 +169,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve { config, data_dir, listen, cluster } => {
+            Command::Serve { config, data_dir, listen, cluster, clock } => {
                 let mut cfg = Config::load(config.as_deref(), Config::env_from_process())?;
                 if let Some(d) = data_dir {
                     cfg.data_dir = d;
@@ -154,13 +179,13 @@ fn main() -> anyhow::Result<()> {
                 }
                 cluster.apply(&mut cfg);
                 cfg.validate()?;
-                serve(cfg, None).await
+                serve(cfg, None, clock.clock()?).await
             }
-            Command::Demo { data_dir, listen, shape } => {
+            Command::Demo { data_dir, listen, shape, clock } => {
                 let mut cfg = Config::load(None, Config::env_from_process())?;
                 cfg.data_dir = data_dir;
                 cfg.listen = listen;
-                serve(cfg, Some(shape)).await
+                serve(cfg, Some(shape), clock.clock()?).await
             }
             Command::Ingest { url, table, sources } => ingest(&url, &table, &sources).await,
             Command::Gen { out, shape, end } => gen(&out, shape, end.as_deref()),
@@ -178,8 +203,10 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-async fn serve(cfg: Config, demo: Option<DataShape>) -> anyhow::Result<()> {
-    let clock = Clock::real();
+async fn serve(cfg: Config, demo: Option<DataShape>, clock: Clock) -> anyhow::Result<()> {
+    if clock.scale() != 1.0 {
+        eprintln!("The clock runs {}x real time.", clock.scale());
+    }
     let node = Node::open(cfg.clone(), clock.clone()).await.context("starting the node")?;
     if let Some(spec) = demo {
         fill_demo(&node, &spec, &clock).await?;
