@@ -137,6 +137,7 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_INTERNAL_ADDR",
     "TIDEMARK_PEERS",
     "TIDEMARK_PIPELINES",
+    "TIDEMARK_PIPELINE_SLOTS",
 ];
 
 impl Config {
@@ -188,6 +189,7 @@ impl Config {
                 self.peers = value.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
             }
             "TIDEMARK_PIPELINES" => self.pipelines = Some(num(key, value)?),
+            "TIDEMARK_PIPELINE_SLOTS" => self.pipeline_slots = num(key, value)?,
             _ => {}
         }
         Ok(())
