@@ -83,6 +83,20 @@ pub struct Config {
     /// removes files there): for nodes that share another node's store until
     /// shards are replicated with Raft.
     pub segment_store_read_only: bool,
+    /// Width of a query-pattern / forecast bucket, in seconds (clock time).
+    pub forecast_bucket_secs: u64,
+    /// History the forecasts are fitted on, in days.
+    pub forecast_history_days: u64,
+    /// How far ahead forecasts go, in hours.
+    pub forecast_horizon_hours: u64,
+    /// (entity, service, operation) patterns forecast individually (the busiest).
+    pub forecast_patterns_max: usize,
+    /// Series refitted per forecast cycle at most (total, shards, then patterns).
+    pub forecast_series_per_cycle_max: usize,
+    /// Distinct patterns counted per bucket; further ones are aggregated as `*other*`.
+    pub pattern_keys_per_bucket_max: usize,
+    /// How often forecasts are refitted, in seconds of clock time; 0 = never.
+    pub forecast_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -117,6 +131,13 @@ impl Default for Config {
             fragment_timeout_ms: 30_000,
             routing_log_rows_max: 10_000,
             segment_store_read_only: false,
+            forecast_bucket_secs: 300,
+            forecast_history_days: 28,
+            forecast_horizon_hours: 24,
+            forecast_patterns_max: 20,
+            forecast_series_per_cycle_max: 64,
+            pattern_keys_per_bucket_max: 1000,
+            forecast_interval_secs: 300,
         }
     }
 }
@@ -216,6 +237,12 @@ impl Config {
         }
         if self.shard_replicas == 0 {
             return Err(Error::Config("shard_replicas must be positive".into()));
+        }
+        if self.forecast_bucket_secs == 0 || self.forecast_bucket_secs > 86_400 {
+            return Err(Error::Config(format!("forecast_bucket_secs must be in 1..=86400, got {}", self.forecast_bucket_secs)));
+        }
+        if self.forecast_history_days == 0 || self.forecast_horizon_hours == 0 {
+            return Err(Error::Config("forecast_history_days and forecast_horizon_hours must be positive".into()));
         }
         if self.routing_log_rows_max == 0 {
             return Err(Error::Config("routing_log_rows_max must be positive".into()));

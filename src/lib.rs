@@ -12,9 +12,11 @@ pub mod export;
 pub mod frontend;
 
 pub mod forecast;
+pub mod forecaster;
 pub mod fsutil;
 pub mod ingest;
 pub mod node;
+pub mod patterns;
 pub mod pipeline;
 pub mod planner;
 pub mod query_log;

@@ -18,6 +18,7 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use parking_lot::Mutex;
 
 use crate::catalog::Catalog;
+use crate::forecaster::{ForecastSettings, Forecaster};
 use crate::pipeline::flight::{FlightServer, FragmentService};
 use crate::pipeline::local::LocalPipeline;
 use crate::pipeline::remote::RemotePipeline;
@@ -40,6 +41,7 @@ pub const SERVER_VERSION: &str = "16.6";
 
 pub struct Node {
     config: Config,
+    forecaster: Arc<Forecaster>,
     /// The internal Flight service, when `internal_addr` is set.
     flight: Mutex<Option<FlightServer>>,
     cluster: Arc<Cluster>,
@@ -62,12 +64,25 @@ impl Node {
         let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let cluster = build_cluster(&config, &catalog, &storage, &clock)?;
-        let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster)?;
+        let forecaster = Arc::new(Forecaster::new(ForecastSettings {
+            bucket_secs: config.forecast_bucket_secs,
+            history_days: config.forecast_history_days,
+            horizon_hours: config.forecast_horizon_hours,
+            patterns_max: config.forecast_patterns_max,
+            pattern_keys_per_bucket_max: config.pattern_keys_per_bucket_max,
+            series_per_cycle_max: config.forecast_series_per_cycle_max,
+        }));
+        {
+            let f = Arc::clone(&forecaster);
+            query_log.set_observer(Arc::new(move |e| f.observe_entry(e)));
+        }
+        let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster, &forecaster)?;
         let flight = match config.internal_addr {
             Some(addr) => Some(FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster))).await?),
             None => None,
         };
         let node = Arc::new(Node {
+            forecaster,
             flight: Mutex::new(flight),
             cluster,
             background: Mutex::new(Vec::new()),
@@ -89,6 +104,13 @@ impl Node {
                 bg.push(storage::spawn_buffer_flusher(
                     Arc::clone(&node.storage),
                     Duration::from_millis(node.config.write_buffer_flush_interval_ms.max(10)),
+                ));
+            }
+            if node.config.forecast_interval_secs > 0 {
+                bg.push(crate::forecaster::spawn(
+                    Arc::clone(&node.forecaster),
+                    node.clock.clone(),
+                    Duration::from_secs(node.config.forecast_interval_secs),
                 ));
             }
             if node.config.compaction_interval_ms > 0 {
@@ -124,6 +146,9 @@ impl Node {
     /// The bound address of the internal Flight service.
     pub fn internal_addr(&self) -> Option<std::net::SocketAddr> {
         self.flight.lock().as_ref().map(|f| f.local_addr)
+    }
+    pub fn forecaster(&self) -> &Arc<Forecaster> {
+        &self.forecaster
     }
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
@@ -207,6 +232,7 @@ fn build_context(
     log: &Arc<QueryLog>,
     clock: &Clock,
     cluster: &Arc<Cluster>,
+    forecaster: &Arc<Forecaster>,
 ) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_default_catalog_and_schema(DATABASE, "public")
@@ -246,7 +272,7 @@ fn build_context(
         .ok_or_else(|| Error::Internal("default catalog missing".into()))?;
     db.register_schema(
         SYSTEM_SCHEMA,
-        Arc::new(SystemSchema::new(Arc::clone(storage), Arc::clone(log), Arc::clone(cluster))),
+        Arc::new(SystemSchema::new(Arc::clone(storage), Arc::clone(log), Arc::clone(cluster), Arc::clone(forecaster))),
     )?;
     datafusion_pg_catalog::pg_catalog::setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
         .map_err(|e| Error::from(*e))?;

@@ -240,7 +240,13 @@ pub struct QueryLog {
     dropped: AtomicU64,
     /// Serializes flushes so files are written in id order.
     flush_lock: Mutex<()>,
+    /// Sees every entry as it is recorded (the forecaster counts patterns).
+    observer: parking_lot::RwLock<Option<Observer>>,
 }
+
+/// A callback that sees each recorded entry; it must be cheap (it runs on the
+/// statement's task).
+pub type Observer = Arc<dyn Fn(&QueryLogEntry) + Send + Sync>;
 
 impl std::fmt::Debug for QueryLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -272,6 +278,7 @@ impl QueryLog {
             next_id: AtomicU64::new(next),
             dropped: AtomicU64::new(0),
             flush_lock: Mutex::new(()),
+            observer: parking_lot::RwLock::new(None),
         }))
     }
 
@@ -279,7 +286,15 @@ impl QueryLog {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Sets the callback that sees every entry from now on.
+    pub fn set_observer(&self, observer: Observer) {
+        *self.observer.write() = Some(observer);
+    }
+
     pub fn record(&self, e: QueryLogEntry) {
+        if let Some(o) = self.observer.read().as_ref() {
+            o(&e);
+        }
         let mut b = self.buffer.lock();
         if b.len() >= self.memory_rows_max {
             b.pop_front();

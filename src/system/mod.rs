@@ -26,6 +26,7 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::Error;
+use crate::forecaster::Forecaster;
 use crate::pipeline::Cluster;
 use crate::query_log::{self, QueryLog};
 use crate::storage::Storage;
@@ -39,7 +40,7 @@ pub struct SystemSchema {
 }
 
 impl SystemSchema {
-    pub fn new(storage: Arc<Storage>, log: Arc<QueryLog>, cluster: Arc<Cluster>) -> SystemSchema {
+    pub fn new(storage: Arc<Storage>, log: Arc<QueryLog>, cluster: Arc<Cluster>, forecaster: Arc<Forecaster>) -> SystemSchema {
         let mut tables: BTreeMap<&'static str, Arc<dyn TableProvider>> = BTreeMap::new();
         tables.insert("query_log", Arc::new(QueryLogTable { log }));
         let s = Arc::clone(&storage);
@@ -48,6 +49,13 @@ impl SystemSchema {
         tables.insert("shards", Arc::new(SnapshotTable { schema: shards_schema(), rows: Box::new(move || shards_batch(&s)) }));
         let c = Arc::clone(&cluster);
         tables.insert("pipelines", Arc::new(SnapshotTable { schema: pipelines_schema(), rows: Box::new(move || pipelines_batch(&c)) }));
+        let f = Arc::clone(&forecaster);
+        tables.insert("forecasts", Arc::new(SnapshotTable { schema: forecasts_schema(), rows: Box::new(move || forecasts_batch(&f)) }));
+        let f = forecaster;
+        tables.insert(
+            "query_patterns",
+            Arc::new(SnapshotTable { schema: patterns_schema(), rows: Box::new(move || patterns_batch(&f)) }),
+        );
         let c = cluster;
         tables.insert(
             "routing_decisions",
@@ -332,4 +340,70 @@ fn routing_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
         Arc::new(UInt32Array::from(r.iter().map(|x| x.attempt).collect::<Vec<_>>())),
     ];
     Ok(RecordBatch::try_new(routing_schema(), cols)?)
+}
+
+fn forecasts_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+    Arc::new(Schema::new(vec![
+        Field::new("scope", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("bucket_start", ts.clone(), false),
+        Field::new("predicted", DataType::Float64, false),
+        Field::new("lower", DataType::Float64, false),
+        Field::new("upper", DataType::Float64, false),
+        Field::new("lower_80", DataType::Float64, false),
+        Field::new("upper_80", DataType::Float64, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("fitted_at", ts, false),
+    ]))
+}
+
+/// `lower`/`upper` are the 95% interval; `lower_80`/`upper_80` the 80% one.
+fn forecasts_batch(f: &Forecaster) -> crate::error::Result<RecordBatch> {
+    let latest = f.latest();
+    let r = &latest.rows;
+    let f64s = |g: &dyn Fn(&crate::forecaster::ForecastRow) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from(r.iter().map(g).collect::<Vec<_>>()))
+    };
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(r.iter().map(|x| x.scope).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.key.as_str()).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(r.iter().map(|x| x.bucket_start_us).collect::<Vec<_>>())),
+        f64s(&|x| x.predicted),
+        f64s(&|x| x.lower95),
+        f64s(&|x| x.upper95),
+        f64s(&|x| x.lower80),
+        f64s(&|x| x.upper80),
+        Arc::new(StringArray::from(r.iter().map(|x| x.model.as_str()).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(r.iter().map(|x| x.fitted_at_us).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(forecasts_schema(), cols)?)
+}
+
+fn patterns_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+    Arc::new(Schema::new(vec![
+        Field::new("entity_id", DataType::Utf8, false),
+        Field::new("service", DataType::Utf8, true),
+        Field::new("operation", DataType::Utf8, true),
+        Field::new("interval_start", ts.clone(), false),
+        Field::new("interval_end", ts, false),
+        Field::new("probability", DataType::Float64, false),
+        Field::new("expected_queries", DataType::Float64, false),
+    ]))
+}
+
+fn patterns_batch(f: &Forecaster) -> crate::error::Result<RecordBatch> {
+    let latest = f.latest();
+    let p = &latest.patterns;
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(p.iter().map(|x| x.entity_id.as_str()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(p.iter().map(|x| x.service.as_deref()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(p.iter().map(|x| x.operation.as_deref()).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(p.iter().map(|x| x.interval_start_us).collect::<Vec<_>>())),
+        Arc::new(TimestampMicrosecondArray::from(p.iter().map(|x| x.interval_end_us).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(p.iter().map(|x| x.probability).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(p.iter().map(|x| x.expected_queries).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(patterns_schema(), cols)?)
 }

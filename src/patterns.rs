@@ -1,0 +1,224 @@
+//! Query patterns: the query log counted into time buckets, per shard and per
+//! (entity, service, operation), so that load can be forecast.
+//!
+//! Owns: [`PatternCounter`], the bounded in-memory counts. Pure: no IO, no clock (the
+//! caller passes each query's start time). Must never: grow without bound. The bounds:
+//! at most `buckets_max` buckets are kept (the oldest go first); within a bucket at
+//! most `patterns_max` distinct (entity, service, operation) keys are counted
+//! individually, and queries of further keys are added to one aggregate key per bucket
+//! whose entity is [`OTHER`]. Per-shard counts are bounded by the shard count.
+//! Memory is therefore O(buckets_max x (shards + patterns_max)).
+//!
+//! A query counts once for its pattern and once for every shard it touched (a fan-out
+//! query loads every shard). Queries that name no single entity count under entity
+//! [`ALL`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// The entity of queries that did not name exactly one entity.
+pub const ALL: &str = "*";
+/// The entity of patterns beyond the per-bucket bound.
+pub const OTHER: &str = "*other*";
+
+/// (entity, service, operation); `None` service/operation = any.
+pub type PatternKey = (String, Option<String>, Option<String>);
+
+/// What one query contributes.
+#[derive(Debug, Clone, Default)]
+pub struct Observation<'a> {
+    pub start_us: i64,
+    pub shards: &'a [u32],
+    pub entity: Option<&'a str>,
+    pub service: Option<&'a str>,
+    pub operation: Option<&'a str>,
+    /// Busy time in microseconds (duration of the statement).
+    pub busy_us: i64,
+    pub rows: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Cost {
+    pub queries: f64,
+    pub busy_us: f64,
+    pub rows: f64,
+}
+
+impl Cost {
+    fn add(&mut self, o: &Observation<'_>) {
+        self.queries += 1.0;
+        self.busy_us += o.busy_us.max(0) as f64;
+        self.rows += o.rows as f64;
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Bucket {
+    start_us: i64,
+    total: Cost,
+    shards: BTreeMap<u32, Cost>,
+    patterns: BTreeMap<PatternKey, Cost>,
+}
+
+/// The scopes a series can be read for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Total,
+    Shard(u32),
+    Pattern(PatternKey),
+}
+
+#[derive(Debug)]
+pub struct PatternCounter {
+    bucket_us: i64,
+    buckets_max: usize,
+    patterns_max: usize,
+    buckets: VecDeque<Bucket>,
+}
+
+impl PatternCounter {
+    pub fn new(bucket_secs: u64, buckets_max: usize, patterns_max: usize) -> PatternCounter {
+        PatternCounter {
+            bucket_us: (bucket_secs.max(1) as i64) * 1_000_000,
+            buckets_max: buckets_max.max(1),
+            patterns_max,
+            buckets: VecDeque::new(),
+        }
+    }
+
+    pub fn bucket_us(&self) -> i64 {
+        self.bucket_us
+    }
+
+    /// The start of the bucket holding `t_us`.
+    pub fn bucket_start(&self, t_us: i64) -> i64 {
+        t_us.div_euclid(self.bucket_us) * self.bucket_us
+    }
+
+    pub fn observe(&mut self, o: &Observation<'_>) {
+        let start = self.bucket_start(o.start_us);
+        let idx = match self.buckets.binary_search_by_key(&start, |b| b.start_us) {
+            Ok(i) => i,
+            Err(i) => {
+                // Too old to keep: older than everything while the window is full.
+                if i == 0 && self.buckets.len() >= self.buckets_max {
+                    return;
+                }
+                self.buckets.insert(i, Bucket { start_us: start, ..Default::default() });
+                let mut i = i;
+                while self.buckets.len() > self.buckets_max {
+                    self.buckets.pop_front();
+                    i = i.saturating_sub(1);
+                }
+                i
+            }
+        };
+        let patterns_max = self.patterns_max;
+        let b = &mut self.buckets[idx];
+        b.total.add(o);
+        for s in o.shards {
+            b.shards.entry(*s).or_default().add(o);
+        }
+        let key: PatternKey = (
+            o.entity.unwrap_or(ALL).to_string(),
+            o.service.map(str::to_string),
+            o.operation.map(str::to_string),
+        );
+        let key = if b.patterns.contains_key(&key) || b.patterns.len() < patterns_max {
+            key
+        } else {
+            (OTHER.to_string(), None, None)
+        };
+        b.patterns.entry(key).or_default().add(o);
+    }
+
+    /// Query counts of `scope` for the `n` buckets ending with (and including) the
+    /// bucket that starts at `last_start_us`; zeros where nothing was counted.
+    pub fn series(&self, scope: &Scope, last_start_us: i64, n: usize) -> Vec<f64> {
+        let first = last_start_us - (n as i64 - 1) * self.bucket_us;
+        let mut out = vec![0.0; n];
+        for b in self.buckets.iter().filter(|b| b.start_us >= first && b.start_us <= last_start_us) {
+            let i = ((b.start_us - first) / self.bucket_us) as usize;
+            out[i] = match scope {
+                Scope::Total => b.total.queries,
+                Scope::Shard(s) => b.shards.get(s).map_or(0.0, |c| c.queries),
+                Scope::Pattern(k) => b.patterns.get(k).map_or(0.0, |c| c.queries),
+            };
+        }
+        out
+    }
+
+    /// Every scope seen in the buckets from `since_us` on, busiest first (by queries),
+    /// at most `limit` patterns (the total and all shards are always included).
+    pub fn scopes(&self, since_us: i64, patterns_limit: usize) -> Vec<Scope> {
+        let mut shards: BTreeMap<u32, f64> = BTreeMap::new();
+        let mut patterns: BTreeMap<PatternKey, f64> = BTreeMap::new();
+        for b in self.buckets.iter().filter(|b| b.start_us >= since_us) {
+            for (s, c) in &b.shards {
+                *shards.entry(*s).or_default() += c.queries;
+            }
+            for (k, c) in &b.patterns {
+                *patterns.entry(k.clone()).or_default() += c.queries;
+            }
+        }
+        let mut p: Vec<(PatternKey, f64)> = patterns.into_iter().collect();
+        p.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut out = vec![Scope::Total];
+        out.extend(shards.into_keys().map(Scope::Shard));
+        out.extend(p.into_iter().take(patterns_limit).map(|(k, _)| Scope::Pattern(k)));
+        out
+    }
+
+    /// Start of the newest bucket, if any.
+    pub fn newest(&self) -> Option<i64> {
+        self.buckets.back().map(|b| b.start_us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(t: i64, shards: &[u32], entity: Option<&'static str>) -> Observation<'static> {
+        let shards: &'static [u32] = Box::leak(shards.to_vec().into_boxed_slice());
+        Observation { start_us: t, shards, entity, service: Some("storage"), operation: None, busy_us: 100, rows: 1 }
+    }
+
+    #[test]
+    fn counts_per_bucket_scope_and_pattern() {
+        let mut c = PatternCounter::new(300, 100, 10);
+        let m = 300_000_000; // one bucket in µs
+        c.observe(&obs(10, &[1], Some("a")));
+        c.observe(&obs(20, &[1], Some("a")));
+        c.observe(&obs(m + 5, &[0, 1, 2], None));
+        assert_eq!(c.series(&Scope::Total, m, 2), vec![2.0, 1.0]);
+        assert_eq!(c.series(&Scope::Shard(1), m, 2), vec![2.0, 1.0]);
+        assert_eq!(c.series(&Scope::Shard(2), m, 3), vec![0.0, 0.0, 1.0]);
+        let a: PatternKey = ("a".into(), Some("storage".into()), None);
+        assert_eq!(c.series(&Scope::Pattern(a.clone()), m, 2), vec![2.0, 0.0]);
+        let all: PatternKey = (ALL.into(), Some("storage".into()), None);
+        assert_eq!(c.series(&Scope::Pattern(all), m, 2), vec![0.0, 1.0]);
+        let scopes = c.scopes(0, 1);
+        assert_eq!(scopes[0], Scope::Total);
+        assert_eq!(scopes.last(), Some(&Scope::Pattern(a)));
+        assert_eq!(scopes.len(), 1 + 3 + 1);
+    }
+
+    #[test]
+    fn bounded_buckets_and_patterns() {
+        let mut c = PatternCounter::new(60, 3, 2);
+        for b in 0..5 {
+            c.observe(&obs(b * 60_000_000, &[0], Some("x")));
+        }
+        // Only the newest 3 buckets are kept; an observation older than all is dropped.
+        assert_eq!(c.series(&Scope::Total, 4 * 60_000_000, 5), vec![0.0, 0.0, 1.0, 1.0, 1.0]);
+        c.observe(&obs(0, &[0], Some("x")));
+        assert_eq!(c.series(&Scope::Total, 4 * 60_000_000, 5), vec![0.0, 0.0, 1.0, 1.0, 1.0]);
+        // Beyond two patterns per bucket, queries go to *other*.
+        for e in ["p", "q", "r", "s"] {
+            c.observe(&Observation { entity: Some(e), ..obs(4 * 60_000_000 + 1, &[0], None) });
+        }
+        let other: PatternKey = (OTHER.into(), None, None);
+        assert_eq!(c.series(&Scope::Pattern(other), 4 * 60_000_000, 1), vec![3.0]);
+        assert_eq!(c.series(&Scope::Total, 4 * 60_000_000, 1), vec![5.0]);
+    }
+}

@@ -1,0 +1,97 @@
+//! Query patterns and forecasts over SQL: statements are counted as they are logged,
+//! a forecast cycle fits them, and system.forecasts / system.query_patterns show the
+//! result.
+
+mod common;
+
+use std::sync::Arc;
+
+use tidemark::clock::Clock;
+use tidemark::frontend::Server;
+use tidemark::node::Node;
+use tidemark::patterns::Observation;
+
+use common::{connect, test_config};
+
+/// 2026-01-26T00:00:00Z, a Monday: the end of the history and the forecast origin.
+const NOW_US: i64 = 1_769_385_600_000_000;
+const HOUR_US: i64 = 3_600_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forecasts_and_patterns_are_queryable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.forecast_bucket_secs = 3600;
+    cfg.forecast_interval_secs = 0; // cycles run when the test says
+    // Statements run over SQL are logged 12 hours before the end of the history.
+    let node = Node::open(cfg, Clock::fixed(NOW_US - 12 * HOUR_US)).await.unwrap();
+    let server = Server::start(Arc::clone(&node), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let c = connect(&format!("postgres://tidemark@127.0.0.1:{}/tidemark", server.local_addr.port())).await;
+
+    // Three weeks of history: hourly queries peaking at 15:00 UTC.
+    let start = NOW_US - 21 * 24 * HOUR_US;
+    for h in 0..21 * 24 {
+        let hour = h % 24;
+        let n = 4 + if (13..=17).contains(&hour) { 24 - 6 * (hour - 15i64).abs() } else { 0 };
+        for q in 0..n {
+            node.forecaster().observe(&Observation {
+                start_us: start + h * HOUR_US + q,
+                shards: &[(q % 8) as u32],
+                entity: Some(if q % 4 == 0 { "acct-00002" } else { "acct-00001" }),
+                service: Some("storage"),
+                operation: Some("GetObject"),
+                busy_us: 800,
+                rows: 1,
+            });
+        }
+    }
+    // Real statements are counted too (at the fixed clock's instant).
+    for _ in 0..3 {
+        c.simple_query("SELECT count(*) FROM usage WHERE entity_id = 'acct-00009' AND service = 'network'").await.unwrap();
+    }
+    let fitted = node.forecaster().run_once(NOW_US + 1);
+    assert!(fitted >= 1 + 8 + 2, "fitted {fitted} series");
+
+    let rows = c
+        .simple_query("SELECT CAST(extract(hour FROM bucket_start) AS INT), model FROM system.forecasts WHERE scope = 'total' ORDER BY predicted DESC LIMIT 1")
+        .await
+        .unwrap();
+    let peak: Vec<(String, String)> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((r.get(0).unwrap().to_string(), r.get(1).unwrap().to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(peak.len(), 1);
+    assert_eq!(peak[0].0, "15", "{peak:?}");
+    assert!(peak[0].1.starts_with("mstl"), "{peak:?}");
+
+    let share: f64 = c
+        .query_one(
+            "SELECT avg(probability) FROM system.query_patterns WHERE entity_id = 'acct-00001' AND service = 'storage' AND operation = 'GetObject'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((0.65..0.85).contains(&share), "share {share}");
+    // The statements run over SQL became a pattern of their own.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM system.query_patterns WHERE entity_id = 'acct-00009' AND service = 'network'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n > 0);
+    // Intervals are ordered, and every shard has a forecast.
+    let bad: i64 = c
+        .query_one("SELECT count(*) FROM system.forecasts WHERE NOT (lower <= lower_80 AND lower_80 <= predicted AND predicted <= upper_80 AND upper_80 <= upper)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+    let shards: i64 = c.query_one("SELECT count(DISTINCT key) FROM system.forecasts WHERE scope = 'shard'", &[]).await.unwrap().get(0);
+    assert_eq!(shards, 8);
+    server.stop();
+    node.shutdown();
+}
