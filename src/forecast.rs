@@ -192,7 +192,8 @@ pub fn seasonal_naive(history: &[f64], period: usize, horizon: usize) -> Vec<f64
     (0..horizon).map(|h| history[base + h % period]).collect()
 }
 
-fn seasonal_naive_prediction(y: &[f64], period: usize, horizon: usize) -> Prediction {
+/// The seasonal naive forecast with intervals from the spread of one-season differences.
+pub fn seasonal_naive_prediction(y: &[f64], period: usize, horizon: usize) -> Prediction {
     let point = seasonal_naive(y, period, horizon);
     // The spread of one-season-ahead errors, widened with the number of seasons ahead.
     let diffs: Vec<f64> = (period..y.len()).map(|i| y[i] - y[i - period]).collect();

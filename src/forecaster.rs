@@ -71,10 +71,64 @@ pub struct PatternRow {
     pub expected_queries: f64,
 }
 
+/// How well one scope's forecasts at one horizon did, as `system.forecast_accuracy`
+/// shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccuracyRow {
+    pub scope: &'static str,
+    pub key: String,
+    /// Buckets ahead of the forecast's origin (1 = the next bucket).
+    pub horizon_buckets: u32,
+    pub points: u64,
+    /// Mean absolute error over that of the weekly seasonal naive forecast on the same
+    /// buckets (below 1 beats it).
+    pub mase: Option<f64>,
+    pub wape: Option<f64>,
+    pub coverage_80: f64,
+    pub coverage_95: f64,
+    /// The scope's forecasts are now the weekly seasonal naive forecast, because the
+    /// model's next-bucket MASE was above 1.
+    pub replaced_by_naive: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct Forecasts {
     pub rows: Vec<ForecastRow>,
     pub patterns: Vec<PatternRow>,
+    pub accuracy: Vec<AccuracyRow>,
+}
+
+/// A forecast value waiting for its bucket to complete.
+#[derive(Debug, Clone)]
+struct Pending {
+    scope: Scope,
+    horizon_buckets: u32,
+    bucket_start_us: i64,
+    predicted: f64,
+    band80: (f64, f64),
+    band95: (f64, f64),
+}
+
+#[derive(Debug, Default, Clone)]
+struct Acc {
+    points: u64,
+    abs_err: f64,
+    abs_naive: f64,
+    abs_actual: f64,
+    in80: u64,
+    in95: u64,
+}
+
+/// Forecast values waiting for their actuals, at most (older ones are dropped).
+const PENDING_MAX: usize = 200_000;
+/// Next-bucket points a scope needs before its model can be judged worse than naive.
+const JUDGE_POINTS_MIN: u64 = 12;
+
+#[derive(Debug, Default)]
+struct Tracking {
+    pending: std::collections::VecDeque<Pending>,
+    acc: std::collections::BTreeMap<(Scope, u32), Acc>,
+    replaced: std::collections::BTreeSet<Scope>,
 }
 
 #[derive(Debug)]
@@ -82,13 +136,14 @@ pub struct Forecaster {
     settings: ForecastSettings,
     counter: Mutex<PatternCounter>,
     latest: RwLock<Arc<Forecasts>>,
+    tracking: Mutex<Tracking>,
 }
 
 impl Forecaster {
     pub fn new(settings: ForecastSettings) -> Forecaster {
         let buckets = (settings.history_days * 86_400 / settings.bucket_secs.max(1)) as usize + 1;
         let counter = PatternCounter::new(settings.bucket_secs, buckets, settings.pattern_keys_per_bucket_max);
-        Forecaster { settings, counter: Mutex::new(counter), latest: RwLock::default() }
+        Forecaster { settings, counter: Mutex::new(counter), latest: RwLock::default(), tracking: Mutex::default() }
     }
 
     pub fn settings(&self) -> &ForecastSettings {
@@ -127,7 +182,7 @@ impl Forecaster {
     /// `now_us` and publishes their forecasts; returns how many series were fitted.
     pub fn run_once(&self, now_us: i64) -> usize {
         let s = &self.settings;
-        let (bucket_us, last, scopes, histories) = {
+        let (bucket_us, last, scopes, histories, replaced) = {
             let c = self.counter.lock();
             let bucket_us = c.bucket_us();
             let last = c.bucket_start(now_us) - bucket_us;
@@ -149,22 +204,69 @@ impl Forecaster {
                     full[first.min(total_first)..].to_vec()
                 })
                 .collect();
-            (bucket_us, last, scopes, histories)
+            // Actuals for forecasts whose buckets are complete (up to `last`).
+            let mut t = self.tracking.lock();
+            let week = 7 * 86_400_000_000 / bucket_us;
+            let mut keep = std::collections::VecDeque::new();
+            for p in t.pending.drain(..).collect::<Vec<_>>() {
+                if p.bucket_start_us > last {
+                    keep.push_back(p);
+                    continue;
+                }
+                let actual = c.series(&p.scope, p.bucket_start_us, 1)[0];
+                let naive = c.series(&p.scope, p.bucket_start_us - week * bucket_us, 1)[0];
+                let a = t.acc.entry((p.scope.clone(), p.horizon_buckets)).or_default();
+                a.points += 1;
+                a.abs_err += (actual - p.predicted).abs();
+                a.abs_naive += (actual - naive).abs();
+                a.abs_actual += actual.abs();
+                a.in80 += u64::from(actual >= p.band80.0 && actual <= p.band80.1);
+                a.in95 += u64::from(actual >= p.band95.0 && actual <= p.band95.1);
+            }
+            t.pending = keep;
+            let judged: Vec<Scope> = t
+                .acc
+                .iter()
+                .filter(|((_, h), a)| *h == 1 && a.points >= JUDGE_POINTS_MIN && a.abs_err > a.abs_naive)
+                .map(|((scope, _), _)| scope.clone())
+                .collect();
+            t.replaced.extend(judged);
+            let replaced = t.replaced.clone();
+            drop(t);
+            (bucket_us, last, scopes, histories, replaced)
         };
         let horizon = (s.horizon_hours * 3600 / s.bucket_secs.max(1)) as usize;
         let mut rows = Vec::new();
         let mut totals: Vec<f64> = Vec::new();
         let mut pattern_preds: Vec<(crate::patterns::PatternKey, forecast::Prediction)> = Vec::new();
+        let (_, week_buckets) = forecast::periods(s.bucket_secs);
+        let step_hour = ((3600 / s.bucket_secs.max(1)) as usize).max(1);
+        let track_at: Vec<usize> = {
+            let mut v = vec![1, step_hour, horizon];
+            v.retain(|h| *h >= 1 && *h <= horizon);
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let mut new_pending = Vec::new();
         for (scope, history) in scopes.iter().zip(&histories) {
-            let p = forecast::predict(history, s.bucket_secs, horizon);
-            let (scope_name, key) = match scope {
-                Scope::Total => ("total", String::new()),
-                Scope::Shard(n) => ("shard", n.to_string()),
-                Scope::Pattern((e, sv, op)) => (
-                    "pattern",
-                    format!("{e}/{}/{}", sv.as_deref().unwrap_or("*"), op.as_deref().unwrap_or("*")),
-                ),
-            };
+            let mut p = forecast::predict(history, s.bucket_secs, horizon);
+            if replaced.contains(scope) && history.len() >= week_buckets {
+                let was = p.model.name();
+                p = forecast::seasonal_naive_prediction(history, week_buckets, horizon);
+                tracing::debug!(?scope, replaced = %was, "forecast replaced by weekly seasonal naive");
+            }
+            for h in &track_at {
+                new_pending.push(Pending {
+                    scope: scope.clone(),
+                    horizon_buckets: *h as u32,
+                    bucket_start_us: last + *h as i64 * bucket_us,
+                    predicted: p.point[h - 1],
+                    band80: (p.lower80[h - 1], p.upper80[h - 1]),
+                    band95: (p.lower95[h - 1], p.upper95[h - 1]),
+                });
+            }
+            let (scope_name, key) = scope_label(scope);
             for h in 0..horizon {
                 rows.push(ForecastRow {
                     scope: scope_name,
@@ -202,9 +304,49 @@ impl Forecaster {
                 });
             }
         }
+        let accuracy = {
+            let mut t = self.tracking.lock();
+            t.pending.extend(new_pending);
+            while t.pending.len() > PENDING_MAX {
+                t.pending.pop_front();
+            }
+            let replaced = t.replaced.clone();
+            t.acc
+                .iter()
+                .map(|((scope, h), a)| {
+                    let (scope_name, key) = scope_label(scope);
+                    AccuracyRow {
+                        scope: scope_name,
+                        key,
+                        horizon_buckets: *h,
+                        points: a.points,
+                        mase: match (a.abs_naive > 0.0, a.abs_err > 0.0) {
+                            (true, _) => Some(a.abs_err / a.abs_naive),
+                            (false, true) => Some(f64::INFINITY),
+                            (false, false) => None,
+                        },
+                        wape: (a.abs_actual > 0.0).then(|| a.abs_err / a.abs_actual),
+                        coverage_80: a.in80 as f64 / a.points.max(1) as f64,
+                        coverage_95: a.in95 as f64 / a.points.max(1) as f64,
+                        replaced_by_naive: replaced.contains(scope),
+                    }
+                })
+                .collect()
+        };
         let fitted = scopes.len();
-        *self.latest.write() = Arc::new(Forecasts { rows, patterns });
+        *self.latest.write() = Arc::new(Forecasts { rows, patterns, accuracy });
         fitted
+    }
+}
+
+/// The scope's name and key as the system tables show them.
+fn scope_label(scope: &Scope) -> (&'static str, String) {
+    match scope {
+        Scope::Total => ("total", String::new()),
+        Scope::Shard(n) => ("shard", n.to_string()),
+        Scope::Pattern((e, sv, op)) => {
+            ("pattern", format!("{e}/{}/{}", sv.as_deref().unwrap_or("*"), op.as_deref().unwrap_or("*")))
+        }
     }
 }
 
@@ -261,6 +403,41 @@ mod tests {
         let busy: f64 = latest.patterns.iter().filter(|p| p.entity_id == "busy").map(|p| p.probability).sum::<f64>() / 24.0;
         assert!((0.7..0.9).contains(&busy), "busy's share {busy}");
         assert!(latest.rows.iter().any(|r| r.scope == "shard" && r.key == "3"));
+    }
+
+    /// Twelve days of history (no weekly model yet) that are busy on weekdays and quiet
+    /// at weekends: the daily-only model overshoots the weekend, the weekly seasonal
+    /// naive forecast does not, so after a dozen hours the scope is replaced by it.
+    #[test]
+    fn a_forecast_worse_than_seasonal_naive_is_replaced() {
+        let settings = ForecastSettings { bucket_secs: 3600, horizon_hours: 24, ..Default::default() };
+        let f = Forecaster::new(settings);
+        let day0 = 1_767_571_200_000_000i64; // Monday 2026-01-05
+        let hour = 3_600_000_000i64;
+        let load = |h: i64| if (h / 24) % 7 >= 5 { 2 + (h / 168) % 2 } else { 20 };
+        let observe = |h: i64| {
+            for q in 0..load(h) {
+                f.observe(&Observation { start_us: day0 + h * hour + q, shards: &[0], entity: Some("e"), ..Default::default() });
+            }
+        };
+        for h in 0..12 * 24 {
+            observe(h);
+        }
+        for h in 12 * 24..14 * 24 {
+            f.run_once(day0 + h * hour + 1);
+            observe(h);
+        }
+        f.run_once(day0 + 14 * 24 * hour + 1);
+        let latest = f.latest();
+        let total = latest.accuracy.iter().find(|a| a.scope == "total" && a.horizon_buckets == 1).expect("accuracy row");
+        assert!(total.points >= 24, "{total:?}");
+        assert!(total.mase.unwrap() > 1.0, "{total:?}");
+        assert!(total.replaced_by_naive, "{total:?}");
+        let models: std::collections::BTreeSet<&str> =
+            latest.rows.iter().filter(|r| r.scope == "total").map(|r| r.model.as_str()).collect();
+        assert_eq!(models.into_iter().collect::<Vec<_>>(), vec!["seasonal_naive[168]"]);
+        // Horizons tracked: next bucket, next hour (the same here) and a day ahead.
+        assert!(latest.accuracy.iter().any(|a| a.horizon_buckets == 24));
     }
 
     #[test]

@@ -92,6 +92,25 @@ async fn forecasts_and_patterns_are_queryable() {
     assert_eq!(bad, 0);
     let shards: i64 = c.query_one("SELECT count(DISTINCT key) FROM system.forecasts WHERE scope = 'shard'", &[]).await.unwrap().get(0);
     assert_eq!(shards, 8);
+    // A second cycle an hour later judges the first one's next-bucket forecasts.
+    for q in 0..20i64 {
+        node.forecaster().observe(&Observation {
+            start_us: NOW_US + q,
+            shards: &[0],
+            entity: Some("acct-00001"),
+            service: Some("storage"),
+            operation: Some("GetObject"),
+            busy_us: 800,
+            rows: 1,
+        });
+    }
+    node.forecaster().run_once(NOW_US + HOUR_US + 1);
+    let points: i64 = c
+        .query_one("SELECT CAST(points AS BIGINT) FROM system.forecast_accuracy WHERE scope = 'total' AND horizon_buckets = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(points, 1);
     server.stop();
     node.shutdown();
 }

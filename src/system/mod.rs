@@ -51,6 +51,11 @@ impl SystemSchema {
         tables.insert("pipelines", Arc::new(SnapshotTable { schema: pipelines_schema(), rows: Box::new(move || pipelines_batch(&c)) }));
         let f = Arc::clone(&forecaster);
         tables.insert("forecasts", Arc::new(SnapshotTable { schema: forecasts_schema(), rows: Box::new(move || forecasts_batch(&f)) }));
+        let f = Arc::clone(&forecaster);
+        tables.insert(
+            "forecast_accuracy",
+            Arc::new(SnapshotTable { schema: accuracy_schema(), rows: Box::new(move || accuracy_batch(&f)) }),
+        );
         let f = forecaster;
         tables.insert(
             "query_patterns",
@@ -406,4 +411,35 @@ fn patterns_batch(f: &Forecaster) -> crate::error::Result<RecordBatch> {
         Arc::new(Float64Array::from(p.iter().map(|x| x.expected_queries).collect::<Vec<_>>())),
     ];
     Ok(RecordBatch::try_new(patterns_schema(), cols)?)
+}
+
+fn accuracy_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("scope", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("horizon_buckets", DataType::UInt32, false),
+        Field::new("points", DataType::UInt64, false),
+        Field::new("mase", DataType::Float64, true),
+        Field::new("wape", DataType::Float64, true),
+        Field::new("coverage_80", DataType::Float64, false),
+        Field::new("coverage_95", DataType::Float64, false),
+        Field::new("replaced_by_naive", DataType::Boolean, false),
+    ]))
+}
+
+fn accuracy_batch(f: &Forecaster) -> crate::error::Result<RecordBatch> {
+    let latest = f.latest();
+    let a = &latest.accuracy;
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(a.iter().map(|x| x.scope).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(a.iter().map(|x| x.key.as_str()).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(a.iter().map(|x| x.horizon_buckets).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(a.iter().map(|x| x.points).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(a.iter().map(|x| x.mase).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(a.iter().map(|x| x.wape).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(a.iter().map(|x| x.coverage_80).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(a.iter().map(|x| x.coverage_95).collect::<Vec<_>>())),
+        Arc::new(BooleanArray::from(a.iter().map(|x| x.replaced_by_naive).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(accuracy_schema(), cols)?)
 }
