@@ -131,19 +131,175 @@ struct Tracking {
     replaced: std::collections::BTreeSet<Scope>,
 }
 
+/// A known future event (a campaign) that scales the forecast of one scope in a window.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    pub name: String,
+    /// `total`, `shard` or `pattern`.
+    pub scope: String,
+    /// Empty for `total`; the shard number; or `entity/service/operation` (`*` = any)
+    /// for a pattern, as `system.forecasts` spells keys.
+    pub key: String,
+    pub starts_at_us: i64,
+    pub ends_at_us: i64,
+    pub multiplier: f64,
+    pub created_at_us: i64,
+}
+
+/// Events kept at most.
+pub const EVENTS_MAX: usize = 10_000;
+
+impl Event {
+    /// Checks an event before it is stored: a known scope with a well-formed key, a
+    /// window that ends after `now_us` and after it starts, a finite non-negative
+    /// multiplier.
+    pub fn validate(&self, now_us: i64) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::InvalidParameter(format!("event {:?}: {m}", self.name)));
+        match self.scope.as_str() {
+            "total" if !self.key.is_empty() => return bad("scope total takes no key".into()),
+            "total" => {}
+            "shard" if self.key.parse::<u32>().is_err() => return bad(format!("shard key must be a shard number, got {:?}", self.key)),
+            "shard" => {}
+            "pattern" if self.key.split('/').count() != 3 => {
+                return bad(format!("pattern key must be entity/service/operation (* for any), got {:?}", self.key))
+            }
+            "pattern" => {}
+            other => return bad(format!("unknown scope {other:?} (use total, shard or pattern)")),
+        }
+        if self.ends_at_us <= self.starts_at_us {
+            return bad("ends_at must be after starts_at".into());
+        }
+        if self.ends_at_us <= now_us {
+            return bad("the event is in the past".into());
+        }
+        if !self.multiplier.is_finite() || self.multiplier < 0.0 {
+            return bad(format!("multiplier must be a non-negative number, got {}", self.multiplier));
+        }
+        if self.name.trim().is_empty() {
+            return bad("name must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct Forecaster {
     settings: ForecastSettings,
     counter: Mutex<PatternCounter>,
     latest: RwLock<Arc<Forecasts>>,
     tracking: Mutex<Tracking>,
+    events: RwLock<Vec<Event>>,
+    /// Where events are persisted (None in tests that do not need it).
+    events_file: Option<std::path::PathBuf>,
 }
 
 impl Forecaster {
     pub fn new(settings: ForecastSettings) -> Forecaster {
         let buckets = (settings.history_days * 86_400 / settings.bucket_secs.max(1)) as usize + 1;
         let counter = PatternCounter::new(settings.bucket_secs, buckets, settings.pattern_keys_per_bucket_max);
-        Forecaster { settings, counter: Mutex::new(counter), latest: RwLock::default(), tracking: Mutex::default() }
+        Forecaster {
+            settings,
+            counter: Mutex::new(counter),
+            latest: RwLock::default(),
+            tracking: Mutex::default(),
+            events: RwLock::default(),
+            events_file: None,
+        }
+    }
+
+    /// Keeps events in `path` (JSON, replaced atomically) and loads those already there.
+    pub fn with_events_file(mut self, path: std::path::PathBuf) -> crate::Result<Forecaster> {
+        if path.exists() {
+            let text = std::fs::read(&path)?;
+            let events: Vec<Event> = serde_json::from_slice(&text)
+                .map_err(|e| crate::Error::Corrupt(format!("{}: {e}", path.display())))?;
+            *self.events.write() = events;
+        }
+        self.events_file = Some(path);
+        Ok(self)
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.read().clone()
+    }
+
+    fn persist(&self, events: &[Event]) -> crate::Result<()> {
+        if let Some(path) = &self.events_file {
+            let bytes = serde_json::to_vec_pretty(events).map_err(|e| crate::Error::Internal(e.to_string()))?;
+            crate::fsutil::write_file_durably(path, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Adds events after validating all of them (all or nothing).
+    pub fn add_events(&self, new: Vec<Event>, now_us: i64) -> crate::Result<u64> {
+        for e in &new {
+            e.validate(now_us)?;
+        }
+        let mut events = self.events.write();
+        if events.len() + new.len() > EVENTS_MAX {
+            return Err(crate::Error::QueueFull { what: "system.events", limit: EVENTS_MAX as u64, unit: "events" });
+        }
+        let mut next = events.clone();
+        next.extend(new.iter().cloned());
+        self.persist(&next)?;
+        *events = next;
+        Ok(new.len() as u64)
+    }
+
+    /// Removes the events `doomed` says to remove; returns how many.
+    pub fn remove_events(&self, doomed: impl Fn(usize, &Event) -> bool) -> crate::Result<u64> {
+        let mut events = self.events.write();
+        let next: Vec<Event> = events.iter().enumerate().filter(|(i, e)| !doomed(*i, e)).map(|(_, e)| e.clone()).collect();
+        let removed = (events.len() - next.len()) as u64;
+        if removed > 0 {
+            self.persist(&next)?;
+            *events = next;
+        }
+        Ok(removed)
+    }
+
+    /// The latest forecasts with the known events applied: a value in an event's
+    /// window for its scope and key is multiplied by the event's multiplier (several
+    /// events multiply). Pattern rows scale their expected queries the same way.
+    pub fn adjusted(&self) -> Arc<Forecasts> {
+        let latest = self.latest();
+        let events = self.events.read();
+        if events.is_empty() {
+            return latest;
+        }
+        let factor = |scope: &str, key: &str, t: i64| -> f64 {
+            events
+                .iter()
+                .filter(|e| e.scope == scope && e.key == key && t >= e.starts_at_us && t < e.ends_at_us)
+                .map(|e| e.multiplier)
+                .product()
+        };
+        let rows = latest
+            .rows
+            .iter()
+            .map(|r| {
+                let f = factor(r.scope, &r.key, r.bucket_start_us);
+                ForecastRow {
+                    predicted: r.predicted * f,
+                    lower80: r.lower80 * f,
+                    upper80: r.upper80 * f,
+                    lower95: r.lower95 * f,
+                    upper95: r.upper95 * f,
+                    ..r.clone()
+                }
+            })
+            .collect();
+        let patterns = latest
+            .patterns
+            .iter()
+            .map(|p| {
+                let key = format!("{}/{}/{}", p.entity_id, p.service.as_deref().unwrap_or("*"), p.operation.as_deref().unwrap_or("*"));
+                let f = factor("pattern", &key, p.interval_start_us);
+                PatternRow { expected_queries: p.expected_queries * f, ..p.clone() }
+            })
+            .collect();
+        Arc::new(Forecasts { rows, patterns, accuracy: latest.accuracy.clone() })
     }
 
     pub fn settings(&self) -> &ForecastSettings {

@@ -64,14 +64,17 @@ impl Node {
         let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let cluster = build_cluster(&config, &catalog, &storage, &clock)?;
-        let forecaster = Arc::new(Forecaster::new(ForecastSettings {
+        let forecaster = Arc::new(
+            Forecaster::new(ForecastSettings {
             bucket_secs: config.forecast_bucket_secs,
             history_days: config.forecast_history_days,
             horizon_hours: config.forecast_horizon_hours,
             patterns_max: config.forecast_patterns_max,
             pattern_keys_per_bucket_max: config.pattern_keys_per_bucket_max,
             series_per_cycle_max: config.forecast_series_per_cycle_max,
-        }));
+            })
+            .with_events_file(config.data_dir.join("system").join("events.json"))?,
+        );
         {
             let f = Arc::clone(&forecaster);
             query_log.set_observer(Arc::new(move |e| f.observe_entry(e)));
@@ -272,7 +275,13 @@ fn build_context(
         .ok_or_else(|| Error::Internal("default catalog missing".into()))?;
     db.register_schema(
         SYSTEM_SCHEMA,
-        Arc::new(SystemSchema::new(Arc::clone(storage), Arc::clone(log), Arc::clone(cluster), Arc::clone(forecaster))),
+        Arc::new(SystemSchema::new(
+            Arc::clone(storage),
+            Arc::clone(log),
+            Arc::clone(cluster),
+            Arc::clone(forecaster),
+            clock.clone(),
+        )),
     )?;
     datafusion_pg_catalog::pg_catalog::setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
         .map_err(|e| Error::from(*e))?;

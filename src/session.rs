@@ -76,6 +76,19 @@ pub struct Session {
 }
 
 /// Statement kinds that Tidemark refuses, with the reason given to the user.
+/// `DELETE FROM system.events ...`: the one DELETE Tidemark takes.
+fn deletes_from_events(d: &datafusion::sql::sqlparser::ast::Delete) -> bool {
+    use datafusion::sql::sqlparser::ast::{FromTable, TableFactor};
+    let tables = match &d.from {
+        FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+    };
+    d.tables.is_empty()
+        && d.using.is_none()
+        && tables.len() == 1
+        && tables[0].joins.is_empty()
+        && matches!(&tables[0].relation, TableFactor::Table { name, .. } if name.to_string().eq_ignore_ascii_case("system.events"))
+}
+
 fn refused(stmt: &Statement) -> Option<&'static str> {
     Some(match stmt {
         Statement::CreateTable { .. } | Statement::AlterTable { .. } | Statement::Drop { .. } => {
@@ -84,6 +97,7 @@ fn refused(stmt: &Statement) -> Option<&'static str> {
         Statement::CreateView { .. } | Statement::CreateSchema { .. } | Statement::CreateDatabase { .. } => {
             "CREATE is not supported; Tidemark's schema is declared in catalog/*.sql"
         }
+        Statement::Delete(d) if deletes_from_events(d) => return None,
         Statement::Delete(_) | Statement::Update { .. } | Statement::Truncate { .. } | Statement::Merge { .. } => {
             "usage records are immutable: DELETE, UPDATE, TRUNCATE and MERGE are not supported"
         }
@@ -276,8 +290,10 @@ impl Session {
             _ => {}
         }
         let is_insert = matches!(&logical, LogicalPlan::Dml(d) if matches!(d.op, datafusion::logical_expr::WriteOp::Insert(_)));
-        if matches!(&logical, LogicalPlan::Dml(_)) && !is_insert {
-            return Err(Error::NotSupported("only INSERT is supported".into()));
+        let is_event_delete = matches!(&logical, LogicalPlan::Dml(d)
+            if matches!(d.op, datafusion::logical_expr::WriteOp::Delete) && d.table_name.to_string().eq_ignore_ascii_case("system.events"));
+        if matches!(&logical, LogicalPlan::Dml(_)) && !is_insert && !is_event_delete {
+            return Err(Error::NotSupported("only INSERT is supported (and DELETE FROM system.events)".into()));
         }
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         let planned = started.elapsed();
@@ -298,7 +314,7 @@ impl Session {
             Some(t) => tokio::time::timeout(t, run).await.map_err(|_| Error::StatementTimeout)??,
             None => run.await?,
         };
-        if is_insert {
+        if is_insert || is_event_delete {
             let batches: Vec<RecordBatch> = match timeout {
                 Some(t) => tokio::time::timeout(t, stream.try_collect()).await.map_err(|_| Error::StatementTimeout)??,
                 None => stream.try_collect().await?,
@@ -307,7 +323,8 @@ impl Session {
                 .first()
                 .and_then(|b| b.column(0).as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().map(|a| a.value(0)))
                 .unwrap_or(0);
-            return Ok(Outcome::Command { tag: "INSERT", rows: Some(added), notice: None });
+            let tag = if is_insert { "INSERT" } else { "DELETE" };
+            return Ok(Outcome::Command { tag, rows: Some(added), notice: None });
         }
         let schema = stream.schema();
         Ok(Outcome::Rows { schema, stream })

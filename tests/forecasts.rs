@@ -111,6 +111,48 @@ async fn forecasts_and_patterns_are_queryable() {
         .unwrap()
         .get(0);
     assert_eq!(points, 1);
+
+    // Known events: a campaign doubles one pattern's load from 02:00 to 05:00.
+    let window = "bucket_start >= '2026-01-26 02:00:00' AND bucket_start < '2026-01-26 05:00:00'";
+    let pattern = "scope = 'pattern' AND key = 'acct-00001/storage/GetObject'";
+    let sum = |extra: &str| format!("SELECT sum(predicted) FROM system.forecasts WHERE {pattern} AND {extra}");
+    let in_window = sum(window);
+    let before: f64 = c.query_one(&in_window, &[]).await.unwrap().get(0);
+    let outside = sum("bucket_start >= '2026-01-26 06:00:00'");
+    let before_outside: f64 = c.query_one(&outside, &[]).await.unwrap().get(0);
+    let n = c
+        .execute(
+            "INSERT INTO system.events (name, scope, key, starts_at, ends_at, multiplier) VALUES \
+             ('campaign', 'pattern', 'acct-00001/storage/GetObject', '2026-01-26 02:00:00', '2026-01-26 05:00:00', 2.0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let during: f64 = c.query_one(&in_window, &[]).await.unwrap().get(0);
+    assert!((during - 2.0 * before).abs() < 1e-6 * before.max(1.0), "{before} -> {during}");
+    let after_outside: f64 = c.query_one(&outside, &[]).await.unwrap().get(0);
+    assert_eq!(before_outside, after_outside);
+    // Bad events are refused whole, with the reason.
+    for (sql, code) in [
+        ("INSERT INTO system.events (name, scope, key, starts_at, ends_at, multiplier) VALUES ('old', 'total', NULL, '2025-01-01', '2025-01-02', 2)", "22023"),
+        ("INSERT INTO system.events (name, scope, key, starts_at, ends_at, multiplier) VALUES ('neg', 'total', NULL, '2026-02-01', '2026-02-02', -1)", "22023"),
+        ("INSERT INTO system.events (name, scope, key, starts_at, ends_at, multiplier) VALUES ('x', 'galaxy', NULL, '2026-02-01', '2026-02-02', 2)", "22023"),
+        ("INSERT INTO system.events (name, scope, key, starts_at, ends_at, multiplier) VALUES ('ok', 'total', NULL, '2026-02-01', '2026-02-02', 2), ('bad', 'shard', 'x', '2026-02-01', '2026-02-02', 2)", "22023"),
+        ("INSERT INTO system.events (name, scope, key, starts_at, ends_at, multiplier) VALUES (NULL, 'total', NULL, '2026-02-01', '2026-02-02', 2)", "23502"),
+        ("DELETE FROM usage WHERE entity_id = 'x'", "0A000"),
+    ] {
+        let err = c.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some(code), "{sql}: {err:?}");
+    }
+    let events: i64 = c.query_one("SELECT count(*) FROM system.events", &[]).await.unwrap().get(0);
+    assert_eq!(events, 1, "a refused statement stored nothing");
+    assert!(node.config().data_dir.join("system").join("events.json").exists());
+    // DELETE removes it and the forecast is as before.
+    let n = c.execute("DELETE FROM system.events WHERE name = 'campaign'", &[]).await.unwrap();
+    assert_eq!(n, 1);
+    let restored: f64 = c.query_one(&in_window, &[]).await.unwrap().get(0);
+    assert_eq!(restored, before);
     server.stop();
     node.shutdown();
 }

@@ -1,7 +1,8 @@
 //! The `system` schema: read-only tables that show Tidemark's own state.
 //!
 //! Owns: one TableProvider per system table; each builds its rows from a snapshot
-//! when scanned. Must never: hold locks across a scan or let a query change state.
+//! when scanned. Must never: hold locks across a scan or let a query change state,
+//! except `system.events`, which takes INSERT and DELETE (see `events`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ use crate::pipeline::Cluster;
 use crate::query_log::{self, QueryLog};
 use crate::storage::Storage;
 
+pub mod events;
+
 pub const SCHEMA: &str = "system";
 
 /// The `system` schema provider.
@@ -40,7 +43,13 @@ pub struct SystemSchema {
 }
 
 impl SystemSchema {
-    pub fn new(storage: Arc<Storage>, log: Arc<QueryLog>, cluster: Arc<Cluster>, forecaster: Arc<Forecaster>) -> SystemSchema {
+    pub fn new(
+        storage: Arc<Storage>,
+        log: Arc<QueryLog>,
+        cluster: Arc<Cluster>,
+        forecaster: Arc<Forecaster>,
+        clock: crate::clock::Clock,
+    ) -> SystemSchema {
         let mut tables: BTreeMap<&'static str, Arc<dyn TableProvider>> = BTreeMap::new();
         tables.insert("query_log", Arc::new(QueryLogTable { log }));
         let s = Arc::clone(&storage);
@@ -49,6 +58,7 @@ impl SystemSchema {
         tables.insert("shards", Arc::new(SnapshotTable { schema: shards_schema(), rows: Box::new(move || shards_batch(&s)) }));
         let c = Arc::clone(&cluster);
         tables.insert("pipelines", Arc::new(SnapshotTable { schema: pipelines_schema(), rows: Box::new(move || pipelines_batch(&c)) }));
+        tables.insert("events", Arc::new(events::EventsTable::new(Arc::clone(&forecaster), clock)));
         let f = Arc::clone(&forecaster);
         tables.insert("forecasts", Arc::new(SnapshotTable { schema: forecasts_schema(), rows: Box::new(move || forecasts_batch(&f)) }));
         let f = Arc::clone(&forecaster);
@@ -365,7 +375,7 @@ fn forecasts_schema() -> SchemaRef {
 
 /// `lower`/`upper` are the 95% interval; `lower_80`/`upper_80` the 80% one.
 fn forecasts_batch(f: &Forecaster) -> crate::error::Result<RecordBatch> {
-    let latest = f.latest();
+    let latest = f.adjusted();
     let r = &latest.rows;
     let f64s = |g: &dyn Fn(&crate::forecaster::ForecastRow) -> f64| -> ArrayRef {
         Arc::new(Float64Array::from(r.iter().map(g).collect::<Vec<_>>()))
@@ -399,7 +409,7 @@ fn patterns_schema() -> SchemaRef {
 }
 
 fn patterns_batch(f: &Forecaster) -> crate::error::Result<RecordBatch> {
-    let latest = f.latest();
+    let latest = f.adjusted();
     let p = &latest.patterns;
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(p.iter().map(|x| x.entity_id.as_str()).collect::<Vec<_>>())),
