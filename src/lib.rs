@@ -20,6 +20,7 @@ pub mod patterns;
 pub mod pipeline;
 pub mod planner;
 pub mod query_log;
+pub mod replay;
 pub mod router;
 pub mod session;
 pub mod shard_map;

@@ -71,6 +71,20 @@ enum Command {
         #[arg(long, default_value_t = 28)]
         history_days: usize,
     },
+    /// Send the queries of a query-arrival trace (CSV or Parquet: timestamp, entity_id,
+    /// optionally service, operation, template) to a running node at the trace's pace.
+    Replay {
+        #[arg(long)]
+        trace: PathBuf,
+        #[arg(long, default_value = "postgres://tidemark@127.0.0.1:5433/tidemark")]
+        url: String,
+        /// Trace seconds per real second (match the node's --time-scale).
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// Connections (queries in flight at most).
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+    },
     /// Write generated usage data to a Parquet file (for benchmarks and tests).
     Gen {
         #[arg(long)]
@@ -204,6 +218,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Ingest { url, table, sources } => ingest(&url, &table, &sources).await,
             Command::Gen { out, shape, end } => gen(&out, shape, end.as_deref()),
+            Command::Replay { trace, url, time_scale, clients } => replay(&trace, &url, time_scale, clients).await,
             Command::ForecastEval { csv, column, bucket_secs, history_days } => {
                 forecast_eval(&csv, column, bucket_secs, history_days)
             }
@@ -453,5 +468,22 @@ fn forecast_eval(csv: &Path, column: usize, bucket_secs: u64, history_days: usiz
         t.sort_by(f64::total_cmp);
         println!("| fit + predict, 2 weeks of 5-minute buckets (4,032 values), median of 5 | {:.1} ms | | |", t[2]);
     }
+    Ok(())
+}
+
+async fn replay(trace: &Path, url: &str, scale: f64, clients: usize) -> anyhow::Result<()> {
+    let arrivals = tidemark::replay::read_trace(trace)?;
+    let span_s = match (arrivals.first(), arrivals.last()) {
+        (Some(a), Some(b)) => (b.time_us - a.time_us) as f64 / 1e6,
+        _ => 0.0,
+    };
+    eprintln!("Replaying {} queries spanning {:.0} s of trace time at {}x ({:.1} s).", arrivals.len(), span_s, scale, span_s / scale);
+    let pb = bar(arrivals.len() as u64, "replaying");
+    let p = pb.clone();
+    let s = tidemark::replay::run(url, &arrivals, scale, clients, move |n| p.set_position(n)).await?;
+    pb.finish_and_clear();
+    let ms = |p: f64| s.percentile_us(p).map(|v| format!("{:.2} ms", v as f64 / 1e3)).unwrap_or_else(|| "-".into());
+    println!("sent {}, ok {}, failed {}, unknown {}", s.sent, s.ok, s.failed, s.unknown);
+    println!("latency p50 {}, p95 {}, p99 {}, max {}; largest start lag {:.1} ms", ms(0.5), ms(0.95), ms(0.99), ms(1.0), s.lag_max.as_secs_f64() * 1e3);
     Ok(())
 }
