@@ -164,7 +164,11 @@ impl Event {
                 return bad(format!("pattern key must be entity/service/operation (* for any), got {:?}", self.key))
             }
             "pattern" => {}
-            other => return bad(format!("unknown scope {other:?} (use total, shard or pattern)")),
+            "pipeline" if self.key.parse::<crate::shard_map::PipelineId>().is_err() => {
+                return bad(format!("pipeline key must be like n1.p0, got {:?}", self.key))
+            }
+            "pipeline" => {}
+            other => return bad(format!("unknown scope {other:?} (use total, shard, pipeline or pattern)")),
         }
         if self.ends_at_us <= self.starts_at_us {
             return bad("ends_at must be after starts_at".into());
@@ -310,6 +314,11 @@ impl Forecaster {
         self.counter.lock().observe(o);
     }
 
+    /// Counts a fragment routed to `pipeline` at `t_us` (the pipeline scope).
+    pub fn observe_fragment(&self, t_us: i64, pipeline: &str) {
+        self.counter.lock().observe_fragment(t_us, pipeline);
+    }
+
     /// Counts a logged statement that read a table (others put no load on shards).
     pub fn observe_entry(&self, e: &QueryLogEntry) {
         if e.tables.is_empty() {
@@ -440,7 +449,7 @@ impl Forecaster {
             match scope {
                 Scope::Total => totals = p.point.clone(),
                 Scope::Pattern(k) => pattern_preds.push((k.clone(), p)),
-                Scope::Shard(_) => {}
+                Scope::Shard(_) | Scope::Pipeline(_) => {}
             }
         }
         let mut patterns = Vec::new();
@@ -500,6 +509,7 @@ fn scope_label(scope: &Scope) -> (&'static str, String) {
     match scope {
         Scope::Total => ("total", String::new()),
         Scope::Shard(n) => ("shard", n.to_string()),
+        Scope::Pipeline(p) => ("pipeline", p.clone()),
         Scope::Pattern((e, sv, op)) => {
             ("pattern", format!("{e}/{}/{}", sv.as_deref().unwrap_or("*"), op.as_deref().unwrap_or("*")))
         }

@@ -78,6 +78,12 @@ impl Node {
         {
             let f = Arc::clone(&forecaster);
             query_log.set_observer(Arc::new(move |e| f.observe_entry(e)));
+            let f = Arc::clone(&forecaster);
+            cluster.set_route_observer(Arc::new(move |r| {
+                if let Some(p) = &r.choice {
+                    f.observe_fragment(r.time_us, p);
+                }
+            }));
         }
         let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster, &forecaster)?;
         let flight = match config.internal_addr {

@@ -10,7 +10,7 @@
 //! Memory is therefore O(buckets_max x (shards + patterns_max)).
 //!
 //! A query counts once for its pattern and once for every shard it touched (a fan-out
-//! query loads every shard). Queries that name no single entity count under entity
+//! query loads every shard); a pipeline counts the fragments routed to it. Queries that name no single entity count under entity
 //! [`ALL`].
 
 use std::collections::{BTreeMap, VecDeque};
@@ -56,6 +56,8 @@ struct Bucket {
     start_us: i64,
     total: Cost,
     shards: BTreeMap<u32, Cost>,
+    /// Fragments run per pipeline (from routing decisions).
+    pipelines: BTreeMap<String, Cost>,
     patterns: BTreeMap<PatternKey, Cost>,
 }
 
@@ -64,6 +66,7 @@ struct Bucket {
 pub enum Scope {
     Total,
     Shard(u32),
+    Pipeline(String),
     Pattern(PatternKey),
 }
 
@@ -94,14 +97,16 @@ impl PatternCounter {
         t_us.div_euclid(self.bucket_us) * self.bucket_us
     }
 
-    pub fn observe(&mut self, o: &Observation<'_>) {
-        let start = self.bucket_start(o.start_us);
+    /// The bucket holding `t_us`, created if needed; None when it is older than
+    /// everything kept while the window is full.
+    fn bucket_mut(&mut self, t_us: i64) -> Option<&mut Bucket> {
+        let start = self.bucket_start(t_us);
         let idx = match self.buckets.binary_search_by_key(&start, |b| b.start_us) {
             Ok(i) => i,
             Err(i) => {
                 // Too old to keep: older than everything while the window is full.
                 if i == 0 && self.buckets.len() >= self.buckets_max {
-                    return;
+                    return None;
                 }
                 self.buckets.insert(i, Bucket { start_us: start, ..Default::default() });
                 let mut i = i;
@@ -112,8 +117,20 @@ impl PatternCounter {
                 i
             }
         };
+        Some(&mut self.buckets[idx])
+    }
+
+    /// Counts one fragment run by `pipeline` at `t_us`.
+    pub fn observe_fragment(&mut self, t_us: i64, pipeline: &str) {
+        if let Some(b) = self.bucket_mut(t_us) {
+            let c = b.pipelines.entry(pipeline.to_string()).or_default();
+            c.queries += 1.0;
+        }
+    }
+
+    pub fn observe(&mut self, o: &Observation<'_>) {
         let patterns_max = self.patterns_max;
-        let b = &mut self.buckets[idx];
+        let Some(b) = self.bucket_mut(o.start_us) else { return };
         b.total.add(o);
         for s in o.shards {
             b.shards.entry(*s).or_default().add(o);
@@ -141,18 +158,23 @@ impl PatternCounter {
             out[i] = match scope {
                 Scope::Total => b.total.queries,
                 Scope::Shard(s) => b.shards.get(s).map_or(0.0, |c| c.queries),
+                Scope::Pipeline(p) => b.pipelines.get(p).map_or(0.0, |c| c.queries),
                 Scope::Pattern(k) => b.patterns.get(k).map_or(0.0, |c| c.queries),
             };
         }
         out
     }
 
-    /// Every scope seen in the buckets from `since_us` on, busiest first (by queries),
-    /// at most `limit` patterns (the total and all shards are always included).
+    /// Every scope seen in the buckets from `since_us` on: the total, all shards, all
+    /// pipelines, then at most `patterns_limit` patterns, busiest first.
     pub fn scopes(&self, since_us: i64, patterns_limit: usize) -> Vec<Scope> {
         let mut shards: BTreeMap<u32, f64> = BTreeMap::new();
+        let mut pipelines: BTreeMap<String, f64> = BTreeMap::new();
         let mut patterns: BTreeMap<PatternKey, f64> = BTreeMap::new();
         for b in self.buckets.iter().filter(|b| b.start_us >= since_us) {
+            for (p, c) in &b.pipelines {
+                *pipelines.entry(p.clone()).or_default() += c.queries;
+            }
             for (s, c) in &b.shards {
                 *shards.entry(*s).or_default() += c.queries;
             }
@@ -164,6 +186,7 @@ impl PatternCounter {
         p.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let mut out = vec![Scope::Total];
         out.extend(shards.into_keys().map(Scope::Shard));
+        out.extend(pipelines.into_keys().map(Scope::Pipeline));
         out.extend(p.into_iter().take(patterns_limit).map(|(k, _)| Scope::Pattern(k)));
         out
     }
@@ -201,6 +224,10 @@ mod tests {
         assert_eq!(scopes[0], Scope::Total);
         assert_eq!(scopes.last(), Some(&Scope::Pattern(a)));
         assert_eq!(scopes.len(), 1 + 3 + 1);
+        c.observe_fragment(m + 7, "n1.p0");
+        c.observe_fragment(m + 8, "n1.p0");
+        assert_eq!(c.series(&Scope::Pipeline("n1.p0".into()), m, 2), vec![0.0, 2.0]);
+        assert!(c.scopes(0, 0).contains(&Scope::Pipeline("n1.p0".into())));
     }
 
     #[test]

@@ -46,6 +46,9 @@ async fn forecasts_and_patterns_are_queryable() {
         }
     }
     // Real statements are counted too (at the fixed clock's instant).
+    c.simple_query("INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES ('r1', 'acct-00009', 'network', 'DataTransfer', 'Bytes-Out', 5, '2026-01-25 10:00:00')")
+        .await
+        .unwrap();
     for _ in 0..3 {
         c.simple_query("SELECT count(*) FROM usage WHERE entity_id = 'acct-00009' AND service = 'network'").await.unwrap();
     }
@@ -92,6 +95,9 @@ async fn forecasts_and_patterns_are_queryable() {
     assert_eq!(bad, 0);
     let shards: i64 = c.query_one("SELECT count(DISTINCT key) FROM system.forecasts WHERE scope = 'shard'", &[]).await.unwrap().get(0);
     assert_eq!(shards, 8);
+    // The fragments of the statements run over SQL were counted per pipeline.
+    let pipelines: i64 = c.query_one("SELECT count(DISTINCT key) FROM system.forecasts WHERE scope = 'pipeline' AND key LIKE 'n1.p%'", &[]).await.unwrap().get(0);
+    assert!(pipelines >= 1);
     // A second cycle an hour later judges the first one's next-bucket forecasts.
     for q in 0..20i64 {
         node.forecaster().observe(&Observation {

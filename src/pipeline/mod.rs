@@ -203,7 +203,6 @@ pub struct RoutingRecord {
 
 /// This node's view of the cluster: the shard map at the current epoch and every
 /// pipeline it can send fragments to.
-#[derive(Debug)]
 pub struct Cluster {
     node_id: u64,
     clock: Clock,
@@ -212,6 +211,17 @@ pub struct Cluster {
     routing_log: Mutex<VecDeque<RoutingRecord>>,
     routing_log_max: usize,
     routing_dropped: AtomicU64,
+    /// Sees every routing decision (the forecaster counts fragments per pipeline).
+    route_observer: RwLock<Option<RouteObserver>>,
+}
+
+/// A callback that sees each routing decision; it must be cheap.
+pub type RouteObserver = Arc<dyn Fn(&RoutingRecord) + Send + Sync>;
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster").field("node_id", &self.node_id).field("map", &self.map).finish_non_exhaustive()
+    }
 }
 
 impl Cluster {
@@ -234,6 +244,7 @@ impl Cluster {
             routing_log: Mutex::new(VecDeque::new()),
             routing_log_max: routing_log_max.max(1),
             routing_dropped: AtomicU64::new(0),
+            route_observer: RwLock::new(None),
         }
     }
 
@@ -281,7 +292,14 @@ impl Cluster {
         )
     }
 
+    pub fn set_route_observer(&self, o: RouteObserver) {
+        *self.route_observer.write() = Some(o);
+    }
+
     pub fn record_route(&self, r: RoutingRecord) {
+        if let Some(o) = self.route_observer.read().as_ref() {
+            o(&r);
+        }
         let mut log = self.routing_log.lock();
         if log.len() >= self.routing_log_max {
             log.pop_front();
