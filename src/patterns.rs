@@ -4,9 +4,10 @@
 //! Owns: [`PatternCounter`], the bounded in-memory counts. Pure: no IO, no clock (the
 //! caller passes each query's start time). Must never: grow without bound. The bounds:
 //! at most `buckets_max` buckets are kept (the oldest go first); within a bucket at
-//! most `patterns_max` distinct (entity, service, operation) keys are counted
-//! individually, and queries of further keys are added to one aggregate key per bucket
-//! whose entity is [`OTHER`]. Per-shard counts are bounded by the shard count.
+//! most `patterns_max` (entity, service, operation) keys (plus the aggregate) are kept: when a new key
+//! arrives at a full bucket, the least loaded key so far is folded into one aggregate
+//! key whose entity is [`OTHER`] (so the individually counted keys are the heaviest,
+//! as in space-saving heavy-hitter counting, and no query is lost from the total). Per-shard counts are bounded by the shard count.
 //! Memory is therefore O(buckets_max x (shards + patterns_max)).
 //!
 //! A query counts once for its pattern and once for every shard it touched (a fan-out
@@ -140,11 +141,30 @@ impl PatternCounter {
             o.service.map(str::to_string),
             o.operation.map(str::to_string),
         );
-        let key = if b.patterns.contains_key(&key) || b.patterns.len() < patterns_max {
-            key
-        } else {
-            (OTHER.to_string(), None, None)
-        };
+        if !b.patterns.contains_key(&key) && b.patterns.len() >= patterns_max.max(1) {
+            // Full: the least loaded key so far is folded into *other*, so the keys
+            // counted individually are the ones carrying the most load.
+            let other: PatternKey = (OTHER.to_string(), None, None);
+            let victim = b
+                .patterns
+                .iter()
+                .filter(|(k, _)| **k != other)
+                .min_by(|a, b| a.1.queries.total_cmp(&b.1.queries).then_with(|| b.0.cmp(a.0)))
+                .map(|(k, _)| k.clone());
+            match victim {
+                Some(v) => {
+                    let cost = b.patterns.remove(&v).unwrap_or_default();
+                    let o = b.patterns.entry(other).or_default();
+                    o.queries += cost.queries;
+                    o.busy_us += cost.busy_us;
+                    o.rows += cost.rows;
+                }
+                None => {
+                    b.patterns.entry(other).or_default().add(o);
+                    return;
+                }
+            }
+        }
         b.patterns.entry(key).or_default().add(o);
     }
 
@@ -240,12 +260,21 @@ mod tests {
         assert_eq!(c.series(&Scope::Total, 4 * 60_000_000, 5), vec![0.0, 0.0, 1.0, 1.0, 1.0]);
         c.observe(&obs(0, &[0], Some("x")));
         assert_eq!(c.series(&Scope::Total, 4 * 60_000_000, 5), vec![0.0, 0.0, 1.0, 1.0, 1.0]);
-        // Beyond two patterns per bucket, queries go to *other*.
-        for e in ["p", "q", "r", "s"] {
-            c.observe(&Observation { entity: Some(e), ..obs(4 * 60_000_000 + 1, &[0], None) });
+        // Two keys per bucket plus *other*: the heavy key stays, light ones fold
+        // into *other*, and the total never loses a query.
+        let t = 4 * 60_000_000 + 1;
+        for _ in 0..3 {
+            c.observe(&obs(t, &[0], Some("x")));
         }
+        for e in ["p", "q", "r", "s"] {
+            c.observe(&Observation { entity: Some(e), ..obs(t, &[0], None) });
+        }
+        let x: PatternKey = ("x".into(), Some("storage".into()), None);
         let other: PatternKey = (OTHER.into(), None, None);
-        assert_eq!(c.series(&Scope::Pattern(other), 4 * 60_000_000, 1), vec![3.0]);
-        assert_eq!(c.series(&Scope::Total, 4 * 60_000_000, 1), vec![5.0]);
+        let s: PatternKey = ("s".into(), Some("storage".into()), None);
+        let at = 4 * 60_000_000;
+        assert_eq!(c.series(&Scope::Pattern(x), at, 1), vec![4.0]);
+        assert_eq!(c.series(&Scope::Pattern(other.clone()), at, 1)[0] + c.series(&Scope::Pattern(s), at, 1)[0], 4.0);
+        assert_eq!(c.series(&Scope::Total, at, 1), vec![8.0]);
     }
 }
