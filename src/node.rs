@@ -76,6 +76,10 @@ impl Node {
             .with_events_file(config.data_dir.join("system").join("events.json"))?,
         );
         {
+            // The persisted query log is the patterns' history after a restart.
+            let since = clock.now_us() - (config.forecast_history_days as i64) * 86_400_000_000;
+            let restored = query_log.read_persisted(since, |e| forecaster.observe_entry(e))?;
+            tracing::info!(entries = restored, "query patterns rebuilt from the persisted query log");
             let f = Arc::clone(&forecaster);
             query_log.set_observer(Arc::new(move |e| f.observe_entry(e)));
             let f = Arc::clone(&forecaster);

@@ -314,6 +314,71 @@ impl QueryLog {
     }
 
     /// Persisted files, oldest first.
+    /// Calls `f` with every persisted entry that started at or after `since_us` (only
+    /// the fields patterns need are filled in); returns how many. Files are read one
+    /// batch at a time.
+    pub fn read_persisted(&self, since_us: i64, mut f: impl FnMut(&QueryLogEntry)) -> Result<u64> {
+        use datafusion::arrow::array::{Array, AsArray};
+        use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type, UInt64Type};
+        let mut n = 0;
+        for (path, _) in self.files()? {
+            let file = std::fs::File::open(&path)?;
+            let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?;
+            let want = ["start_time", "duration_us", "rows", "tables", "entity_ids", "service", "operation", "shards"];
+            let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), want.iter().copied());
+            for batch in builder.with_projection(mask).build()? {
+                let b = batch?;
+                let col = |name: &str| b.column_by_name(name).cloned();
+                let (Some(start), Some(dur), Some(rows), Some(tables), Some(ents), Some(svc), Some(op), Some(shards)) = (
+                    col("start_time"),
+                    col("duration_us"),
+                    col("rows"),
+                    col("tables"),
+                    col("entity_ids"),
+                    col("service"),
+                    col("operation"),
+                    col("shards"),
+                ) else {
+                    return Err(crate::error::Error::Corrupt(format!("{}: query log file lacks columns", path.display())));
+                };
+                let start = start.as_primitive::<TimestampMicrosecondType>();
+                let dur = dur.as_primitive::<Int64Type>();
+                let rows = rows.as_primitive::<UInt64Type>();
+                let (tables, ents, shards) = (tables.as_list::<i32>(), ents.as_list::<i32>(), shards.as_list::<i32>());
+                let (svc, op) = (svc.as_string::<i32>(), op.as_string::<i32>());
+                let strings = |l: &datafusion::arrow::array::ListArray, r: usize| -> Vec<String> {
+                    let v = l.value(r);
+                    let v = v.as_string::<i32>();
+                    (0..v.len()).filter(|i| v.is_valid(*i)).map(|i| v.value(i).to_string()).collect()
+                };
+                for r in 0..b.num_rows() {
+                    if start.value(r) < since_us {
+                        continue;
+                    }
+                    let e = QueryLogEntry {
+                        start_time_us: start.value(r),
+                        duration_us: dur.value(r),
+                        rows: rows.value(r),
+                        tables: if tables.is_valid(r) { strings(tables, r) } else { Vec::new() },
+                        entity_ids: ents.is_valid(r).then(|| strings(ents, r)),
+                        service: svc.is_valid(r).then(|| svc.value(r).to_string()),
+                        operation: op.is_valid(r).then(|| op.value(r).to_string()),
+                        shards: if shards.is_valid(r) {
+                            let v = shards.value(r);
+                            v.as_primitive::<UInt32Type>().iter().flatten().collect()
+                        } else {
+                            Vec::new()
+                        },
+                        ..Default::default()
+                    };
+                    f(&e);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     pub fn files(&self) -> Result<Vec<(PathBuf, u64)>> {
         let mut files = Vec::new();
         for f in std::fs::read_dir(&self.dir)? {

@@ -224,3 +224,30 @@ async fn replayed_trace_drives_the_forecast() {
     server.stop();
     node.shutdown();
 }
+
+/// Patterns survive a restart: they are rebuilt from the persisted query log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_are_rebuilt_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.forecast_bucket_secs = 3600;
+    cfg.forecast_interval_secs = 0;
+    let at = NOW_US - 3 * HOUR_US;
+    {
+        let node = Node::open(cfg.clone(), Clock::fixed(at)).await.unwrap();
+        let server = Server::start(Arc::clone(&node), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let c = connect(&format!("postgres://tidemark@127.0.0.1:{}/tidemark", server.local_addr.port())).await;
+        for _ in 0..4 {
+            c.simple_query("SELECT count(*) FROM usage WHERE entity_id = 'acct-00042' AND service = 'queue'").await.unwrap();
+        }
+        server.stop();
+        node.shutdown(); // flushes the query log
+    }
+    let node = Node::open(cfg, Clock::fixed(NOW_US)).await.unwrap();
+    node.forecaster().run_once(NOW_US);
+    let latest = node.forecaster().latest();
+    let p: Vec<_> = latest.patterns.iter().filter(|p| p.entity_id == "acct-00042" && p.service.as_deref() == Some("queue")).collect();
+    assert!(!p.is_empty(), "pattern lost across the restart");
+    assert!(latest.rows.iter().any(|r| r.scope == "total" && r.model == "mean"), "total forecast from 3 restored queries");
+    node.shutdown();
+}
