@@ -358,17 +358,11 @@ impl Forecaster {
             let since = last - (history_max as i64 - 1) * bucket_us;
             let mut scopes = c.scopes(since, s.patterns_max);
             scopes.truncate(s.series_per_cycle_max);
-            // Each series starts at its first counted bucket (a node that started an
-            // hour ago has an hour of history, not weeks of zeros).
-            let histories: Vec<Vec<f64>> = scopes
-                .iter()
-                .map(|scope| {
-                    let full = c.series(scope, last, history_max);
-                    let first = full.iter().position(|v| *v > 0.0).unwrap_or(full.len());
-                    let total_first = c.series(&Scope::Total, last, history_max).iter().position(|v| *v > 0.0).unwrap_or(full.len());
-                    full[first.min(total_first)..].to_vec()
-                })
-                .collect();
+            // Every series starts where the node's history starts (the first bucket
+            // with any query), so a quiet scope keeps its zeros but not the weeks
+            // before the node existed.
+            let total_first = c.series(&Scope::Total, last, history_max).iter().position(|v| *v > 0.0).unwrap_or(history_max);
+            let histories: Vec<Vec<f64>> = scopes.iter().map(|scope| c.series(scope, last, history_max)[total_first..].to_vec()).collect();
             // Actuals for forecasts whose buckets are complete (up to `last`).
             let mut t = self.tracking.lock();
             let week = 7 * 86_400_000_000 / bucket_us;
