@@ -306,10 +306,6 @@ impl Forecaster {
         Arc::new(Forecasts { rows, patterns, accuracy: latest.accuracy.clone() })
     }
 
-    pub fn settings(&self) -> &ForecastSettings {
-        &self.settings
-    }
-
     pub fn observe(&self, o: &Observation<'_>) {
         self.counter.lock().observe(o);
     }

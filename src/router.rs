@@ -57,10 +57,6 @@ impl LoadSnapshot {
     fn get_mut(&mut self, id: PipelineId) -> Option<&mut PipelineLoad> {
         self.loads.binary_search_by_key(&id, |l| l.id).ok().map(|i| &mut self.loads[i])
     }
-
-    pub fn loads(&self) -> &[PipelineLoad] {
-        &self.loads
-    }
 }
 
 /// Why the router chose what it chose (shown by EXPLAIN and system.routing_decisions).

@@ -14,7 +14,7 @@ use tidemark::config::Config;
 use tidemark::datagen::{entity_id, GenSpec, Generator};
 use tidemark::node::Node;
 
-use common::{duckdb_rows, free_port, normalize, random_query, test_config, wait_ready, NodeProcess, TestNode};
+use common::{duckdb_rows, free_port, random_query, test_config, try_rows as rows_of, wait_ready, NodeProcess, TestNode};
 
 /// 2026-01-20 00:00:00 UTC: the generated data ends here.
 const END_US: i64 = 1_768_867_200_000_000;
@@ -29,19 +29,6 @@ fn worker_config(dir: &Path, node_id: u64, store: &Path) -> Config {
     cfg.segment_store_read_only = true;
     cfg.object_store_url = Some(format!("file://{}", store.display()));
     cfg
-}
-
-async fn rows_of(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
-    Ok(c.simple_query(sql)
-        .await?
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(normalize).unwrap_or_else(|| "NULL".into())).collect())
-            }
-            _ => None,
-        })
-        .collect())
 }
 
 fn sorted(mut v: Vec<Vec<String>>) -> Vec<Vec<String>> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tidemark::config::Config;
 use tidemark::datagen::{entity_id, GenSpec, Generator};
 
-use common::{duckdb_rows, normalize, random_query, test_config, TestNode};
+use common::{duckdb_rows, random_query, test_config, try_rows, TestNode};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -51,17 +51,7 @@ async fn text_of(c: &tokio_postgres::Client, sql: &str) -> String {
 
 
 async fn rows_of(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
-    c.simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(normalize).unwrap_or_else(|| "NULL".into())).collect())
-            }
-            _ => None,
-        })
-        .collect()
+    try_rows(c, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct RemotePipeline {
     id: PipelineId,
-    addr: SocketAddr,
     slots: u32,
     client: FlightServiceClient<Channel>,
     stats: Arc<PipelineStats>,
@@ -57,17 +56,12 @@ impl RemotePipeline {
             .max_encoding_message_size(FLIGHT_MESSAGE_BYTES_MAX);
         Ok(RemotePipeline {
             id,
-            addr,
             slots,
             client,
             stats: Arc::default(),
             timeout,
             down_until: Arc::default(),
         })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 }
 

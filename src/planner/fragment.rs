@@ -338,10 +338,6 @@ impl DistributeExec {
         let runs = Arc::new(Mutex::new(vec![FragmentRun::default(); fragments.len()]));
         DistributeExec { template, fragments, epoch, scan, cluster, props: Arc::new(props), metrics: ExecutionPlanMetricsSet::new(), runs }
     }
-
-    pub fn fragments(&self) -> &[FragmentSpec] {
-        &self.fragments
-    }
 }
 
 impl DisplayAs for DistributeExec {

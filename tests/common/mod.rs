@@ -235,3 +235,17 @@ pub fn random_query(rng: &mut rand::rngs::StdRng) -> String {
     }
 }
 
+
+/// A simple-protocol query's rows, each value normalized (NULL as "NULL").
+pub async fn try_rows(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+    Ok(c.simple_query(sql)
+        .await?
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(normalize).unwrap_or_else(|| "NULL".into())).collect())
+            }
+            _ => None,
+        })
+        .collect())
+}
