@@ -67,7 +67,7 @@ pub fn conform(table: &TableDef, batch: &RecordBatch, first_row: u64, ingest_tim
 }
 
 /// Casts one column, naming the first row that does not convert.
-fn convert(table: &str, column: &str, a: &ArrayRef, to: &DataType, first_row: u64) -> Result<ArrayRef> {
+pub fn convert(table: &str, column: &str, a: &ArrayRef, to: &DataType, first_row: u64) -> Result<ArrayRef> {
     if a.data_type() == to {
         return Ok(a.clone());
     }
@@ -103,6 +103,51 @@ fn convert(table: &str, column: &str, a: &ArrayRef, to: &DataType, first_row: u6
         )));
     }
     Ok(out)
+}
+
+/// DataFusion casts an INSERT's values to the column types, numbers to timestamps
+/// included (as microseconds since 1970), which would store wrong times without a
+/// word. PostgreSQL refuses such an assignment (42804); so does this, naming the column
+/// and, for `VALUES`, the row.
+pub fn check_insert_casts(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
+    use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
+    let LogicalPlan::Dml(dml) = plan else { return Ok(()) };
+    let LogicalPlan::Projection(projection) = dml.input.as_ref() else { return Ok(()) };
+    let input_schema = projection.input.schema();
+    let refused = |e: &Expr, schema: &datafusion::common::DFSchema| -> Option<DataType> {
+        let Expr::Cast(c) = e else { return None };
+        if !matches!(c.field.data_type(), DataType::Timestamp(_, _)) {
+            return None;
+        }
+        let from = c.expr.get_type(schema).ok()?;
+        (from.is_numeric()).then_some(from)
+    };
+    let mismatch = |column: &str, from: &DataType, row: Option<usize>| {
+        Error::DatatypeMismatch(format!(
+            "column \"{column}\" is of type timestamp but expression is of type {}{}",
+            sql_type_name(from),
+            row.map(|r| format!(" (row {})", r + 1)).unwrap_or_default()
+        ))
+    };
+    for e in &projection.expr {
+        let (name, inner) = match e {
+            Expr::Alias(a) => (a.name.clone(), a.expr.as_ref()),
+            other => (other.schema_name().to_string(), other),
+        };
+        if let Some(from) = refused(inner, input_schema) {
+            return Err(mismatch(&name, &from, None));
+        }
+        if let (Expr::Column(col), LogicalPlan::Values(values)) = (inner, projection.input.as_ref()) {
+            let Some(j) = values.schema.index_of_column(col).ok() else { continue };
+            let empty = datafusion::common::DFSchema::empty();
+            for (r, row) in values.values.iter().enumerate() {
+                if let Some(from) = row.get(j).and_then(|cell| refused(cell, &empty)) {
+                    return Err(mismatch(&name, &from, Some(r)));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Conversions that keep meaning; arrow can cast more (e.g. a number to a timestamp),

@@ -249,7 +249,7 @@ impl Session {
                 stream: Box::pin(LoggedStream::new(stream, tracker, |b: &Bytes| (bytecount_lines(b), b.len() as u64))),
             }),
             Err(e) => {
-                let e = explain_values_null(stmt, e, |t| self.node.catalog().get(t).cloned());
+                let e = explain_values_error(stmt, e, |t| self.node.catalog().get(t).cloned());
                 tracker.finish_err(&e);
                 Err(e)
             }
@@ -294,6 +294,9 @@ impl Session {
             if matches!(d.op, datafusion::logical_expr::WriteOp::Delete) && d.table_name.to_string().eq_ignore_ascii_case("system.events"));
         if matches!(&logical, LogicalPlan::Dml(_)) && !is_insert && !is_event_delete {
             return Err(Error::NotSupported("only INSERT is supported (and DELETE FROM system.events)".into()));
+        }
+        if is_insert {
+            ingest::check_insert_casts(&logical)?;
         }
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         let planned = started.elapsed();
@@ -473,37 +476,56 @@ impl Session {
     }
 }
 
-/// DataFusion types the VALUES of an `INSERT ... VALUES` with the table's columns,
-/// NOT NULL included, so a NULL literal fails while the batch is built, with a message
-/// that names `columnN` and no row. The statement's own VALUES say which column and
-/// row it was; report that as PostgreSQL does (23502).
-fn explain_values_null(stmt: &Statement, e: Error, table_def: impl Fn(&str) -> Option<Arc<TableDef>>) -> Error {
+/// DataFusion types the VALUES of an `INSERT ... VALUES` with the table's columns, so a
+/// NULL in a NOT NULL column or a literal that does not convert fails while the batch
+/// is built, with a message that names `columnN` (or nothing) and no row. The
+/// statement's own VALUES say which column and row it was; report that as PostgreSQL
+/// does (23502 for the NULL, 22P02 / 42804 for the value), naming both.
+fn explain_values_error(stmt: &Statement, e: Error, table_def: impl Fn(&str) -> Option<Arc<TableDef>>) -> Error {
     use datafusion::sql::sqlparser::ast::{Expr, SetExpr, Value};
-    let msg = e.message();
-    let Some(rest) = msg.split("Column 'column").nth(1) else { return e };
-    if !msg.contains("non-nullable") {
+    if !matches!(e.sqlstate(), "23502" | "22023" | "22P02" | "42804" | "22003") {
         return e;
     }
-    let Some(k) = rest.split('\'').next().and_then(|n| n.parse::<usize>().ok()) else { return e };
     let Statement::Insert(insert) = stmt else { return e };
     let Some(source) = &insert.source else { return e };
     let SetExpr::Values(values) = source.body.as_ref() else { return e };
     let table = insert.table.to_string().to_ascii_lowercase();
-    let column = match insert.columns.get(k - 1) {
-        Some(c) => c.to_string().to_ascii_lowercase(),
-        None if insert.columns.is_empty() => match table_def(&table).and_then(|t| t.schema.fields().get(k - 1).cloned()) {
-            Some(f) => f.name().clone(),
-            None => return e,
-        },
-        None => return e,
+    let Some(def) = table_def(&table) else { return e };
+    let targets: Vec<datafusion::arrow::datatypes::FieldRef> = if insert.columns.is_empty() {
+        def.schema.fields().iter().cloned().collect()
+    } else {
+        let mut out = Vec::with_capacity(insert.columns.len());
+        for c in &insert.columns {
+            match def.schema.field_with_name(&c.to_string().to_ascii_lowercase()) {
+                Ok(f) => out.push(Arc::new(f.clone())),
+                Err(_) => return e,
+            }
+        }
+        out
     };
-    let row = values.rows.iter().position(|r| {
-        matches!(r.get(k - 1), Some(Expr::Value(v)) if matches!(v.value, Value::Null))
-    });
-    match row {
-        Some(r) => Error::NotNullViolation { table, column, row: r as u64 + 1 },
-        None => e,
+    // Row by row, column by column, as PostgreSQL reports the first bad value.
+    for (r, row) in values.rows.iter().enumerate() {
+        for (field, cell) in targets.iter().zip(row.content.iter()) {
+            let text = match cell {
+                Expr::Value(v) => match &v.value {
+                    Value::Null if !field.is_nullable() => {
+                        return Error::NotNullViolation { table, column: field.name().clone(), row: r as u64 + 1 };
+                    }
+                    Value::SingleQuotedString(s) => s.clone(),
+                    // A number for a timestamp is refused before execution (check_insert_casts).
+                    Value::Number(_, _) if matches!(field.data_type(), datafusion::arrow::datatypes::DataType::Timestamp(_, _)) => continue,
+                    Value::Number(n, _) => n.to_string(),
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let a: datafusion::arrow::array::ArrayRef = Arc::new(datafusion::arrow::array::StringArray::from(vec![text]));
+            if let Err(bad) = ingest::convert(&table, field.name(), &a, field.data_type(), r as u64) {
+                return bad;
+            }
+        }
     }
+    e
 }
 
 fn copy_done(o: AppendOutcome) -> Outcome {
