@@ -55,6 +55,9 @@ pub struct Config {
     /// Bytes of segment files kept in memory on this node (least recently used
     /// evicted), split evenly among its pipelines; 0 = off.
     pub segment_cache_bytes_max: u64,
+    /// Bytes of decoded segment columns ("hot segments") kept in memory on this node
+    /// (least recently used evicted), split evenly among its pipelines; 0 = off.
+    pub hot_cache_bytes_max: u64,
     /// This node's id in the cluster (pipelines are named `n<node_id>.p<index>`).
     pub node_id: u64,
     /// Address of the internal Arrow Flight service that other nodes send fragments
@@ -120,6 +123,7 @@ impl Default for Config {
             write_buffer_statement_rows_max: 10_000,
             write_buffer_flush_interval_ms: 2_000,
             segment_cache_bytes_max: 512 << 20,
+            hot_cache_bytes_max: 1 << 30,
             node_id: 1,
             internal_addr: None,
             peers: Vec::new(),
@@ -194,6 +198,7 @@ impl Config {
             }
             "TIDEMARK_OBJECT_STORE_URL" => self.object_store_url = Some(value.to_string()),
             "TIDEMARK_SHARD_COUNT" => self.shard_count = num(key, value)?,
+            "TIDEMARK_HOT_CACHE_BYTES_MAX" => self.hot_cache_bytes_max = num(key, value)?,
             "TIDEMARK_SEGMENT_WINDOW_SECS" => self.segment_window_secs = num(key, value)?,
             "TIDEMARK_CONNECTIONS_MAX" => self.connections_max = num(key, value)?,
             "TIDEMARK_STATEMENT_TIMEOUT_MS" => self.statement_timeout_ms = num(key, value)?,

@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::query_log::QueryLog;
+use crate::storage::hot::HotCache;
 use crate::storage::provider::SegmentTable;
 use crate::storage::{self, Storage, SEGMENT_STORE_URL};
 use crate::system::{SystemSchema, SCHEMA as SYSTEM_SCHEMA};
@@ -201,6 +202,9 @@ impl Drop for Node {
 fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &Clock) -> Result<Arc<Cluster>> {
     let local = config.local_pipelines();
     let cache_each = config.segment_cache_bytes_max / u64::from(local.max(1));
+    let hot_each = config.hot_cache_bytes_max / u64::from(local.max(1));
+    let leading_sort_column: std::collections::HashMap<String, String> =
+        catalog.tables().filter_map(|t| t.sort_key.first().map(|k| (t.name.clone(), k.clone()))).collect();
     let mut pipelines: Vec<Arc<dyn Pipeline>> = Vec::new();
     for (node, addr) in config.parsed_peers()? {
         for i in 0..config.peer_pipeline_count() {
@@ -219,6 +223,7 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
             config.pipeline_queue_max,
             storage.object_store(),
             cache_each,
+            Arc::new(HotCache::new(hot_each, leading_sort_column.clone())),
         )?));
     }
     // Every table is split into the same number of shards in practice; the map covers

@@ -29,6 +29,7 @@ use crate::catalog::TableDef;
 use crate::error::{Error, Result};
 use crate::ingest::{self, CsvOptions};
 use crate::node::Node;
+use crate::planner::generic::GenericPlan;
 use crate::planner::shard_key;
 use crate::query_log::{self, QueryLogEntry};
 use crate::storage::provider::ScanReport;
@@ -219,15 +220,17 @@ impl Session {
     }
 
     /// Runs one parsed statement; `plan` and `params` come from the extended protocol.
+    /// `generic` is the prepared statement's reusable plan, if it has one.
     pub async fn execute(
         &self,
         sql: &str,
         stmt: &Statement,
         plan: Option<&LogicalPlan>,
         params: Option<ParamValues>,
+        generic: Option<&GenericPlan>,
     ) -> Result<Outcome> {
         let tracker = self.track(sql, statement_kind(stmt));
-        match self.execute_tracked(stmt, plan, params, &tracker).await {
+        match self.execute_tracked(stmt, plan, params, generic, &tracker).await {
             Ok(Outcome::Rows { schema, stream }) => Ok(Outcome::Rows {
                 schema: pg_schema(stmt, schema),
                 stream: Box::pin(LoggedStream::new(stream, tracker, |b: &RecordBatch| {
@@ -261,6 +264,7 @@ impl Session {
         stmt: &Statement,
         plan: Option<&LogicalPlan>,
         params: Option<ParamValues>,
+        generic: Option<&GenericPlan>,
         tracker: &Tracker,
     ) -> Result<Outcome> {
         if let Some(reason) = refused(stmt) {
@@ -273,6 +277,27 @@ impl Session {
         let mut state = self.node.state();
         state.config_mut().set_extension(Arc::clone(&tracker.report));
         let state_ready = started.elapsed();
+        let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
+        if let (Some(generic), Some(plan), Some(params), Statement::Query(_)) = (generic, plan, &params, stmt) {
+            if let Some(bound) = generic.bind(plan, params, &state)? {
+                let planned = started.elapsed();
+                let run = async {
+                    let physical = state.query_planner().create_physical_plan(&bound, &state).await?;
+                    tracing::debug!(
+                        state_us = state_ready.as_micros() as u64,
+                        bind_us = (planned - state_ready).as_micros() as u64,
+                        physical_plan_us = (started.elapsed() - planned).as_micros() as u64,
+                        "generic plan phases"
+                    );
+                    Ok::<_, Error>(execute_stream(physical, state.task_ctx())?)
+                };
+                let stream = match timeout {
+                    Some(t) => tokio::time::timeout(t, run).await.map_err(|_| Error::StatementTimeout)??,
+                    None => run.await?,
+                };
+                return Ok(Outcome::Rows { schema: stream.schema(), stream });
+            }
+        }
         let logical = match plan {
             Some(p) => p.clone(),
             None => state.statement_to_plan(DfStatement::Statement(Box::new(stmt.clone()))).await?,
@@ -298,7 +323,6 @@ impl Session {
         if is_insert {
             ingest::check_insert_casts(&logical)?;
         }
-        let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         let planned = started.elapsed();
         let run = async {
             let physical = state.create_physical_plan(&logical).await?;

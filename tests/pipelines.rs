@@ -123,9 +123,11 @@ async fn system_tables_show_pipelines_and_routing() {
 /// prunes nothing): pruning and fragmenting never change an answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_do_not_depend_on_pipelines() {
+    // One node reads segments through Parquet only, the other through hot segments.
     let (one, parquet) = loaded(|c| {
         c.pipelines = Some(1);
         c.shard_replicas = 1;
+        c.hot_cache_bytes_max = 0;
     })
     .await;
     let (many, _) = loaded(|c| {
@@ -147,7 +149,7 @@ async fn results_do_not_depend_on_pipelines() {
             b.sort();
             want.sort();
         }
-        assert_eq!(a, b, "1 pipeline vs 5 pipelines:\n{q}");
+        assert_eq!(a, b, "1 pipeline (Parquet) vs 5 pipelines (hot segments):\n{q}");
         assert_eq!(a, want, "Tidemark vs DuckDB:\n{q}");
         nonempty += usize::from(!a.is_empty() && a[0].iter().any(|v| v != "NULL" && v != "0"));
     }
@@ -172,4 +174,111 @@ async fn parameters_are_bound_before_routing() {
         assert_eq!(r[1], "1", "one fragment per execution: {routed:?}");
         assert_eq!(r[2], tidemark::shard_map::shard_of(&entity_id(i), 8).to_string());
     }
+}
+
+/// A value bound to a prepared statement's `$n`, and the same value as SQL text.
+#[derive(Clone, Debug)]
+enum Param {
+    Text(String),
+    Ts(chrono::NaiveDateTime),
+    Int(i64),
+    Num(rust_decimal::Decimal),
+}
+
+impl Param {
+    fn sql(&self) -> String {
+        match self {
+            Param::Text(s) => format!("'{s}'"),
+            Param::Ts(t) => format!("TIMESTAMP '{}'", t.format("%Y-%m-%d %H:%M:%S")),
+            Param::Int(i) => i.to_string(),
+            Param::Num(d) => d.to_string(),
+        }
+    }
+
+    fn as_sql_param(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Param::Text(s) => s,
+            Param::Ts(t) => t,
+            Param::Int(i) => i,
+            Param::Num(d) => d,
+        }
+    }
+}
+
+/// Prepared statements reuse an optimized plan across Executes (the generic plan);
+/// their answers must equal those of the same statements with the values written in,
+/// planned from scratch, for many values of each parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_answer_like_fresh_plans() {
+    use rand::Rng;
+    let (n, _) = loaded(|c| c.pipelines = Some(2)).await;
+    let c = n.client().await;
+    let templates = [
+        "SELECT sum(quantity) FROM usage WHERE entity_id = $1 AND service = $2 AND event_time >= $3 AND event_time < $4",
+        "SELECT service, operation, sum(quantity), count(*) FROM usage WHERE entity_id = $1 AND event_time >= $2 GROUP BY 1, 2 ORDER BY 1, 2",
+        "SELECT count(*), min(event_time), max(quantity) FROM usage WHERE entity_id IN ($1, $2) AND quantity > $3",
+        "SELECT record_id, quantity FROM usage WHERE entity_id = $1 ORDER BY event_time DESC, record_id LIMIT $2",
+        "SELECT date_trunc('hour', event_time) AS h, count(*) FROM usage WHERE entity_id = $1 AND service <> $2 GROUP BY 1 ORDER BY 1",
+        "SELECT entity_id, count(*) FROM usage WHERE (entity_id = $1 OR entity_id = $2) AND event_time < $3 GROUP BY 1 ORDER BY 1",
+        "SELECT count(*) FROM usage WHERE service = $1 AND event_time >= $2 AND event_time < $3",
+    ];
+    let mut rng = StdRng::seed_from_u64(7);
+    let day = |rng: &mut StdRng| {
+        chrono::NaiveDate::from_ymd_opt(2026, 1, rng.random_range(8..20)).unwrap().and_hms_opt(rng.random_range(0..24), 0, 0).unwrap()
+    };
+    let services = ["storage", "compute", "database", "network", "nosuch"];
+    let mut compared = 0;
+    let mut nonempty = 0;
+    for t in templates {
+        let stmt = c.prepare(t).await.unwrap_or_else(|e| panic!("{t}: {e}"));
+        for _ in 0..25 {
+            let params: Vec<Param> = stmt
+                .params()
+                .iter()
+                .enumerate()
+                .map(|(i, ty)| match *ty {
+                    tokio_postgres::types::Type::TIMESTAMP => Param::Ts(day(&mut rng)),
+                    tokio_postgres::types::Type::INT8 => Param::Int(rng.random_range(0..40)),
+                    tokio_postgres::types::Type::NUMERIC => Param::Num(rust_decimal::Decimal::new(rng.random_range(0..400), 1)),
+                    _ if t.contains(&format!("service = ${}", i + 1)) || t.contains(&format!("service <> ${}", i + 1)) => {
+                        Param::Text(services[rng.random_range(0..services.len())].to_string())
+                    }
+                    _ => Param::Text(entity_id(rng.random_range(0..220))),
+                })
+                .collect();
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p.as_sql_param()).collect();
+            let got: Vec<Vec<String>> = c
+                .query(&stmt, &refs)
+                .await
+                .unwrap_or_else(|e| panic!("{t} {params:?}: {e}"))
+                .iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| {
+                            let ty = r.columns()[i].type_();
+                            let v = match *ty {
+                                tokio_postgres::types::Type::INT8 => r.get::<_, Option<i64>>(i).map(|v| v.to_string()),
+                                tokio_postgres::types::Type::TIMESTAMP => {
+                                    r.get::<_, Option<chrono::NaiveDateTime>>(i).map(|v| v.format("%Y-%m-%d %H:%M:%S%.f").to_string())
+                                }
+                                tokio_postgres::types::Type::NUMERIC => r.get::<_, Option<rust_decimal::Decimal>>(i).map(|v| v.normalize().to_string()),
+                                _ => r.get::<_, Option<String>>(i),
+                            };
+                            v.map(|v| common::normalize(&v)).unwrap_or_else(|| "NULL".into())
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut literal = t.to_string();
+            for (i, p) in params.iter().enumerate().rev() {
+                literal = literal.replace(&format!("${}", i + 1), &p.sql());
+            }
+            let want = rows_of(&c, &literal).await;
+            assert_eq!(got, want, "prepared {t} with {params:?} vs\n{literal}");
+            compared += 1;
+            nonempty += usize::from(!want.is_empty() && want[0].iter().any(|v| v != "NULL" && v != "0"));
+        }
+    }
+    assert_eq!(compared, templates.len() * 25);
+    assert!(nonempty > 60, "too few parameter sets select anything ({nonempty})");
 }

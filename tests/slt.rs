@@ -104,7 +104,7 @@ impl AsyncDB for Db {
                 let stmts = session.parse(sql).map_err(tm_err)?;
                 let mut last = DBOutput::StatementComplete(0);
                 for stmt in &stmts {
-                    last = match session.execute(sql, stmt, None, None).await.map_err(tm_err)? {
+                    last = match session.execute(sql, stmt, None, None, None).await.map_err(tm_err)? {
                         Outcome::Rows { schema, stream } => {
                             let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| tm_err(e.into()))?;
                             DBOutput::Rows {

@@ -41,6 +41,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::Error;
 use crate::node::Node;
+use crate::planner::generic::GenericPlan;
 use crate::session::{statement_kind, CopyIn, Outcome, Session, SessionInfo};
 
 /// One prepared statement of the extended protocol.
@@ -53,6 +54,8 @@ pub struct Prepared {
     hooked: bool,
     /// Parameter types in `$1, $2, ...` order.
     param_types: Vec<Option<DataType>>,
+    /// The optimized plan reused by every Execute (shared by clones of the statement).
+    generic: Arc<GenericPlan>,
 }
 
 /// Per-connection state kept in pgwire's session extensions.
@@ -156,7 +159,7 @@ impl Frontend {
             return Response::Error(Box::new(error_info(&e)));
         }
         let session = conn.session.with_timeout(statement_timeout(client));
-        match session.execute(sql, stmt, None, None).await {
+        match session.execute(sql, stmt, None, None, None).await {
             Ok(outcome) => self.respond(client, conn, outcome, &Format::UnifiedText).await,
             Err(e) => Response::Error(Box::new(error_info(&e))),
         }
@@ -324,7 +327,7 @@ impl QueryParser for PreparedParser {
         for hook in &self.hooks {
             if let Some(plan) = hook.handle_extended_parse_query(&stmt, self.node.context(), client).await {
                 let plan = plan?;
-                return Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan: Some(plan), hooked: true, param_types: vec![] }));
+                return Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan: Some(plan), hooked: true, param_types: vec![], generic: Arc::default() }));
             }
         }
         match session.plan(&stmt).await {
@@ -333,7 +336,7 @@ impl QueryParser for PreparedParser {
                     Some(p) => ordered_param_types(p).map_err(|e| to_pg(&e))?,
                     None => vec![],
                 };
-                Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types }))
+                Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types, generic: Arc::default() }))
             }
             Err(e) => {
                 session.record_failure(sql, &e);
@@ -365,7 +368,20 @@ impl QueryParser for PreparedParser {
 
 /// `$1, $2, ...` types of a plan, in order.
 fn ordered_param_types(plan: &LogicalPlan) -> crate::error::Result<Vec<Option<DataType>>> {
-    let types = plan.get_parameter_types()?;
+    let mut types = plan.get_parameter_types()?;
+    // As in PostgreSQL, a parameter that is a LIMIT or OFFSET is a bigint.
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::Limit(l) = p {
+            for e in [&l.skip, &l.fetch].into_iter().flatten() {
+                if let datafusion::logical_expr::Expr::Placeholder(ph) = e.as_ref() {
+                    if let Some(slot @ None) = types.get_mut(&ph.id) {
+                        *slot = Some(DataType::Int64);
+                    }
+                }
+            }
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
     let mut out: Vec<(usize, Option<DataType>)> = types
         .into_iter()
         .filter_map(|(name, t)| name.trim_start_matches('$').parse::<usize>().ok().map(|i| (i, t)))
@@ -432,7 +448,7 @@ impl ExtendedQueryHandler for Frontend {
             return Err(to_pg(&e));
         }
         let session = conn.session.with_timeout(statement_timeout(client));
-        match session.execute(&prepared.sql, stmt, prepared.plan.as_ref(), Some(params)).await {
+        match session.execute(&prepared.sql, stmt, prepared.plan.as_ref(), Some(params), Some(&prepared.generic)).await {
             Ok(outcome) => match self.respond(client, &conn, outcome, &portal.result_column_format).await {
                 Response::Error(info) => Err(PgWireError::UserError(info)),
                 other => Ok(other),

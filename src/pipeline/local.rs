@@ -20,6 +20,7 @@ use super::{Fragment, InFlight, Pipeline, PipelineStats, TrackedStream};
 use crate::error::{Error, Result};
 use crate::shard_map::PipelineId;
 use crate::storage::cache::{CacheStats, CachedStore};
+use crate::storage::hot::{HotCache, HotStats};
 use crate::storage::SEGMENT_STORE_URL;
 
 /// Batches a running fragment may produce ahead of its consumer.
@@ -34,12 +35,22 @@ pub struct LocalPipeline {
     stats: Arc<PipelineStats>,
     runtime: Arc<RuntimeEnv>,
     cache: Option<Arc<CachedStore>>,
+    /// Decoded columns of hot segments; fragments' segment scans read through it.
+    hot: Arc<HotCache>,
+    store: Arc<dyn ObjectStore>,
 }
 
 impl LocalPipeline {
     /// A pipeline reading segments from `store` through a cache of `cache_bytes_max`
     /// bytes (0 = no cache).
-    pub fn new(id: PipelineId, slots: u32, queue_max: u32, store: Arc<dyn ObjectStore>, cache_bytes_max: u64) -> Result<LocalPipeline> {
+    pub fn new(
+        id: PipelineId,
+        slots: u32,
+        queue_max: u32,
+        store: Arc<dyn ObjectStore>,
+        cache_bytes_max: u64,
+        hot: Arc<HotCache>,
+    ) -> Result<LocalPipeline> {
         let (store, cache): (Arc<dyn ObjectStore>, _) = if cache_bytes_max > 0 {
             let c = Arc::new(CachedStore::new(store, cache_bytes_max));
             (Arc::clone(&c) as Arc<dyn ObjectStore>, Some(c))
@@ -48,7 +59,7 @@ impl LocalPipeline {
         };
         let runtime = RuntimeEnvBuilder::new().build_arc()?;
         let url = url::Url::parse(SEGMENT_STORE_URL).map_err(|e| Error::Internal(e.to_string()))?;
-        runtime.register_object_store(&url, store);
+        runtime.register_object_store(&url, Arc::clone(&store));
         Ok(LocalPipeline {
             id,
             slots: slots.max(1),
@@ -57,6 +68,8 @@ impl LocalPipeline {
             stats: Arc::default(),
             runtime,
             cache,
+            hot,
+            store,
         })
     }
 
@@ -103,6 +116,10 @@ impl Pipeline for LocalPipeline {
         self.cache.as_ref().map(|c| c.stats())
     }
 
+    fn hot(&self) -> Option<HotStats> {
+        Some(self.hot.stats())
+    }
+
     fn is_local(&self) -> bool {
         true
     }
@@ -123,7 +140,7 @@ impl Pipeline for LocalPipeline {
             }
         };
         let flight = InFlight::start(&self.stats);
-        let plan = fragment.plan;
+        let plan = self.hot.rewrite(fragment.plan, &self.store)?;
         let schema = plan.schema();
         let partitions = plan.properties().partitioning.partition_count();
         if partitions != 1 {
@@ -164,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn slots_queue_and_counters() {
         let store = Arc::new(object_store::memory::InMemory::new());
-        let p = LocalPipeline::new(PipelineId::new(1, 0), 1, 0, store, 0).unwrap();
+        let p = LocalPipeline::new(PipelineId::new(1, 0), 1, 0, store, 0, Arc::new(HotCache::new(0, Default::default()))).unwrap();
         let ctx = Arc::new(TaskContext::default());
         let held = p.run(fragment(3), Arc::clone(&ctx)).await.unwrap();
         assert_eq!(p.stats().snapshot().in_flight, 1);
@@ -187,7 +204,7 @@ mod tests {
     #[tokio::test]
     async fn waiters_queue_up_to_the_limit() {
         let store = Arc::new(object_store::memory::InMemory::new());
-        let p = Arc::new(LocalPipeline::new(PipelineId::new(1, 0), 1, 1, store, 0).unwrap());
+        let p = Arc::new(LocalPipeline::new(PipelineId::new(1, 0), 1, 1, store, 0, Arc::new(HotCache::new(0, Default::default()))).unwrap());
         let ctx = Arc::new(TaskContext::default());
         let held = p.run(fragment(1), Arc::clone(&ctx)).await.unwrap();
         let (p2, c2) = (Arc::clone(&p), Arc::clone(&ctx));

@@ -55,6 +55,10 @@ pub trait Pipeline: Send + Sync + fmt::Debug {
     fn stats(&self) -> &Arc<PipelineStats>;
     /// Its segment cache, when it runs in this process.
     fn cache(&self) -> Option<CacheStats>;
+    /// Its hot-segment cache (decoded columns), when it runs in this process.
+    fn hot(&self) -> Option<crate::storage::hot::HotStats> {
+        None
+    }
     fn is_local(&self) -> bool;
     /// False while the pipeline is known to be unreachable.
     fn available(&self) -> bool {

@@ -3,3 +3,4 @@
 
 pub mod shard_key;
 pub mod fragment;
+pub mod generic;

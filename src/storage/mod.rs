@@ -18,6 +18,7 @@
 //! manifest still names.
 
 pub mod cache;
+pub mod hot;
 pub mod manifest;
 pub mod provider;
 pub mod segment;

@@ -297,6 +297,9 @@ fn pipelines_schema() -> SchemaRef {
         Field::new("cache_bytes", DataType::UInt64, true),
         Field::new("cache_bytes_max", DataType::UInt64, true),
         Field::new("cache_hit_rate", DataType::Float64, true),
+        Field::new("hot_bytes", DataType::UInt64, true),
+        Field::new("hot_bytes_max", DataType::UInt64, true),
+        Field::new("hot_hit_rate", DataType::Float64, true),
         Field::new("epoch", DataType::UInt64, false),
     ]))
 }
@@ -307,6 +310,7 @@ fn pipelines_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
     let ps = cluster.pipelines();
     let stats: Vec<_> = ps.iter().map(|p| p.stats().snapshot()).collect();
     let caches: Vec<_> = ps.iter().map(|p| p.cache()).collect();
+    let hots: Vec<_> = ps.iter().map(|p| p.hot()).collect();
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(ps.iter().map(|p| p.id().to_string()).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(ps.iter().map(|p| p.id().node).collect::<Vec<_>>())),
@@ -324,6 +328,9 @@ fn pipelines_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
         Arc::new(UInt64Array::from(caches.iter().map(|c| c.map(|c| c.bytes)).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(caches.iter().map(|c| c.map(|c| c.bytes_max)).collect::<Vec<_>>())),
         Arc::new(Float64Array::from(caches.iter().map(|c| c.and_then(|c| c.hit_rate())).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(hots.iter().map(|c| c.map(|c| c.bytes)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(hots.iter().map(|c| c.map(|c| c.bytes_max)).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(hots.iter().map(|c| c.and_then(|c| c.hit_rate())).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(vec![map.epoch; ps.len()])),
     ];
     Ok(RecordBatch::try_new(pipelines_schema(), cols)?)
