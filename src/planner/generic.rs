@@ -27,7 +27,7 @@ use datafusion::optimizer::eliminate_limit::EliminateLimit;
 use datafusion::optimizer::propagate_empty_relation::PropagateEmptyRelation;
 use datafusion::optimizer::push_down_limit::PushDownLimit;
 use datafusion::optimizer::simplify_expressions::SimplifyExpressions;
-use datafusion::optimizer::{Optimizer, OptimizerRule};
+use datafusion::optimizer::{Optimizer, OptimizerContext, OptimizerRule};
 use parking_lot::Mutex;
 
 use crate::error::Result;
@@ -69,7 +69,14 @@ impl GenericPlan {
             Arc::new(PropagateEmptyRelation::new()),
             Arc::new(PushDownLimit::new()),
         ];
-        Ok(Some(Optimizer::with_rules(rules).optimize(bound, state, |_, _| {})?))
+        // One pass: the plan was optimized to a fixed point already, and the rules above
+        // only fold what the values made constant.
+        // (No start time: a reusable plan has no time-dependent function to fold.)
+        let config = OptimizerContext::new_with_config_options(Arc::clone(state.config().options()))
+            .without_query_execution_start_time()
+            .with_skip_failing_rules(false)
+            .with_max_passes(1);
+        Ok(Some(Optimizer::with_rules(rules).optimize(bound, &config, |_, _| {})?))
     }
 
     fn optimized(&self, unoptimized: &LogicalPlan, types: &[DataType], state: &SessionState) -> Option<Arc<LogicalPlan>> {
