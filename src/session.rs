@@ -291,10 +291,7 @@ impl Session {
                     );
                     Ok::<_, Error>(execute_stream(physical, state.task_ctx())?)
                 };
-                let stream = match timeout {
-                    Some(t) => tokio::time::timeout(t, run).await.map_err(|_| Error::StatementTimeout)??,
-                    None => run.await?,
-                };
+                let stream = within(timeout, run).await?;
                 return Ok(Outcome::Rows { schema: stream.schema(), stream });
             }
         }
@@ -337,15 +334,9 @@ impl Session {
             );
             Ok::<_, Error>(stream)
         };
-        let stream = match timeout {
-            Some(t) => tokio::time::timeout(t, run).await.map_err(|_| Error::StatementTimeout)??,
-            None => run.await?,
-        };
+        let stream = within(timeout, run).await?;
         if is_insert || is_event_delete {
-            let batches: Vec<RecordBatch> = match timeout {
-                Some(t) => tokio::time::timeout(t, stream.try_collect()).await.map_err(|_| Error::StatementTimeout)??,
-                None => stream.try_collect().await?,
-            };
+            let batches: Vec<RecordBatch> = within(timeout, async { Ok(stream.try_collect().await?) }).await?;
             let added = batches
                 .first()
                 .and_then(|b| b.column(0).as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().map(|a| a.value(0)))
@@ -550,6 +541,14 @@ fn explain_values_error(stmt: &Statement, e: Error, table_def: impl Fn(&str) -> 
         }
     }
     e
+}
+
+/// Runs `work`, failing with 57014 if it takes longer than `timeout`.
+async fn within<T>(timeout: Option<std::time::Duration>, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, work).await.map_err(|_| Error::StatementTimeout)?,
+        None => work.await,
+    }
 }
 
 fn copy_done(o: AppendOutcome) -> Outcome {

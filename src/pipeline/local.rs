@@ -20,7 +20,7 @@ use super::{Fragment, InFlight, Pipeline, PipelineStats, TrackedStream};
 use crate::error::{Error, Result};
 use crate::shard_map::PipelineId;
 use crate::storage::cache::{CacheStats, CachedStore};
-use crate::storage::hot::{HotCache, HotStats};
+use crate::storage::hot::HotCache;
 use crate::storage::SEGMENT_STORE_URL;
 
 /// Batches a running fragment may produce ahead of its consumer.
@@ -116,7 +116,7 @@ impl Pipeline for LocalPipeline {
         self.cache.as_ref().map(|c| c.stats())
     }
 
-    fn hot(&self) -> Option<HotStats> {
+    fn hot(&self) -> Option<CacheStats> {
         Some(self.hot.stats())
     }
 

@@ -56,7 +56,7 @@ pub trait Pipeline: Send + Sync + fmt::Debug {
     /// Its segment cache, when it runs in this process.
     fn cache(&self) -> Option<CacheStats>;
     /// Its hot-segment cache (decoded columns), when it runs in this process.
-    fn hot(&self) -> Option<crate::storage::hot::HotStats> {
+    fn hot(&self) -> Option<CacheStats> {
         None
     }
     fn is_local(&self) -> bool;

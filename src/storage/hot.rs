@@ -32,6 +32,7 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column, InListExpr, Literal};
 use datafusion::physical_expr::utils::{collect_columns, split_conjunction};
+use datafusion::physical_expr::projection::Projector;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
@@ -44,6 +45,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use crate::error::Error;
+use crate::storage::cache::CacheStats;
 
 /// How much of the cache one segment's columns may take; a larger segment is read
 /// through Parquet, so one big scan cannot empty the cache.
@@ -80,23 +82,6 @@ impl fmt::Debug for HotCache {
     }
 }
 
-/// What the hot cache holds and how well it served (hits and misses count segments).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HotStats {
-    pub bytes: u64,
-    pub bytes_max: u64,
-    pub hits: u64,
-    pub misses: u64,
-}
-
-impl HotStats {
-    /// Segment reads served without decoding over all segment reads, or None before the first.
-    pub fn hit_rate(&self) -> Option<f64> {
-        let n = self.hits + self.misses;
-        (n > 0).then(|| self.hits as f64 / n as f64)
-    }
-}
-
 impl HotCache {
     pub fn new(bytes_max: u64, leading_sort_column: HashMap<String, String>) -> HotCache {
         HotCache {
@@ -108,8 +93,9 @@ impl HotCache {
         }
     }
 
-    pub fn stats(&self) -> HotStats {
-        HotStats {
+    /// Bytes held and segment reads served without decoding (hits) or with (misses).
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
             bytes: self.columns.lock().bytes,
             bytes_max: self.bytes_max,
             hits: self.hits.load(Ordering::Relaxed),
@@ -169,6 +155,10 @@ impl HotCache {
 
 /// Reads segments from a pipeline's [`HotCache`], decoding what is missing.
 pub struct HotScanExec {
+    scan: Arc<HotScan>,
+}
+
+struct HotScan {
     /// The Parquet scan it replaces: its properties, and the way to read a file the
     /// cache cannot hold.
     original: Arc<dyn ExecutionPlan>,
@@ -178,13 +168,17 @@ pub struct HotScanExec {
     needed: Vec<usize>,
     /// The leading sort column and the values the predicate pins it to.
     key: Option<(usize, Vec<String>)>,
+    /// The table schema with every column nullable: columns the scan does not read are
+    /// filled with nulls before the predicate and projection see the rows.
+    loose: SchemaRef,
+    projector: Option<Projector>,
     cache: Arc<HotCache>,
     store: Arc<dyn ObjectStore>,
 }
 
 impl fmt::Debug for HotScanExec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HotScanExec").field("needed", &self.needed).field("key", &self.key).finish()
+        f.debug_struct("HotScanExec").field("needed", &self.scan.needed).field("key", &self.scan.key).finish()
     }
 }
 
@@ -217,8 +211,17 @@ impl HotScanExec {
         if needed.is_empty() {
             needed.insert(key_column.unwrap_or(0));
         }
-        Ok(HotScanExec { original, config, predicate, needed: needed.into_iter().collect(), key, cache, store })
+        let loose: SchemaRef = Arc::new(Schema::new(
+            schema.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
+        ));
+        let projector = config.file_source().projection().map(|p| p.make_projector(&loose)).transpose()?;
+        let needed = needed.into_iter().collect();
+        let scan = HotScan { original, config, predicate, needed, key, loose, projector, cache, store };
+        Ok(HotScanExec { scan: Arc::new(scan) })
     }
+}
+
+impl HotScan {
 
     /// One file's rows, filtered and projected; None when the cache cannot hold it.
     async fn read_file(&self, file: &PartitionedFile) -> DfResult<Option<Vec<RecordBatch>>> {
@@ -269,14 +272,7 @@ impl HotScanExec {
             None => vec![(0, rows)],
         };
         let schema = self.config.file_schema();
-        let loose: SchemaRef = Arc::new(Schema::new(
-            schema.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
-        ));
         let out_schema = self.original.schema();
-        let projector = match self.config.file_source().projection() {
-            Some(p) => Some(p.make_projector(&loose)?),
-            None => None,
-        };
         let mut out = Vec::new();
         for (lo, hi) in ranges {
             if hi <= lo {
@@ -291,7 +287,7 @@ impl HotScanExec {
                     None => new_null_array(f.data_type(), hi - lo),
                 })
                 .collect();
-            let batch = RecordBatch::try_new_with_options(Arc::clone(&loose), columns, &RecordBatchOptions::new().with_row_count(Some(hi - lo)))?;
+            let batch = RecordBatch::try_new_with_options(Arc::clone(&self.loose), columns, &RecordBatchOptions::new().with_row_count(Some(hi - lo)))?;
             let batch = match &self.predicate {
                 Some(p) => {
                     let mask = p.evaluate(&batch)?.into_array(batch.num_rows())?;
@@ -303,7 +299,7 @@ impl HotScanExec {
             if batch.num_rows() == 0 {
                 continue;
             }
-            let projected = match &projector {
+            let projected = match &self.projector {
                 Some(p) => p.project_batch(&batch)?,
                 None => batch,
             };
@@ -326,7 +322,7 @@ impl HotScanExec {
 impl DisplayAs for HotScanExec {
     fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "HotScanExec: ")?;
-        self.original.fmt_as(t, f)
+        self.scan.original.fmt_as(t, f)
     }
 }
 
@@ -336,7 +332,7 @@ impl ExecutionPlan for HotScanExec {
     }
 
     fn properties(&self) -> &Arc<PlanProperties> {
-        self.original.properties()
+        self.scan.original.properties()
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
@@ -355,18 +351,10 @@ impl ExecutionPlan for HotScanExec {
     }
 
     fn execute(&self, partition: usize, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
-        let files: Vec<PartitionedFile> = self.config.file_groups.get(partition).map(|g| g.iter().cloned().collect()).unwrap_or_default();
-        let this = Arc::new(HotScanExec {
-            original: Arc::clone(&self.original),
-            config: self.config.clone(),
-            predicate: self.predicate.clone(),
-            needed: self.needed.clone(),
-            key: self.key.clone(),
-            cache: Arc::clone(&self.cache),
-            store: Arc::clone(&self.store),
-        });
-        let limit = self.config.limit;
-        let schema = self.original.schema();
+        let this = Arc::clone(&self.scan);
+        let files: Vec<PartitionedFile> = this.config.file_groups.get(partition).map(|g| g.iter().cloned().collect()).unwrap_or_default();
+        let limit = this.config.limit;
+        let schema = this.original.schema();
         let stream = futures::stream::iter(files)
             .then(move |file| {
                 let this = Arc::clone(&this);
@@ -442,24 +430,12 @@ fn ascending(a: &ArrayRef) -> bool {
 
 /// The row ranges holding each of `values` in a column sorted ascending.
 fn key_ranges(s: &datafusion::arrow::array::StringArray, values: &[String]) -> Vec<(usize, usize)> {
-    let n = s.len();
-    let first_at_least = |v: &str| {
-        let (mut lo, mut hi) = (0, n);
+    // The first row whose value is not `below` the key (rows ascend).
+    let first = |below: &dyn Fn(&str) -> bool| {
+        let (mut lo, mut hi) = (0, s.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
-            if s.value(mid) < v {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
-    };
-    let first_above = |v: &str| {
-        let (mut lo, mut hi) = (0, n);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if s.value(mid) <= v {
+            if below(s.value(mid)) {
                 lo = mid + 1;
             } else {
                 hi = mid;
@@ -469,7 +445,7 @@ fn key_ranges(s: &datafusion::arrow::array::StringArray, values: &[String]) -> V
     };
     // Values sorted and distinct, so the ranges come out in row order.
     let values: BTreeSet<&str> = values.iter().map(|v| v.as_str()).collect();
-    values.into_iter().map(|v| (first_at_least(v), first_above(v))).filter(|(lo, hi)| hi > lo).collect()
+    values.into_iter().map(|v| (first(&|x| x < v), first(&|x| x <= v))).filter(|(lo, hi)| hi > lo).collect()
 }
 
 /// The values a conjunct of `predicate` pins column `name` to (`name = 'x'` or
