@@ -53,6 +53,7 @@ pub struct Node {
     parser: PostgresCompatibilityParser,
     clock: Clock,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    plans: crate::planner::generic::PlanCounters,
 }
 
 impl Node {
@@ -100,6 +101,7 @@ impl Node {
             flight: Mutex::new(flight),
             cluster,
             background: Mutex::new(Vec::new()),
+            plans: Default::default(),
             parser: PostgresCompatibilityParser::new(),
             config,
             catalog,
@@ -183,6 +185,29 @@ impl Node {
     /// A fresh copy of the SQL state for one statement.
     pub fn state(&self) -> SessionState {
         self.ctx.state()
+    }
+
+    /// A task context for running a plan built already (a reused plan): the node's
+    /// settings plus `extension`, its runtime, and no function registry (a built plan
+    /// holds its functions), so that nothing big is copied per execution.
+    pub fn task_context<T: Send + Sync + 'static>(&self, extension: Arc<T>) -> Arc<datafusion::execution::TaskContext> {
+        let mut config = self.ctx.copied_config();
+        config.set_extension(extension);
+        Arc::new(datafusion::execution::TaskContext::new(
+            None,
+            self.ctx.session_id(),
+            config,
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            self.ctx.runtime_env(),
+        ))
+    }
+
+    /// How prepared statements' Executes were planned on this node.
+    pub fn plan_counters(&self) -> &crate::planner::generic::PlanCounters {
+        &self.plans
     }
 
     pub fn statement_timeout(&self) -> Option<Duration> {

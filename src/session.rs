@@ -227,7 +227,7 @@ impl Session {
         stmt: &Statement,
         plan: Option<&LogicalPlan>,
         params: Option<ParamValues>,
-        generic: Option<&GenericPlan>,
+        generic: Option<&Arc<GenericPlan>>,
     ) -> Result<Outcome> {
         let tracker = self.track(sql, statement_kind(stmt));
         match self.execute_tracked(stmt, plan, params, generic, &tracker).await {
@@ -264,7 +264,7 @@ impl Session {
         stmt: &Statement,
         plan: Option<&LogicalPlan>,
         params: Option<ParamValues>,
-        generic: Option<&GenericPlan>,
+        generic: Option<&Arc<GenericPlan>>,
         tracker: &Tracker,
     ) -> Result<Outcome> {
         if let Some(reason) = refused(stmt) {
@@ -274,12 +274,31 @@ impl Session {
             return self.copy(source, *to, target, options, legacy_options, tracker).await;
         }
         let started = Instant::now();
-        let mut state = self.node.state();
-        state.config_mut().set_extension(Arc::clone(&tracker.report));
-        let state_ready = started.elapsed();
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         if let (Some(generic), Some(plan), Some(params), Statement::Query(_)) = (generic, plan, &params, stmt) {
+            let counters = self.node.plan_counters();
+            // A plan built already needs no planning state at all.
+            let reused = match generic.ready(params)? {
+                Some(r) => Some(r),
+                None => within(timeout, generic.reuse(plan, params, &self.statement_state(tracker))).await?,
+            };
+            if let Some(reused) = reused {
+                counters.reused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let stream = execute_stream(Arc::clone(&reused.plan), self.node.task_context(Arc::clone(&tracker.report)))?;
+                tracing::debug!(reuse_us = started.elapsed().as_micros() as u64, "reused physical plan");
+                let schema = stream.schema();
+                // The plan goes back to its statement when the stream is dropped.
+                let stream = stream.inspect(move |_| {
+                    let _ = &reused;
+                });
+                let stream: SendableRecordBatchStream =
+                    Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(Arc::clone(&schema), stream));
+                return Ok(Outcome::Rows { schema, stream });
+            }
+            let state = self.statement_state(tracker);
+            let state_ready = started.elapsed();
             if let Some(bound) = generic.bind(plan, params, &state)? {
+                counters.bound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let planned = started.elapsed();
                 let run = async {
                     let physical = state.query_planner().create_physical_plan(&bound, &state).await?;
@@ -294,6 +313,11 @@ impl Session {
                 let stream = within(timeout, run).await?;
                 return Ok(Outcome::Rows { schema: stream.schema(), stream });
             }
+        }
+        let state = self.statement_state(tracker);
+        let state_ready = started.elapsed();
+        if plan.is_some() {
+            self.node.plan_counters().planned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let logical = match plan {
             Some(p) => p.clone(),
@@ -348,6 +372,13 @@ impl Session {
         Ok(Outcome::Rows { schema, stream })
     }
 
+    /// The node's DataFusion state for one statement, reporting its scans to `tracker`.
+    fn statement_state(&self, tracker: &Tracker) -> datafusion::execution::session_state::SessionState {
+        let mut state = self.node.state();
+        state.config_mut().set_extension(Arc::clone(&tracker.report));
+        state
+    }
+
     async fn copy(
         &self,
         source: &CopySource,
@@ -370,8 +401,7 @@ impl Session {
                     format!("SELECT {cols} FROM {table_name}")
                 }
             };
-            let mut state = self.node.state();
-            state.config_mut().set_extension(Arc::clone(&tracker.report));
+            let state = self.statement_state(tracker);
             let df = datafusion::prelude::SessionContext::new_with_state(state).sql(&query).await?;
             return match target {
                 CopyTarget::File { filename } => {

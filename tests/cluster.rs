@@ -113,6 +113,21 @@ async fn a_gateway_runs_fragments_on_other_nodes() {
     let after = rows_of(&c, &qs[0]).await.unwrap();
     let count = |r: &Vec<Vec<String>>| r[0][1].parse::<i64>().unwrap();
     assert_eq!(count(&after), count(&before) + 1, "{before:?} -> {after:?}");
+    // A prepared statement's reused plan: its fragments carry this execution's values
+    // to the workers (in the filter above the scan as well as in the scan's predicate).
+    let stmt = c.prepare("SELECT count(*), sum(quantity)::text FROM usage WHERE entity_id = $1 AND service <> $2").await.unwrap();
+    let reused = || gw.node.plan_counters().reused.load(std::sync::atomic::Ordering::Relaxed);
+    let start = reused();
+    for (i, skip) in [(2u32, "nosuch"), (40, "storage"), (90, "compute"), (7, "nosuch")] {
+        let e = entity_id(i);
+        let row = c.query_one(&stmt, &[&e, &skip]).await.unwrap();
+        let got = vec![row.get::<_, i64>(0).to_string(), row.get::<_, Option<String>>(1).map(|v| common::normalize(&v)).unwrap_or("NULL".into())];
+        let literal = format!("SELECT count(*), sum(quantity)::text FROM usage WHERE entity_id = '{e}' AND service <> '{skip}'");
+        let want = rows_of(&c, &literal).await.unwrap();
+        assert_eq!(got, want[0], "{literal}");
+        assert!(got[0] != "0", "{literal} should match rows");
+    }
+    assert_eq!(reused() - start, 4, "the statement's plan should run each time");
     // Garbage sent to a worker's internal port is refused with 22023; the worker goes on.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", n2.internal_addr().unwrap()))
         .unwrap()

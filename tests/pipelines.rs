@@ -229,6 +229,9 @@ async fn prepared_statements_answer_like_fresh_plans() {
     let services = ["storage", "compute", "database", "network", "nosuch"];
     let mut compared = 0;
     let mut nonempty = 0;
+    let counters = n.node.plan_counters();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (reused0, bound0) = (load(&counters.reused), load(&counters.bound));
     for t in templates {
         let stmt = c.prepare(t).await.unwrap_or_else(|e| panic!("{t}: {e}"));
         for _ in 0..25 {
@@ -280,5 +283,132 @@ async fn prepared_statements_answer_like_fresh_plans() {
         }
     }
     assert_eq!(compared, templates.len() * 25);
+    // All but the LIMIT $2 statement (a LIMIT must be a constant when the physical plan
+    // is built) ran their one physical plan every time.
+    assert_eq!((load(&counters.reused) - reused0, load(&counters.bound) - bound0), (6 * 25, 25));
     assert!(nonempty > 60, "too few parameter sets select anything ({nonempty})");
+}
+
+/// A prepared statement's physical plan is built once and run again for each Execute;
+/// the segments and write-buffer rows it reads, and the pipelines its fragments run on,
+/// are chosen when it runs. So it sees rows written after it was built: in the write
+/// buffer, then in new segments after a flush, in shards it had never read; and its
+/// executions are logged with their own entity and shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_plans_read_your_writes() {
+    let (n, _) = loaded(|c| {
+        c.pipelines = Some(2);
+        c.write_buffer_rows_max = 100_000;
+        c.write_buffer_statement_rows_max = 10_000;
+        c.write_buffer_flush_interval_ms = 3_600_000;
+    })
+    .await;
+    let c = n.client().await;
+    let counters = n.node.plan_counters();
+    let reused = || counters.reused.load(std::sync::atomic::Ordering::Relaxed);
+    let stmt = c
+        .prepare("SELECT count(*), sum(quantity)::text FROM usage WHERE entity_id = $1 AND event_time >= $2")
+        .await
+        .unwrap();
+    let since = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap().and_hms_opt(0, 0, 0).unwrap();
+    let count = |row: tokio_postgres::Row| (row.get::<_, i64>(0), row.get::<_, Option<String>>(1));
+    let literal = |e: &str| format!("SELECT count(*), sum(quantity)::text FROM usage WHERE entity_id = '{e}' AND event_time >= '2026-01-01'");
+    let start = reused();
+    for i in [3u32, 4, 5] {
+        let e = entity_id(i);
+        let got = count(c.query_one(&stmt, &[&e, &since]).await.unwrap());
+        let want = rows_of(&c, &literal(&e)).await;
+        assert!(got.0 > 0);
+        assert_eq!(vec![got.0.to_string(), got.1.clone().unwrap()], want[0], "{e}");
+    }
+    assert_eq!(reused() - start, 3, "every Execute of this statement runs its one physical plan");
+    // New entities, unknown when the plan was built, in several shards.
+    let fresh: Vec<String> = (0..6).map(|i| format!("fresh-{i}")).collect();
+    let shards: std::collections::BTreeSet<u32> = fresh.iter().map(|e| tidemark::shard_map::shard_of(e, 8)).collect();
+    assert!(shards.len() >= 3, "the fresh entities should spread over shards: {shards:?}");
+    for e in &fresh {
+        assert_eq!(count(c.query_one(&stmt, &[e, &since]).await.unwrap()), (0, None));
+        c.batch_execute(&format!(
+            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES \
+             ('{e}-a', '{e}', 'storage', 'GetObject', 'Requests', 2, '2026-01-10 01:00:00'), \
+             ('{e}-b', '{e}', 'storage', 'PutObject', 'Requests', 3, '2026-01-11 01:00:00')"
+        ))
+        .await
+        .unwrap();
+        // In the write buffer: seen at once.
+        assert_eq!(count(c.query_one(&stmt, &[e, &since]).await.unwrap()), (2, Some("5.000000".into())), "{e} buffered");
+    }
+    assert_eq!(n.node.storage().flush_buffer().await.unwrap(), 12);
+    for e in &fresh {
+        // In new segments now.
+        assert_eq!(count(c.query_one(&stmt, &[e, &since]).await.unwrap()), (2, Some("5.000000".into())), "{e} flushed");
+    }
+    assert_eq!(reused() - start, 3 + 3 * fresh.len() as u64);
+    // Each execution is logged with its own entity and the one shard it read.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let logged = rows_of(
+        &c,
+        "SELECT array_to_string(entity_ids, ','), array_to_string(shards, ','), rows FROM system.query_log \
+         WHERE query LIKE 'SELECT count(*), sum(quantity)::text FROM usage WHERE entity_id = $1%' ORDER BY query_id",
+    )
+    .await;
+    assert_eq!(logged.len(), 3 + 3 * fresh.len(), "{logged:?}");
+    let last = &logged[logged.len() - 1];
+    let e = &fresh[fresh.len() - 1];
+    assert_eq!(last[0], *e);
+    assert_eq!(last[1], tidemark::shard_map::shard_of(e, 8).to_string());
+    assert_eq!(last[2], "1");
+}
+
+/// One execution at a time holds a statement's reused plan (its values live in it): a
+/// second Execute while the first one's rows are still being read is planned the other
+/// way, and both answer right; afterwards the plan is reused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_reused_plan_is_not_shared() {
+    use futures::StreamExt;
+    use tidemark::session::{Outcome, Session, SessionInfo};
+    let (n, _) = loaded(|c| c.pipelines = Some(2)).await;
+    let session = Session::new(
+        Arc::clone(&n.node),
+        SessionInfo { session_id: 1, user: "t".into(), application_name: "t".into(), statement_timeout: None },
+    );
+    let sql = "SELECT count(*) FROM usage WHERE entity_id = $1";
+    let stmt = session.parse(sql).unwrap().remove(0);
+    let plan = session.plan(&stmt).await.unwrap().unwrap();
+    let generic = Arc::new(tidemark::planner::generic::GenericPlan::default());
+    let params = |e: &str| {
+        datafusion::common::ParamValues::List(vec![datafusion::common::ScalarValue::Utf8(Some(e.to_string())).into()])
+    };
+    let run = |e: String| {
+        let (session, stmt, plan, generic) = (&session, &stmt, &plan, &generic);
+        async move {
+            match session.execute(sql, stmt, Some(plan), Some(params(&e)), Some(generic)).await.unwrap() {
+                Outcome::Rows { stream, .. } => stream,
+                _ => panic!("rows expected"),
+            }
+        }
+    };
+    let count_of = |b: datafusion::arrow::record_batch::RecordBatch| {
+        b.column(0).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap().value(0)
+    };
+    let c = n.client().await;
+    let want = |e: String| {
+        let c = &c;
+        async move { rows_of(c, &format!("SELECT count(*) FROM usage WHERE entity_id = '{e}'")).await[0][0].parse::<i64>().unwrap() }
+    };
+    let counters = n.node.plan_counters();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (r0, b0) = (load(&counters.reused), load(&counters.bound));
+    let mut first = run(entity_id(1)).await;
+    let second = run(entity_id(2)).await;
+    assert_eq!((load(&counters.reused) - r0, load(&counters.bound) - b0), (1, 1), "the second Execute must not share the busy plan");
+    let got2 = count_of(second.collect::<Vec<_>>().await.remove(0).unwrap());
+    let got1 = count_of(first.next().await.unwrap().unwrap());
+    drop(first);
+    assert_eq!(got1, want(entity_id(1)).await);
+    assert_eq!(got2, want(entity_id(2)).await);
+    assert!(got1 != got2 || got1 > 0);
+    let third = run(entity_id(3)).await;
+    assert_eq!(load(&counters.reused) - r0, 2, "a plan handed back is reused");
+    assert_eq!(count_of(third.collect::<Vec<_>>().await.remove(0).unwrap()), want(entity_id(3)).await);
 }

@@ -23,7 +23,7 @@ use arrow_flight::{
 use bytes::Bytes;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
-use datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec;
+use crate::planner::generic::FragmentCodec;
 use futures::{Stream, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -45,7 +45,7 @@ pub struct TicketHeader {
 }
 
 pub fn encode_ticket(header: &TicketHeader, plan: &Arc<dyn ExecutionPlan>) -> Result<Bytes> {
-    let plan = datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(Arc::clone(plan), &DefaultPhysicalExtensionCodec {})?;
+    let plan = datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(Arc::clone(plan), &FragmentCodec)?;
     let head = serde_json::to_vec(header).map_err(|e| Error::Internal(format!("ticket header: {e}")))?;
     let mut out = Vec::with_capacity(8 + head.len() + plan.len());
     out.extend_from_slice(MAGIC);
@@ -108,7 +108,7 @@ impl FragmentService {
         let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
             plan_bytes,
             &task_ctx,
-            &DefaultPhysicalExtensionCodec {},
+            &FragmentCodec,
         )
         .map_err(|e| Error::InvalidParameter(format!("malformed fragment plan: {e}")))?;
         let id = PipelineId::new(self.cluster.node_id(), header.pipeline);

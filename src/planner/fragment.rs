@@ -54,7 +54,7 @@ use crate::error::Error;
 use crate::pipeline::{Cluster, Fragment, RoutingRecord};
 use crate::router::{self, Decision};
 use crate::shard_map::{PipelineId, ShardId};
-use crate::storage::provider::{BufferExec, ScanReport, SegmentRef};
+use crate::storage::provider::{BufferExec, DeferredScanExec, ResolvedScan, ScanReport, SegmentRef};
 use crate::storage::Storage;
 
 /// The physical optimizer rule that distributes scans of segment tables.
@@ -93,6 +93,13 @@ impl Fragmenter {
     /// Replaces `template` by a [`DistributeExec`], merged into one partition when the
     /// consumer needs one (or when the template had one, for a consumer that relies on it).
     fn distribute(&self, template: &Arc<dyn ExecutionPlan>, consumer_needs_one: bool) -> Arc<dyn ExecutionPlan> {
+        let mut deferred = false;
+        visit_leaves(template, &mut |leaf| deferred |= leaf.is::<DeferredScanExec>());
+        if deferred {
+            // Shards, segments and routes are chosen per execution; the fragments'
+            // outputs are merged inside, so the node has one partition.
+            return Arc::new(DistributeExec::new_deferred(Arc::clone(template), Arc::clone(&self.cluster)));
+        }
         let mut shards: BTreeMap<ShardId, usize> = BTreeMap::new();
         let mut has_buffer = false;
         let mut scan: Option<Arc<crate::storage::provider::ScanInfo>> = None;
@@ -113,14 +120,14 @@ impl Fragmenter {
         let shard_list: Vec<ShardId> = shards.keys().copied().collect();
         let mut fragments: Vec<FragmentSpec> = router::route_all(&shard_list, &map, &snapshot)
             .into_iter()
-            .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d })
+            .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d, plan: None })
             .collect();
         if has_buffer {
             // The write buffer lives in this process: one of its pipelines reads it
             // (or the gateway itself, on a node without pipelines).
             let local: Vec<PipelineId> = self.cluster.local_pipelines().iter().map(|p| p.id()).collect();
             let decision = router::route(0, &local, &snapshot, &[]);
-            fragments.push(FragmentSpec { shard: None, segments: 0, decision });
+            fragments.push(FragmentSpec { shard: None, segments: 0, decision, plan: None });
         }
         let exec: Arc<dyn ExecutionPlan> = Arc::new(DistributeExec::new(
             Arc::clone(template),
@@ -219,7 +226,7 @@ fn visit_leaves(plan: &Arc<dyn ExecutionPlan>, f: &mut dyn FnMut(&Arc<dyn Execut
 /// are segment scans, the write buffer or empty, with at least one real source.
 pub fn fragmentable(plan: &Arc<dyn ExecutionPlan>) -> bool {
     fn walk(p: &Arc<dyn ExecutionPlan>, sources: &mut usize) -> bool {
-        if segment_files(p).is_some() || p.is::<BufferExec>() {
+        if segment_files(p).is_some() || p.is::<BufferExec>() || p.is::<DeferredScanExec>() {
             *sources += 1;
             return true;
         }
@@ -297,6 +304,20 @@ pub struct FragmentSpec {
     pub shard: Option<ShardId>,
     pub segments: usize,
     pub decision: Decision,
+    /// The fragment's plan when it was built already (a deferred distribution);
+    /// otherwise it is cut from the template when it runs.
+    pub plan: Option<Arc<dyn ExecutionPlan>>,
+}
+
+/// `template` with its one deferred scan replaced by `leaf` (one partition, the same
+/// schema). The nodes keep the properties they were planned with over the deferred
+/// scan, which promised nothing about order or partitioning beyond one partition.
+fn with_leaf(template: &Arc<dyn ExecutionPlan>, leaf: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    if template.is::<DeferredScanExec>() {
+        return Ok(leaf);
+    }
+    let children = template.children().into_iter().map(|c| with_leaf(c, Arc::clone(&leaf))).collect::<DfResult<Vec<_>>>()?;
+    Arc::clone(template).replace_children(children, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Keep))
 }
 
 /// What happened when a fragment ran (for EXPLAIN ANALYZE).
@@ -319,6 +340,9 @@ pub struct DistributeExec {
     props: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
     runs: Arc<Mutex<Vec<FragmentRun>>>,
+    /// The template's scans are [`DeferredScanExec`]s: shards, segments and routes are
+    /// chosen at each execution, and the fragments' outputs merged into one partition.
+    deferred: bool,
 }
 
 impl DistributeExec {
@@ -336,12 +360,104 @@ impl DistributeExec {
             Boundedness::Bounded,
         );
         let runs = Arc::new(Mutex::new(vec![FragmentRun::default(); fragments.len()]));
-        DistributeExec { template, fragments, epoch, scan, cluster, props: Arc::new(props), metrics: ExecutionPlanMetricsSet::new(), runs }
+        DistributeExec {
+            template,
+            fragments,
+            epoch,
+            scan,
+            cluster,
+            props: Arc::new(props),
+            metrics: ExecutionPlanMetricsSet::new(),
+            runs,
+            deferred: false,
+        }
+    }
+
+    fn new_deferred(template: Arc<dyn ExecutionPlan>, cluster: Arc<Cluster>) -> DistributeExec {
+        let mut d = DistributeExec::new(template, vec![], 0, None, cluster);
+        d.deferred = true;
+        d
+    }
+
+    /// Routes the parts of a resolved scan and builds each fragment as the template over
+    /// its part; one partition (merged as the Fragmenter would merge).
+    fn distribute_resolved(&self, resolved: ResolvedScan, leaf_schema: datafusion::arrow::datatypes::SchemaRef) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let map = self.cluster.shard_map();
+        let snapshot = self.cluster.load_snapshot();
+        let shard_list: Vec<ShardId> = resolved.shards.iter().map(|(s, _, _)| *s).collect();
+        let mut parts: BTreeMap<ShardId, (usize, Arc<dyn ExecutionPlan>)> =
+            resolved.shards.into_iter().map(|(s, n, p)| (s, (n, p))).collect();
+        let mut fragments = Vec::new();
+        for d in router::route_all(&shard_list, &map, &snapshot) {
+            let Some((segments, scan)) = parts.remove(&d.shard) else { continue };
+            fragments.push(FragmentSpec { shard: Some(d.shard), segments, plan: Some(with_leaf(&self.template, scan)?), decision: d });
+        }
+        if let Some(buffer) = resolved.buffer {
+            let local: Vec<PipelineId> = self.cluster.local_pipelines().iter().map(|p| p.id()).collect();
+            let decision = router::route(0, &local, &snapshot, &[]);
+            fragments.push(FragmentSpec { shard: None, segments: 0, plan: Some(with_leaf(&self.template, buffer)?), decision });
+        }
+        if fragments.is_empty() {
+            return with_leaf(&self.template, Arc::new(EmptyExec::new(leaf_schema)));
+        }
+        let exec: Arc<dyn ExecutionPlan> =
+            Arc::new(DistributeExec::new(Arc::clone(&self.template), fragments, map.epoch, None, Arc::clone(&self.cluster)));
+        Ok(if exec.output_partitioning().partition_count() == 1 { exec } else { merge(exec, &self.template) })
+    }
+
+    /// True when shards and routes are chosen at execution (a reused plan).
+    pub fn is_deferred(&self) -> bool {
+        self.deferred
+    }
+
+    /// A deferred distribution: resolves the template's scans with this execution's
+    /// values and data, distributes the result as the [`Fragmenter`] would have, and
+    /// runs it as one partition.
+    fn execute_deferred(&self, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        let report = ctx.session_config().get_extension::<ScanReport>();
+        let mut leaves = Vec::new();
+        visit_leaves(&self.template, &mut |l| {
+            if l.is::<DeferredScanExec>() {
+                leaves.push(Arc::clone(l));
+            }
+        });
+        let plan = match leaves.as_slice() {
+            [leaf] => {
+                // One scan: its per-shard parts go straight under copies of the template.
+                let leaf = leaf.downcast_ref::<DeferredScanExec>().expect("checked above");
+                self.distribute_resolved(leaf.resolve_by_shard(report.as_deref())?, leaf.schema())?
+            }
+            _ => {
+                let concrete = Arc::clone(&self.template)
+                    .transform_up(|node| match node.downcast_ref::<DeferredScanExec>() {
+                        Some(d) => Ok(Transformed::yes(d.resolve(report.as_deref())?)),
+                        None => Ok(Transformed::no(node)),
+                    })?
+                    .data;
+                if fragmentable(&concrete) {
+                    Fragmenter::new(Arc::clone(&self.cluster)).distribute(&concrete, true)
+                } else {
+                    concrete
+                }
+            }
+        };
+        let plan: Arc<dyn ExecutionPlan> = if plan.output_partitioning().partition_count() > 1 {
+            Arc::new(CoalescePartitionsExec::new(plan))
+        } else {
+            plan
+        };
+        let metrics = BaselineMetrics::new(&self.metrics, 0);
+        let stream = plan.execute(0, ctx)?;
+        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema(), stream.inspect_ok(move |b| metrics.record_output(b.num_rows())))))
     }
 }
 
 impl DisplayAs for DistributeExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.deferred {
+            return write!(f, "DistributeExec: deferred (shards, segments and pipelines chosen per execution)");
+        }
         write!(f, "DistributeExec: epoch={}", self.epoch)?;
         if let Some(s) = &self.scan {
             match &s.keys {
@@ -401,7 +517,9 @@ impl ExecutionPlan for DistributeExec {
     #[allow(deprecated)]
     fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
         let template = children.into_iter().next().ok_or_else(|| DataFusionError::Internal("DistributeExec needs its template".into()))?;
-        Ok(Arc::new(DistributeExec::new(template, self.fragments.clone(), self.epoch, self.scan.clone(), Arc::clone(&self.cluster))))
+        let mut d = DistributeExec::new(template, self.fragments.clone(), self.epoch, self.scan.clone(), Arc::clone(&self.cluster));
+        d.deferred = self.deferred;
+        Ok(Arc::new(d))
     }
 
     fn metrics(&self) -> Option<MetricsSet> {
@@ -409,12 +527,21 @@ impl ExecutionPlan for DistributeExec {
     }
 
     fn execute(&self, partition: usize, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        if self.deferred {
+            if partition != 0 {
+                return Err(DataFusionError::Internal(format!("a deferred DistributeExec has one partition, not {partition}")));
+            }
+            return self.execute_deferred(ctx);
+        }
         let spec = self
             .fragments
             .get(partition)
             .cloned()
             .ok_or_else(|| DataFusionError::Internal(format!("DistributeExec has no partition {partition}")))?;
-        let plan = restrict(&self.template, spec.shard)?;
+        let plan = match &spec.plan {
+            Some(p) => Arc::clone(p),
+            None => restrict(&self.template, spec.shard)?,
+        };
         let query_id = ctx.session_config().get_extension::<ScanReport>().map(|r| r.query_id).unwrap_or(0);
         let fragment = Fragment { query_id, shard: spec.shard, plan };
         let cluster = Arc::clone(&self.cluster);

@@ -10,18 +10,32 @@
 //! - the bound values have the types the plan was optimized with (else it is optimized
 //!   again for the new types).
 //!
-//! Physical planning still happens per Execute: segment pruning and routing depend on
-//! the values (which shard an entity is on), and they are cheap next to the logical
-//! optimizer, which rewrites the whole plan with about thirty rules.
+//! The physical plan is reused too when it can be ([`GenericPlan::reuse`]): it is built
+//! once with each `$n` as a [`ParamUdf`] call that reads the value bound for the current
+//! execution, and with its segment scans deferred ([`DeferredScanExec`]): which shards,
+//! segments and buffered rows an execution reads, and where its fragments run, depend on
+//! the values and on the data of that moment, so they are chosen when it runs, as
+//! PostgreSQL prunes partitions at executor start-up for a generic plan. A physical plan
+//! is reused only if every node in it is one whose state [`reset_plan_states`] renews
+//! (fresh metrics and operator state per execution), its only sources are deferred scans
+//! of segments or constant rows (a system table's rows are read at planning), and dynamic
+//! filters are off (they live in the plan between executions). One execution at a time
+//! uses it (the values live in it); a second, concurrent one is planned the other way.
+//!
+//! [`DeferredScanExec`]: crate::storage::provider::DeferredScanExec
 
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::ParamValues;
+use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::execution::session_state::SessionState;
-use datafusion::logical_expr::expr::Placeholder;
-use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::logical_expr::expr::{Placeholder, ScalarFunction};
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::optimizer::eliminate_filter::EliminateFilter;
 use datafusion::optimizer::eliminate_limit::EliminateLimit;
 use datafusion::optimizer::propagate_empty_relation::PropagateEmptyRelation;
@@ -30,7 +44,9 @@ use datafusion::optimizer::simplify_expressions::SimplifyExpressions;
 use datafusion::optimizer::{Optimizer, OptimizerContext, OptimizerRule};
 use parking_lot::Mutex;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::planner::fragment::DistributeExec;
+use crate::storage::provider::{DeferScans, DeferredScanExec};
 
 #[derive(Debug, Default)]
 enum State {
@@ -44,10 +60,60 @@ enum State {
     },
 }
 
+/// How the Executes of prepared statements were planned, per node (PostgreSQL counts
+/// generic and custom plans per statement in `pg_prepared_statements`).
+#[derive(Debug, Default)]
+pub struct PlanCounters {
+    /// The statement's physical plan ran again.
+    pub reused: std::sync::atomic::AtomicU64,
+    /// The optimized logical plan was bound and planned physically.
+    pub bound: std::sync::atomic::AtomicU64,
+    /// Planned from the start, like a new statement.
+    pub planned: std::sync::atomic::AtomicU64,
+}
+
+/// The reusable physical plan of a statement, for one set of parameter types.
+#[derive(Debug, Default)]
+enum Physical {
+    #[default]
+    Untried,
+    /// Not reusable for these types (see the module documentation).
+    Unusable(Vec<DataType>),
+    /// Ready for the next execution.
+    Idle(Vec<DataType>, Reusable),
+    /// An execution holds it; it comes back when that execution's stream is dropped.
+    Busy(Vec<DataType>),
+}
+
+#[derive(Debug)]
+struct Reusable {
+    plan: Arc<dyn ExecutionPlan>,
+    values: Arc<ParamSlot>,
+}
+
 /// One prepared statement's generic plan, filled at its first Execute.
 #[derive(Debug, Default)]
 pub struct GenericPlan {
     state: Mutex<State>,
+    physical: Mutex<Physical>,
+}
+
+/// A reused physical plan, ready to execute with this execution's values. Dropping it
+/// (with the stream that runs it) hands the plan back to its statement.
+pub struct Reused {
+    pub plan: Arc<dyn ExecutionPlan>,
+    owner: Arc<GenericPlan>,
+    held: Option<(Vec<DataType>, Reusable)>,
+}
+
+impl Drop for Reused {
+    fn drop(&mut self) {
+        let Some((types, r)) = self.held.take() else { return };
+        let mut slot = self.owner.physical.lock();
+        if matches!(&*slot, Physical::Busy(t) if *t == types) {
+            *slot = Physical::Idle(types, r);
+        }
+    }
 }
 
 impl GenericPlan {
@@ -77,6 +143,96 @@ impl GenericPlan {
             .with_skip_failing_rules(false)
             .with_max_passes(1);
         Ok(Some(Optimizer::with_rules(rules).optimize(bound, &config, |_, _| {})?))
+    }
+
+    /// The statement's physical plan with `params` bound, built at the first call and
+    /// reused afterwards; None when it cannot be reused (then [`GenericPlan::bind`]).
+    pub async fn reuse(
+        self: &Arc<Self>,
+        unoptimized: &LogicalPlan,
+        params: &ParamValues,
+        state: &SessionState,
+    ) -> Result<Option<Reused>> {
+        let ParamValues::List(values) = params else { return Ok(None) };
+        let types: Vec<DataType> = values.iter().map(|v| v.value.data_type()).collect();
+        let ready = {
+            let mut slot = self.physical.lock();
+            match std::mem::take(&mut *slot) {
+                Physical::Idle(t, r) if t == types => {
+                    *slot = Physical::Busy(t);
+                    Some(r)
+                }
+                Physical::Unusable(t) if t == types => {
+                    *slot = Physical::Unusable(t);
+                    return Ok(None);
+                }
+                Physical::Busy(t) if t == types => {
+                    *slot = Physical::Busy(t);
+                    return Ok(None);
+                }
+                _ => {
+                    *slot = Physical::Busy(types.clone());
+                    None
+                }
+            }
+        };
+        let reusable = match ready {
+            Some(r) => r,
+            None => {
+                let built = match self.optimized(unoptimized, &types, state) {
+                    Some(optimized) => build_reusable(&optimized, &types, state).await,
+                    None => None,
+                };
+                match built {
+                    Some(r) => r,
+                    None => {
+                        *self.physical.lock() = Physical::Unusable(types);
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        self.start(types, reusable, values)
+    }
+
+    /// The statement's physical plan with `params` bound if it is built and free: no
+    /// planning and no planning state needed. None otherwise (then [`GenericPlan::reuse`]).
+    pub fn ready(self: &Arc<Self>, params: &ParamValues) -> Result<Option<Reused>> {
+        let ParamValues::List(values) = params else { return Ok(None) };
+        let types: Vec<DataType> = values.iter().map(|v| v.value.data_type()).collect();
+        let reusable = {
+            let mut slot = self.physical.lock();
+            match std::mem::take(&mut *slot) {
+                Physical::Idle(t, r) if t == types => {
+                    *slot = Physical::Busy(t);
+                    r
+                }
+                other => {
+                    *slot = other;
+                    return Ok(None);
+                }
+            }
+        };
+        self.start(types, reusable, values)
+    }
+
+    /// Binds `values` into the checked-out plan and hands it out.
+    fn start(
+        self: &Arc<Self>,
+        types: Vec<DataType>,
+        reusable: Reusable,
+        values: &[datafusion::common::metadata::ScalarAndMetadata],
+    ) -> Result<Option<Reused>> {
+        reusable.values.set(values.iter().map(|v| v.value.clone()).collect());
+        // Fresh operator state and metrics for this execution; same expressions.
+        let plan = match reset_plan_states(Arc::clone(&reusable.plan)) {
+            Ok(p) => p,
+            Err(e) => {
+                *self.physical.lock() = Physical::Unusable(types);
+                return Err(e.into());
+            }
+        };
+        Ok(Some(Reused { plan, owner: Arc::clone(self), held: Some((types, reusable)) }))
     }
 
     fn optimized(&self, unoptimized: &LogicalPlan, types: &[DataType], state: &SessionState) -> Option<Arc<LogicalPlan>> {
@@ -164,4 +320,238 @@ fn typed_placeholders(plan: &LogicalPlan, types: &[DataType]) -> Result<LogicalP
         .map_data(|p| p.recompute_schema())
     })?;
     Ok(typed.data)
+}
+
+/// Builds the physical plan of `optimized` (placeholders typed as `types`) for reuse, or
+/// None when it may not be reused.
+async fn build_reusable(optimized: &LogicalPlan, types: &[DataType], state: &SessionState) -> Option<Reusable> {
+    let values = Arc::new(ParamSlot::default());
+    let plan = match with_param_functions(optimized, types, &values) {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::debug!(error = %e, "prepared statement keeps per-Execute physical planning");
+            return None;
+        }
+    };
+    let mut planning = state.clone();
+    planning.config_mut().set_extension(Arc::new(DeferScans));
+    {
+        let o = &mut planning.config_mut().options_mut().optimizer;
+        o.enable_dynamic_filter_pushdown = false;
+        o.enable_topk_dynamic_filter_pushdown = false;
+        o.enable_join_dynamic_filter_pushdown = false;
+        o.enable_aggregate_dynamic_filter_pushdown = false;
+    }
+    let physical = match planning.query_planner().create_physical_plan(&plan, &planning).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "prepared statement keeps per-Execute physical planning");
+            return None;
+        }
+    };
+    reusable_physical(&physical).then_some(Reusable { plan: physical, values })
+}
+
+/// True when `plan` may run again and again: known nodes only, whose state
+/// `reset_plan_states` renews, and sources that are read at execution time.
+fn reusable_physical(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    use datafusion::physical_plan::aggregates::AggregateExec;
+    use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+    use datafusion::physical_plan::coop::CooperativeExec;
+    use datafusion::physical_plan::empty::EmptyExec;
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
+    use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    use datafusion::physical_plan::sorts::sort::SortExec;
+    use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+    use datafusion::physical_plan::union::UnionExec;
+    if let Some(d) = plan.downcast_ref::<DistributeExec>() {
+        // Its template's only sources must be deferred scans (checked when it was built).
+        return d.is_deferred();
+    }
+    #[allow(deprecated)]
+    let known = plan.is::<ProjectionExec>()
+        || plan.is::<FilterExec>()
+        || plan.is::<AggregateExec>()
+        || plan.is::<SortExec>()
+        || plan.is::<SortPreservingMergeExec>()
+        || plan.is::<GlobalLimitExec>()
+        || plan.is::<LocalLimitExec>()
+        || plan.is::<CoalescePartitionsExec>()
+        || plan.is::<datafusion::physical_plan::coalesce_batches::CoalesceBatchesExec>()
+        || plan.is::<CooperativeExec>()
+        || plan.is::<UnionExec>()
+        || plan.is::<RepartitionExec>()
+        || plan.is::<PlaceholderRowExec>()
+        || plan.is::<EmptyExec>();
+    known && !plan.is::<DeferredScanExec>() && plan.children().into_iter().all(reusable_physical)
+}
+
+/// `plan` with each `$n` replaced by a call to a [`ParamUdf`] reading `values`; None
+/// when a parameter sits where the physical planner needs a constant (LIMIT, OFFSET).
+fn with_param_functions(plan: &LogicalPlan, types: &[DataType], values: &Arc<ParamSlot>) -> Result<Option<LogicalPlan>> {
+    let mut constant_needed = false;
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::Limit(l) = p {
+            if [&l.skip, &l.fetch].into_iter().flatten().any(|e| !matches!(e.as_ref(), Expr::Literal(..))) {
+                constant_needed = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if constant_needed {
+        return Ok(None);
+    }
+    let mut missing = false;
+    let replaced = plan.clone().transform_up_with_subqueries(|p| {
+        p.map_expressions(|e| {
+            e.transform_up(|e| match e {
+                Expr::Placeholder(Placeholder { id, field }) => {
+                    let index = id.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()).and_then(|n| n.checked_sub(1));
+                    match index.and_then(|i| types.get(i).map(|t| (i, t))) {
+                        Some((i, t)) => {
+                            let udf = ScalarUDF::new_from_impl(ParamUdf::new(i, t.clone(), Arc::clone(values)));
+                            Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(Arc::new(udf), vec![]))))
+                        }
+                        None => {
+                            missing = true;
+                            Ok(Transformed::no(Expr::Placeholder(Placeholder { id, field })))
+                        }
+                    }
+                }
+                other => Ok(Transformed::no(other)),
+            })
+        })
+    })?;
+    Ok((!missing).then_some(replaced.data))
+}
+
+/// The values bound to the execution of a reused plan that is running now.
+#[derive(Debug, Default)]
+pub struct ParamSlot(parking_lot::RwLock<Vec<ScalarValue>>);
+
+impl ParamSlot {
+    fn set(&self, values: Vec<ScalarValue>) {
+        *self.0.write() = values;
+    }
+
+    fn get(&self, index: usize) -> datafusion::common::Result<ScalarValue> {
+        self.0.read().get(index).cloned().ok_or_else(|| {
+            datafusion::error::DataFusionError::from(Error::Internal(format!("no value bound for ${}", index + 1)))
+        })
+    }
+}
+
+/// `$n` in a reused physical plan: a constant for one execution, read from the plan's
+/// [`ParamSlot`]. Stable, not volatile: it may be pushed into scans like a literal.
+#[derive(Debug)]
+pub struct ParamUdf {
+    index: usize,
+    name: String,
+    data_type: DataType,
+    values: Arc<ParamSlot>,
+    signature: Signature,
+}
+
+impl ParamUdf {
+    fn new(index: usize, data_type: DataType, values: Arc<ParamSlot>) -> ParamUdf {
+        ParamUdf { index, name: format!("${}", index + 1), data_type, values, signature: Signature::nullary(Volatility::Stable) }
+    }
+
+    /// A parameter whose value is fixed: how a fragment's `$n` arrives at another node.
+    fn constant(name: &str, value: ScalarValue) -> ParamUdf {
+        let data_type = value.data_type();
+        let values = Arc::new(ParamSlot::default());
+        values.set(vec![value]);
+        ParamUdf { index: 0, name: name.to_string(), data_type, values, signature: Signature::nullary(Volatility::Stable) }
+    }
+
+    /// The value bound to this parameter for the running execution.
+    pub fn value(&self) -> datafusion::common::Result<ScalarValue> {
+        self.values.get(self.index)
+    }
+}
+
+impl PartialEq for ParamUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index && self.data_type == other.data_type && Arc::ptr_eq(&self.values, &other.values)
+    }
+}
+impl Eq for ParamUdf {}
+impl std::hash::Hash for ParamUdf {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.index.hash(state);
+        self.data_type.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for ParamUdf {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(self.data_type.clone())
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> datafusion::common::Result<ColumnarValue> {
+        Ok(ColumnarValue::Scalar(self.value()?))
+    }
+}
+
+const PARAM_TAG: &[u8] = b"TMP1";
+
+/// The codec of fragments sent to other nodes: a [`ParamUdf`] call travels as the value
+/// bound to it for the running execution and arrives as a constant; plans and other
+/// functions as datafusion-proto encodes them by default.
+#[derive(Debug, Default)]
+pub struct FragmentCodec;
+
+impl datafusion_proto::physical_plan::PhysicalExtensionCodec for FragmentCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &datafusion::execution::TaskContext,
+        converter: &dyn datafusion_proto::physical_plan::PhysicalProtoConverterExtension,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {}.try_decode(buf, inputs, ctx, converter)
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        converter: &dyn datafusion_proto::physical_plan::PhysicalProtoConverterExtension,
+    ) -> datafusion::common::Result<()> {
+        datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {}.try_encode(node, buf, converter)
+    }
+
+    fn try_decode_udf(&self, name: &str, buf: &[u8]) -> datafusion::common::Result<Arc<ScalarUDF>> {
+        use datafusion_proto::bytes::Serializeable;
+        let Some(value) = buf.strip_prefix(PARAM_TAG) else {
+            return Err(Error::InvalidParameter(format!("unknown function {name} in a fragment")).into());
+        };
+        match Expr::from_bytes(value)? {
+            Expr::Literal(v, _) => Ok(Arc::new(ScalarUDF::new_from_impl(ParamUdf::constant(name, v)))),
+            other => Err(Error::InvalidParameter(format!("parameter {name} of a fragment is not a value: {other}")).into()),
+        }
+    }
+
+    fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> datafusion::common::Result<()> {
+        use datafusion_proto::bytes::Serializeable;
+        if let Some(p) = node.inner().downcast_ref::<ParamUdf>() {
+            buf.extend_from_slice(PARAM_TAG);
+            buf.extend_from_slice(&Expr::Literal(p.value()?, None).to_bytes()?);
+        }
+        Ok(())
+    }
 }

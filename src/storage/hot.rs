@@ -24,7 +24,6 @@ use bytes::Bytes;
 use datafusion::arrow::array::{new_null_array, Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::compute::{concat, filter_record_batch};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
-use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result as DfResult, ScalarValue};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder, FileSource, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
@@ -35,6 +34,7 @@ use datafusion::physical_expr::utils::{collect_columns, split_conjunction};
 use datafusion::physical_expr::projection::Projector;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use datafusion::datasource::listing::PartitionedFile;
 use futures::{StreamExt, TryStreamExt};
@@ -135,21 +135,45 @@ impl HotCache {
         if self.bytes_max == 0 {
             return Ok(plan);
         }
-        plan.transform_up(|node| {
-            let Some(ds) = node.downcast_ref::<DataSourceExec>() else { return Ok(Transformed::no(node)) };
-            let Some(config) = ds.data_source().downcast_ref::<FileScanConfig>() else { return Ok(Transformed::no(node)) };
-            let Some(source) = config.file_source().downcast_ref::<ParquetSource>() else { return Ok(Transformed::no(node)) };
-            if !config.table_partition_cols().is_empty() {
-                return Ok(Transformed::no(node));
-            }
-            let table = config.file_groups.iter().flat_map(|g| g.iter()).next().and_then(|f| {
-                f.object_meta.location.parts().next().map(|p| p.as_ref().to_string())
-            });
-            let key = table.and_then(|t| self.leading_sort_column.get(&t)).and_then(|k| config.file_schema().index_of(k).ok());
-            let exec = HotScanExec::new(Arc::clone(&node), config.clone(), source.filter(), key, Arc::clone(self), Arc::clone(store))?;
-            Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>))
-        })
-        .map(|t| t.data)
+        self.replace_scans(&plan, store)
+    }
+
+    /// `plan` with its Parquet scans of segments replaced by [`HotScanExec`]s, which keep
+    /// the replaced scans' properties, so the nodes above keep theirs.
+    fn replace_scans(self: &Arc<Self>, plan: &Arc<dyn ExecutionPlan>, store: &Arc<dyn ObjectStore>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if let Some(exec) = self.hot_scan(plan, store)? {
+            return Ok(exec);
+        }
+        let children = plan.children();
+        if children.is_empty() {
+            return Ok(Arc::clone(plan));
+        }
+        let mut changed = false;
+        let mut new = Vec::with_capacity(children.len());
+        for c in children {
+            let n = self.replace_scans(c, store)?;
+            changed |= !Arc::ptr_eq(&n, c);
+            new.push(n);
+        }
+        if !changed {
+            return Ok(Arc::clone(plan));
+        }
+        Arc::clone(plan).replace_children(new, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Keep))
+    }
+
+    fn hot_scan(self: &Arc<Self>, node: &Arc<dyn ExecutionPlan>, store: &Arc<dyn ObjectStore>) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(ds) = node.downcast_ref::<DataSourceExec>() else { return Ok(None) };
+        let Some(config) = ds.data_source().downcast_ref::<FileScanConfig>() else { return Ok(None) };
+        let Some(source) = config.file_source().downcast_ref::<ParquetSource>() else { return Ok(None) };
+        if !config.table_partition_cols().is_empty() {
+            return Ok(None);
+        }
+        let table = config.file_groups.iter().flat_map(|g| g.iter()).next().and_then(|f| {
+            f.object_meta.location.parts().next().map(|p| p.as_ref().to_string())
+        });
+        let key = table.and_then(|t| self.leading_sort_column.get(&t)).and_then(|k| config.file_schema().index_of(k).ok());
+        let exec = HotScanExec::new(Arc::clone(node), config.clone(), source.filter(), key, Arc::clone(self), Arc::clone(store))?;
+        Ok(Some(Arc::new(exec)))
     }
 }
 

@@ -16,7 +16,9 @@ use datafusion::catalog::Session;
 use datafusion::common::Result as DfResult;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::file_format::FileFormat;
-use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -111,6 +113,365 @@ pub fn prune(table: &TableDef, shard_count: u32, manifest: &super::manifest::Man
     Pruned { keys, time, shards, segments, segments_total: total }
 }
 
+/// Marks a planning state whose segment scans are to be chosen at execution time
+/// ([`DeferredScanExec`]): set while a reusable plan of a prepared statement is built.
+#[derive(Debug, Default)]
+pub struct DeferScans;
+
+/// A scan planned from one manifest snapshot and the write buffer: the kept segment
+/// files (grouped, each tagged with its shard) and the matching buffered rows.
+struct PlannedScan {
+    projected: SchemaRef,
+    files: Option<Vec<FileGroup>>,
+    memory: Option<Arc<dyn ExecutionPlan>>,
+}
+
+impl PlannedScan {
+    /// The scan's plan, given the Parquet scan of `self.files` (if any).
+    fn combine(self, files: Option<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        match (files, self.memory) {
+            (Some(f), Some(m)) => datafusion::physical_plan::union::UnionExec::try_new(vec![f, m]),
+            (Some(f), None) => Ok(f),
+            (None, Some(m)) => Ok(m),
+            (None, None) => Ok(Arc::new(EmptyExec::new(self.projected))),
+        }
+    }
+}
+
+/// How a scan's kept files are grouped into partitions.
+#[derive(Debug, Clone, Copy)]
+enum Grouping {
+    /// At most this many groups of about equal bytes.
+    Balanced(usize),
+    /// One group per shard, in shard order.
+    ByShard,
+}
+
+/// Prunes `def`'s segments with `filters` (values already bound), records what the scan
+/// touches in `report`, filters the write buffer's rows, and groups the kept files.
+#[allow(clippy::too_many_arguments)]
+fn plan_scan(
+    def: &TableDef,
+    storage: &Storage,
+    filters: &[Expr],
+    projection: Option<&Vec<usize>>,
+    projected: SchemaRef,
+    report: Option<&ScanReport>,
+    grouping: Grouping,
+    to_physical: &dyn Fn(Expr) -> DfResult<Arc<dyn PhysicalExpr>>,
+) -> DfResult<PlannedScan> {
+    let (manifest, buffered) = storage.view();
+    let layout = manifest.layout(&def.name).ok_or_else(|| Error::UndefinedTable(def.name.clone()))?;
+    let pruned = prune(def, layout.shard_count, &manifest, filters);
+    if let Some(report) = report {
+        let mut r = report.inner.lock();
+        r.tables.insert(def.name.clone());
+        match pruned.keys.values() {
+            Some(v) if !r.keys_all => r.keys.get_or_insert_with(BTreeSet::new).extend(v.iter().cloned()),
+            Some(_) => {}
+            None => {
+                r.keys_all = true;
+                r.keys = None;
+            }
+        }
+        r.time = Some(match r.time {
+            None => pruned.time,
+            Some(prev) => TimeRange {
+                lo: prev.lo.zip(pruned.time.lo).map(|(a, b)| a.min(b)),
+                hi: prev.hi.zip(pruned.time.hi).map(|(a, b)| a.max(b)),
+            },
+        });
+        r.shards.extend(pruned.segments.iter().map(|s| s.shard));
+        r.segments += pruned.segments.len() as u64;
+        r.segments_total += pruned.segments_total as u64;
+        r.filters.extend(filters.iter().cloned());
+    }
+    // Rows still in the write buffer: filtered and projected here, unioned below.
+    let mut memory = Vec::new();
+    if let Some(batches) = buffered.tables.get(&def.name) {
+        let predicate = datafusion::logical_expr::utils::conjunction(filters.to_vec()).map(to_physical).transpose()?;
+        for b in batches {
+            let b = match &predicate {
+                Some(p) => {
+                    let mask = p.evaluate(b)?.into_array(b.num_rows())?;
+                    let mask = datafusion::common::cast::as_boolean_array(&mask)?;
+                    datafusion::arrow::compute::filter_record_batch(b, mask)?
+                }
+                None => b.clone(),
+            };
+            if b.num_rows() > 0 {
+                memory.push(match projection {
+                    Some(p) => b.project(p)?,
+                    None => b,
+                });
+            }
+        }
+    }
+    let memory: Option<Arc<dyn ExecutionPlan>> =
+        (!memory.is_empty()).then(|| Arc::new(BufferExec::new(Arc::clone(&projected), memory)) as _);
+    if pruned.segments.is_empty() {
+        return Ok(PlannedScan { projected, files: None, memory });
+    }
+    let info = Arc::new(ScanInfo {
+        table: def.name.clone(),
+        keys: pruned.keys.values().map(|v| v.iter().cloned().collect()),
+        time: pruned.time,
+        shard_count: layout.shard_count,
+        segments_total: pruned.segments_total,
+    });
+    let mut segs = pruned.segments;
+    segs.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.id.cmp(&b.id)));
+    let file = |s: &super::manifest::SegmentMeta| {
+        PartitionedFile::new(s.path.clone(), s.bytes).with_extension(SegmentRef { shard: s.shard, scan: Arc::clone(&info) })
+    };
+    let groups: Vec<Vec<PartitionedFile>> = match grouping {
+        Grouping::Balanced(groups_max) => {
+            let groups_n = groups_max.max(1).min(segs.len());
+            let mut groups = vec![Vec::new(); groups_n];
+            // Largest first, each to the least filled group, so partitions finish together.
+            let mut sizes = vec![0u64; groups_n];
+            for s in &segs {
+                let i = (0..groups_n).min_by_key(|&i| (sizes[i], i)).unwrap_or(0);
+                sizes[i] += s.bytes;
+                groups[i].push(file(s));
+            }
+            groups
+        }
+        Grouping::ByShard => {
+            let mut by_shard: std::collections::BTreeMap<ShardId, Vec<PartitionedFile>> = Default::default();
+            for s in &segs {
+                by_shard.entry(s.shard).or_default().push(file(s));
+            }
+            by_shard.into_values().collect()
+        }
+    };
+    Ok(PlannedScan { projected, files: Some(groups.into_iter().map(FileGroup::new).collect()), memory })
+}
+
+/// The scan of a reused plan: its filters hold parameters (`$n`), bound per execution,
+/// so the segments to read, the write buffer's matching rows and the Parquet predicate
+/// are chosen when it runs ([`DeferredScanExec::resolve`]), from the manifest and buffer
+/// of that moment. Never executed itself: the [`crate::planner::fragment::DistributeExec`]
+/// above it resolves it and runs the result.
+#[derive(Debug)]
+pub struct DeferredScanExec {
+    def: Arc<TableDef>,
+    storage: Arc<Storage>,
+    projection: Option<Vec<usize>>,
+    filters: Vec<Expr>,
+    /// The Parquet scan as the table's format plans it, without files or predicate.
+    proto: FileScanConfig,
+    groups_max: usize,
+    props: Arc<datafusion::physical_plan::PlanProperties>,
+    /// The table schema for planning the filters.
+    df_schema: datafusion::common::DFSchemaRef,
+    /// The filters with each largest column-free expression that holds a parameter
+    /// (`$1`, `'acct-' || lpad($1, 5, '0')`, `CAST($2 AS timestamp)`) replaced by the
+    /// placeholder `fold<k>`, and `folds[k]`, that expression planned once: evaluated
+    /// per execution, it gives the literal pruning and the Parquet predicate need,
+    /// without simplifying the filters again.
+    templates: Vec<Expr>,
+    folds: Vec<Arc<dyn PhysicalExpr>>,
+}
+
+impl DeferredScanExec {
+    fn new(
+        def: Arc<TableDef>,
+        storage: Arc<Storage>,
+        projected: SchemaRef,
+        projection: Option<Vec<usize>>,
+        filters: Vec<Expr>,
+        proto: FileScanConfig,
+        groups_max: usize,
+    ) -> DfResult<DeferredScanExec> {
+        use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+        let props = datafusion::physical_plan::PlanProperties::new(
+            datafusion::physical_expr::EquivalenceProperties::new(projected),
+            datafusion::physical_plan::Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        let df_schema = Arc::new(
+            datafusion::common::DFSchema::try_from(def.schema.as_ref().clone()).expect("a table schema is a valid DataFusion schema"),
+        );
+        let (templates, folds) = fold_templates(&filters)?;
+        Ok(DeferredScanExec { def, storage, projection, filters, proto, groups_max, props: Arc::new(props), df_schema, templates, folds })
+    }
+
+    /// The filters with this execution's values, as literals (so that `'acct-' || $1`
+    /// is a shard key), and the same as one physical predicate.
+    fn bound_filters(&self) -> DfResult<(Vec<Expr>, Option<Arc<dyn PhysicalExpr>>)> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        let one_row = datafusion::arrow::record_batch::RecordBatch::try_new_with_options(
+            Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+            vec![],
+            &datafusion::arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(1)),
+        )?;
+        let values = self
+            .folds
+            .iter()
+            .map(|f| match f.evaluate(&one_row)? {
+                datafusion::logical_expr::ColumnarValue::Scalar(v) => Ok(v),
+                datafusion::logical_expr::ColumnarValue::Array(a) => datafusion::common::ScalarValue::try_from_array(&a, 0),
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        let filters = self
+            .templates
+            .iter()
+            .map(|t| {
+                if values.is_empty() {
+                    return Ok(t.clone());
+                }
+                t.clone()
+                    .transform_up(|e| match &e {
+                        Expr::Placeholder(p) => match p.id.strip_prefix(FOLD_PREFIX).and_then(|k| k.parse::<usize>().ok()) {
+                            Some(k) => Ok(Transformed::yes(Expr::Literal(values[k].clone(), None))),
+                            None => Ok(Transformed::no(e)),
+                        },
+                        _ => Ok(Transformed::no(e)),
+                    })
+                    .map(|t| t.data)
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        let predicate = datafusion::logical_expr::utils::conjunction(filters.clone()).map(|p| self.to_physical(p)).transpose()?;
+        Ok((filters, predicate))
+    }
+
+    fn to_physical(&self, e: Expr) -> DfResult<Arc<dyn PhysicalExpr>> {
+        let props = datafusion::execution::context::ExecutionProps::new();
+        datafusion::physical_expr::create_physical_expr(&e, &self.df_schema, &props, &Default::default())
+    }
+
+    fn plan(&self, report: Option<&ScanReport>, grouping: Grouping) -> DfResult<(PlannedScan, Option<ParquetSource>)> {
+        let (filters, predicate) = self.bound_filters()?;
+        let to_physical = |e: Expr| self.to_physical(e);
+        let planned = plan_scan(&self.def, &self.storage, &filters, self.projection.as_ref(), self.schema(), report, grouping, &to_physical)?;
+        let source = match &planned.files {
+            Some(_) => {
+                let source = self
+                    .proto
+                    .file_source()
+                    .downcast_ref::<ParquetSource>()
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("deferred scan without a Parquet source".into()))?;
+                Some(match predicate {
+                    Some(p) => source.with_predicate(p),
+                    None => source,
+                })
+            }
+            None => None,
+        };
+        Ok((planned, source))
+    }
+
+    fn files_exec(&self, source: &ParquetSource, groups: Vec<FileGroup>) -> Arc<dyn ExecutionPlan> {
+        let config = FileScanConfigBuilder::from(self.proto.clone())
+            .with_source(Arc::new(source.clone()))
+            .with_file_groups(groups)
+            .build();
+        DataSourceExec::from_data_source(config)
+    }
+
+    /// The scan for this execution, as [`SegmentTable::scan`] would plan it with the
+    /// filters' values of this execution, recorded in `report`.
+    pub fn resolve(&self, report: Option<&ScanReport>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let (mut planned, source) = self.plan(report, Grouping::Balanced(self.groups_max))?;
+        let files = match (planned.files.take(), &source) {
+            (Some(groups), Some(source)) => Some(self.files_exec(source, groups)),
+            _ => None,
+        };
+        planned.combine(files)
+    }
+
+    /// The scan for this execution split by where its rows are: one single-partition
+    /// Parquet scan per shard (with the number of its segments), and the write buffer's
+    /// matching rows; recorded in `report`.
+    pub fn resolve_by_shard(&self, report: Option<&ScanReport>) -> DfResult<ResolvedScan> {
+        let (planned, source) = self.plan(report, Grouping::ByShard)?;
+        let mut shards = Vec::new();
+        if let (Some(groups), Some(source)) = (planned.files, &source) {
+            for g in groups {
+                let Some(shard) = g.files().first().and_then(|f| f.extensions.get::<SegmentRef>()).map(|r| r.shard) else { continue };
+                let n = g.len();
+                shards.push((shard, n, self.files_exec(source, vec![g])));
+            }
+        }
+        Ok(ResolvedScan { shards, buffer: planned.memory })
+    }
+}
+
+/// A deferred scan resolved for one execution, by shard.
+pub struct ResolvedScan {
+    /// (shard, segments kept, single-partition scan of them)
+    pub shards: Vec<(ShardId, usize, Arc<dyn ExecutionPlan>)>,
+    /// The write buffer's matching rows (one partition), if any.
+    pub buffer: Option<Arc<dyn ExecutionPlan>>,
+}
+
+const FOLD_PREFIX: &str = "tidemark_fold";
+
+/// Splits `filters` into templates and the parameter expressions folded per execution
+/// (see [`DeferredScanExec`]'s `templates`).
+fn fold_templates(filters: &[Expr]) -> DfResult<(Vec<Expr>, Vec<Arc<dyn PhysicalExpr>>)> {
+    use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::expr::Placeholder;
+    let is_param = |e: &Expr| matches!(e, Expr::ScalarFunction(f) if f.func.inner().is::<crate::planner::generic::ParamUdf>());
+    let empty = datafusion::common::DFSchema::empty();
+    let props = datafusion::execution::context::ExecutionProps::new();
+    let mut folds = Vec::new();
+    let mut templates = Vec::with_capacity(filters.len());
+    for f in filters {
+        let t = f.clone().transform_down(|e| {
+            if e.column_refs().is_empty() && e.exists(|x| Ok(is_param(x)))? {
+                let k = folds.len();
+                folds.push(datafusion::physical_expr::create_physical_expr(&e, &empty, &props, &Default::default())?);
+                let placeholder = Expr::Placeholder(Placeholder::new_with_field(format!("{FOLD_PREFIX}{k}"), None));
+                return Ok(Transformed::new(placeholder, true, TreeNodeRecursion::Jump));
+            }
+            Ok(Transformed::no(e))
+        })?;
+        templates.push(t.data);
+    }
+    Ok((templates, folds))
+}
+
+impl DisplayAs for DeferredScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let filters: Vec<String> = self.filters.iter().map(|e| e.to_string()).collect();
+        write!(f, "DeferredScanExec: table={}, filters=[{}] (segments chosen per execution)", self.def.name, filters.join(", "))
+    }
+}
+
+impl ExecutionPlan for DeferredScanExec {
+    fn name(&self) -> &str {
+        "DeferredScanExec"
+    }
+
+    fn properties(&self) -> &Arc<datafusion::physical_plan::PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(&self, _partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        Err(Error::Internal("a deferred scan runs only through the DistributeExec above it".into()).into())
+    }
+}
+
 #[derive(Debug)]
 pub struct SegmentTable {
     def: Arc<TableDef>,
@@ -160,102 +521,53 @@ impl TableProvider for SegmentTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let (manifest, buffered) = self.storage.view();
-        let layout = manifest
-            .layout(&self.def.name)
-            .ok_or_else(|| Error::UndefinedTable(self.def.name.clone()))?;
-        let pruned = prune(&self.def, layout.shard_count, &manifest, filters);
-        if let Some(report) = state.config().get_extension::<ScanReport>() {
-            let mut r = report.inner.lock();
-            r.tables.insert(self.def.name.clone());
-            match pruned.keys.values() {
-                Some(v) if !r.keys_all => r.keys.get_or_insert_with(BTreeSet::new).extend(v.iter().cloned()),
-                Some(_) => {}
-                None => {
-                    r.keys_all = true;
-                    r.keys = None;
-                }
-            }
-            r.time = Some(match r.time {
-                None => pruned.time,
-                Some(prev) => TimeRange {
-                    lo: prev.lo.zip(pruned.time.lo).map(|(a, b)| a.min(b)),
-                    hi: prev.hi.zip(pruned.time.hi).map(|(a, b)| a.max(b)),
-                },
-            });
-            r.shards.extend(pruned.segments.iter().map(|s| s.shard));
-            r.segments += pruned.segments.len() as u64;
-            r.segments_total += pruned.segments_total as u64;
-            r.filters.extend(filters.iter().cloned());
-        }
         let projected = match projection {
             Some(p) => Arc::new(self.def.schema.project(p)?),
             None => Arc::clone(&self.def.schema),
         };
-        // Rows still in the write buffer: filtered and projected here, unioned below.
-        let mut memory = Vec::new();
-        if let Some(batches) = buffered.tables.get(&self.def.name) {
-            let df_schema = datafusion::common::DFSchema::try_from(self.def.schema.as_ref().clone())?;
-            let predicate = datafusion::logical_expr::utils::conjunction(filters.to_vec())
-                .map(|p| state.create_physical_expr(p, &df_schema))
-                .transpose()?;
-            for b in batches {
-                let b = match &predicate {
-                    Some(p) => {
-                        let mask = p.evaluate(b)?.into_array(b.num_rows())?;
-                        let mask = datafusion::common::cast::as_boolean_array(&mask)?;
-                        datafusion::arrow::compute::filter_record_batch(b, mask)?
-                    }
-                    None => b.clone(),
-                };
-                if b.num_rows() > 0 {
-                    memory.push(match projection {
-                        Some(p) => b.project(p)?,
-                        None => b,
-                    });
-                }
-            }
-        }
-        let memory_plan: Option<Arc<dyn ExecutionPlan>> =
-            (!memory.is_empty()).then(|| Arc::new(BufferExec::new(Arc::clone(&projected), memory)) as _);
-        if pruned.segments.is_empty() {
-            return Ok(match memory_plan {
-                Some(m) => m,
-                None => Arc::new(EmptyExec::new(projected)),
-            });
-        }
-        let info = Arc::new(ScanInfo {
-            table: self.def.name.clone(),
-            keys: pruned.keys.values().map(|v| v.iter().cloned().collect()),
-            time: pruned.time,
-            shard_count: layout.shard_count,
-            segments_total: pruned.segments_total,
-        });
-        let groups_n = state.config().target_partitions().max(1).min(pruned.segments.len());
-        let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); groups_n];
-        // Largest first, each to the least filled group, so partitions finish together.
-        let mut segs = pruned.segments;
-        segs.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.id.cmp(&b.id)));
-        let mut sizes = vec![0u64; groups_n];
-        for s in segs {
-            let i = (0..groups_n).min_by_key(|&i| (sizes[i], i)).unwrap_or(0);
-            sizes[i] += s.bytes;
-            groups[i].push(
-                PartitionedFile::new(s.path.clone(), s.bytes).with_extension(SegmentRef { shard: s.shard, scan: Arc::clone(&info) }),
-            );
-        }
-        let source = ParquetSource::new(Arc::clone(&self.def.schema));
-        let config = FileScanConfigBuilder::new(Storage::object_store_url(), Arc::new(source))
-            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
-            .with_projection_indices(projection.cloned())?
-            .with_limit(limit)
-            .build();
         let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
-        let files = format.create_physical_plan(state, config).await?;
-        match memory_plan {
-            Some(m) => datafusion::physical_plan::union::UnionExec::try_new(vec![files, m]),
-            None => Ok(files),
+        let groups_max = state.config().target_partitions().max(1);
+        if state.config().get_extension::<DeferScans>().is_some() {
+            // A plan reused across executions: which segments and buffered rows it
+            // reads is decided each time it runs, with that execution's values.
+            let proto = FileScanConfigBuilder::new(Storage::object_store_url(), Arc::new(ParquetSource::new(Arc::clone(&self.def.schema))))
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
+            let proto = format.create_physical_plan(state, proto).await?;
+            let proto = proto
+                .downcast_ref::<DataSourceExec>()
+                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
+                .cloned()
+                .ok_or_else(|| Error::Internal("Parquet format did not plan a file scan".into()))?;
+            return Ok(Arc::new(DeferredScanExec::new(
+                Arc::clone(&self.def),
+                Arc::clone(&self.storage),
+                projected,
+                projection.cloned(),
+                filters.to_vec(),
+                proto,
+                groups_max,
+            )?));
         }
+        let report = state.config().get_extension::<ScanReport>();
+        let to_physical = |e: Expr| -> DfResult<Arc<dyn PhysicalExpr>> {
+            let df_schema = datafusion::common::DFSchema::try_from(self.def.schema.as_ref().clone())?;
+            state.create_physical_expr(e, &df_schema)
+        };
+        let mut planned = plan_scan(&self.def, &self.storage, filters, projection, projected, report.as_deref(), Grouping::Balanced(groups_max), &to_physical)?;
+        let files = match planned.files.take() {
+            Some(groups) => {
+                let config = FileScanConfigBuilder::new(Storage::object_store_url(), Arc::new(ParquetSource::new(Arc::clone(&self.def.schema))))
+                    .with_file_groups(groups)
+                    .with_projection_indices(projection.cloned())?
+                    .with_limit(limit)
+                    .build();
+                Some(format.create_physical_plan(state, config).await?)
+            }
+            None => None,
+        };
+        planned.combine(files)
     }
 
     async fn insert_into(
