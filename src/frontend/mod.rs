@@ -443,6 +443,51 @@ impl ExtendedQueryHandler for Frontend {
         Ok(())
     }
 
+    /// As pgwire's default, except that the description is queued rather than flushed
+    /// (it goes out at the next Flush or Sync, as in PostgreSQL).
+    async fn on_describe<C>(&self, client: &mut C, message: pgwire::messages::extendedquery::Describe) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use pgwire::api::results::{DescribePortalResponse, DescribeResponse};
+        use pgwire::api::store::Entry;
+        let name = message.name.as_deref().unwrap_or(pgwire::api::DEFAULT_NAME);
+        let (parameters, fields) = match message.target_type {
+            b'S' => match client.portal_store().get_statement(name) {
+                Some(Entry::Value(stmt)) => {
+                    let r = self.do_describe_statement(client, &stmt).await?;
+                    (Some(r.parameters.clone()), (!r.is_no_data()).then(|| r.fields.clone()))
+                }
+                Some(Entry::Empty) => (Some(vec![]), None),
+                None => return Err(PgWireError::StatementNotFound(name.to_owned())),
+            },
+            b'P' => match client.portal_store().get_portal(name) {
+                Some(Entry::Value(portal)) => {
+                    let r: DescribePortalResponse = self.do_describe_portal(client, &portal).await?;
+                    (None, (!r.is_no_data()).then(|| r.fields.clone()))
+                }
+                Some(Entry::Empty) => (None, None),
+                None => return Err(PgWireError::PortalNotFound(name.to_owned())),
+            },
+            other => return Err(PgWireError::InvalidTargetType(other)),
+        };
+        if let Some(types) = parameters {
+            let oids = types.iter().map(|t| t.oid()).collect();
+            client.feed(PgWireBackendMessage::ParameterDescription(pgwire::messages::data::ParameterDescription::new(oids))).await?;
+        }
+        match fields {
+            Some(f) => {
+                let row = pgwire::messages::data::RowDescription::new(f.iter().map(Into::into).collect());
+                client.feed(PgWireBackendMessage::RowDescription(row)).await?;
+            }
+            None => client.feed(PgWireBackendMessage::NoData(pgwire::messages::data::NoData::new())).await?,
+        }
+        Ok(())
+    }
+
     async fn do_query<C>(&self, client: &mut C, portal: &Portal<Prepared>, _max_rows: usize) -> PgWireResult<Response>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,

@@ -109,7 +109,8 @@ impl Pipeline for RemotePipeline {
     async fn run(&self, fragment: Fragment, _ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let mut flight = InFlight::start(&self.stats);
         let header = TicketHeader { pipeline: self.id.index, query_id: fragment.query_id, shard: fragment.shard };
-        let ticket = encode_ticket(&header, &fragment.plan)?;
+        let plan = crate::storage::provider::materialize_segment_files(Arc::clone(&fragment.plan))?;
+        let ticket = encode_ticket(&header, &plan)?;
         let schema = fragment.plan.schema();
         let mut client = self.client.clone();
         let id = self.id;

@@ -514,6 +514,33 @@ impl ExecutionPlan for DistributeExec {
         Ok(TreeNodeRecursion::Continue)
     }
 
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        options: ReplaceChildrenOptions,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        match options.children_properties {
+            // Same properties (a reused plan renewed for its next execution): keep them,
+            // so the nodes above keep theirs too; fresh metrics and runs.
+            ChildrenPropertiesMode::Keep => {
+                let template = children.into_iter().next().ok_or_else(|| DataFusionError::Internal("DistributeExec needs its template".into()))?;
+                Ok(Arc::new(DistributeExec {
+                    template,
+                    fragments: self.fragments.clone(),
+                    epoch: self.epoch,
+                    scan: self.scan.clone(),
+                    cluster: Arc::clone(&self.cluster),
+                    props: Arc::clone(&self.props),
+                    metrics: ExecutionPlanMetricsSet::new(),
+                    runs: Arc::new(Mutex::new(vec![FragmentRun::default(); self.fragments.len()])),
+                    deferred: self.deferred,
+                }))
+            }
+            #[allow(deprecated)]
+            ChildrenPropertiesMode::Recompute => self.with_new_children(children),
+        }
+    }
+
     #[allow(deprecated)]
     fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
         let template = children.into_iter().next().ok_or_else(|| DataFusionError::Internal("DistributeExec needs its template".into()))?;

@@ -162,8 +162,14 @@ impl HotCache {
     }
 
     fn hot_scan(self: &Arc<Self>, node: &Arc<dyn ExecutionPlan>, store: &Arc<dyn ObjectStore>) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
-        let Some(ds) = node.downcast_ref::<DataSourceExec>() else { return Ok(None) };
-        let Some(config) = ds.data_source().downcast_ref::<FileScanConfig>() else { return Ok(None) };
+        let config = match (node.downcast_ref::<DataSourceExec>(), node.downcast_ref::<crate::storage::provider::SegmentFilesExec>()) {
+            (Some(ds), _) => match ds.data_source().downcast_ref::<FileScanConfig>() {
+                Some(c) => c,
+                None => return Ok(None),
+            },
+            (None, Some(files)) => files.config(),
+            (None, None) => return Ok(None),
+        };
         let Some(source) = config.file_source().downcast_ref::<ParquetSource>() else { return Ok(None) };
         if !config.table_partition_cols().is_empty() {
             return Ok(None);

@@ -364,12 +364,12 @@ impl DeferredScanExec {
         Ok((planned, source))
     }
 
+    fn config(&self, source: &ParquetSource, groups: Vec<FileGroup>) -> FileScanConfig {
+        FileScanConfigBuilder::from(self.proto.clone()).with_source(Arc::new(source.clone())).with_file_groups(groups).build()
+    }
+
     fn files_exec(&self, source: &ParquetSource, groups: Vec<FileGroup>) -> Arc<dyn ExecutionPlan> {
-        let config = FileScanConfigBuilder::from(self.proto.clone())
-            .with_source(Arc::new(source.clone()))
-            .with_file_groups(groups)
-            .build();
-        DataSourceExec::from_data_source(config)
+        DataSourceExec::from_data_source(self.config(source, groups))
     }
 
     /// The scan for this execution, as [`SegmentTable::scan`] would plan it with the
@@ -393,10 +393,82 @@ impl DeferredScanExec {
             for g in groups {
                 let Some(shard) = g.files().first().and_then(|f| f.extensions.get::<SegmentRef>()).map(|r| r.shard) else { continue };
                 let n = g.len();
-                shards.push((shard, n, self.files_exec(source, vec![g])));
+                let files = SegmentFilesExec { config: self.config(source, vec![g]), props: Arc::clone(&self.props) };
+                shards.push((shard, n, Arc::new(files) as Arc<dyn ExecutionPlan>));
             }
         }
         Ok(ResolvedScan { shards, buffer: planned.memory })
+    }
+}
+
+/// One partition of a resolved deferred scan: a Parquet scan of segment files whose
+/// `DataSourceExec` is built only if it runs as one. A pipeline with hot segments reads
+/// the files itself ([`crate::storage::hot`]), and building a `DataSourceExec` derives
+/// its equivalence properties from the predicate's values, a cost paid per execution
+/// for nothing; this node has the deferred scan's properties (one partition, nothing
+/// promised about order). Before a fragment goes to another node it becomes a
+/// `DataSourceExec` ([`materialize_segment_files`]).
+#[derive(Debug)]
+pub struct SegmentFilesExec {
+    config: FileScanConfig,
+    props: Arc<datafusion::physical_plan::PlanProperties>,
+}
+
+impl SegmentFilesExec {
+    pub fn config(&self) -> &FileScanConfig {
+        &self.config
+    }
+
+    fn materialize(&self) -> Arc<dyn ExecutionPlan> {
+        DataSourceExec::from_data_source(self.config.clone())
+    }
+}
+
+/// `plan` with its [`SegmentFilesExec`]s turned into `DataSourceExec`s (for plans that
+/// leave the process).
+pub fn materialize_segment_files(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    plan.transform_up(|node| match node.downcast_ref::<SegmentFilesExec>() {
+        Some(f) => Ok(Transformed::yes(f.materialize())),
+        None => Ok(Transformed::no(node)),
+    })
+    .map(|t| t.data)
+}
+
+impl DisplayAs for SegmentFilesExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SegmentFilesExec: ")?;
+        self.config.fmt_as(t, f)
+    }
+}
+
+impl ExecutionPlan for SegmentFilesExec {
+    fn name(&self) -> &str {
+        "SegmentFilesExec"
+    }
+
+    fn properties(&self) -> &Arc<datafusion::physical_plan::PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(&self, partition: usize, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
+        self.materialize().execute(partition, ctx)
     }
 }
 
