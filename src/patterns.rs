@@ -14,7 +14,8 @@
 //! query loads every shard); a pipeline counts the fragments routed to it. Queries that name no single entity count under entity
 //! [`ALL`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The entity of queries that did not name exactly one entity.
 pub const ALL: &str = "*";
@@ -60,6 +61,11 @@ struct Bucket {
     /// Fragments run per pipeline (from routing decisions).
     pipelines: BTreeMap<String, Cost>,
     patterns: BTreeMap<PatternKey, Cost>,
+    /// The individually counted patterns (not *other*), least loaded first and, among
+    /// equals, largest key first: the next one to fold into *other* when the bucket
+    /// is full. Kept beside `patterns` so that a full bucket costs a few tree
+    /// operations per query, not a scan of every pattern.
+    by_load: BTreeSet<(u64, Reverse<PatternKey>)>,
 }
 
 /// The scopes a series can be read for.
@@ -141,20 +147,15 @@ impl PatternCounter {
             o.service.map(str::to_string),
             o.operation.map(str::to_string),
         );
-        if !b.patterns.contains_key(&key) && b.patterns.len() >= patterns_max.max(1) {
+        let other: PatternKey = (OTHER.to_string(), None, None);
+        let is_new = !b.patterns.contains_key(&key);
+        if is_new && b.patterns.len() >= patterns_max.max(1) {
             // Full: the least loaded key so far is folded into *other*, so the keys
             // counted individually are the ones carrying the most load.
-            let other: PatternKey = (OTHER.to_string(), None, None);
-            let victim = b
-                .patterns
-                .iter()
-                .filter(|(k, _)| **k != other)
-                .min_by(|a, b| a.1.queries.total_cmp(&b.1.queries).then_with(|| b.0.cmp(a.0)))
-                .map(|(k, _)| k.clone());
-            match victim {
-                Some(v) => {
+            match b.by_load.pop_first() {
+                Some((_, Reverse(v))) => {
                     let cost = b.patterns.remove(&v).unwrap_or_default();
-                    let o = b.patterns.entry(other).or_default();
+                    let o = b.patterns.entry(other.clone()).or_default();
                     o.queries += cost.queries;
                     o.busy_us += cost.busy_us;
                     o.rows += cost.rows;
@@ -165,7 +166,16 @@ impl PatternCounter {
                 }
             }
         }
-        b.patterns.entry(key).or_default().add(o);
+        let c = b.patterns.entry(key.clone()).or_default();
+        let before = c.queries as u64;
+        c.add(o);
+        let after = c.queries as u64;
+        if key != other {
+            if !is_new {
+                b.by_load.remove(&(before, Reverse(key.clone())));
+            }
+            b.by_load.insert((after, Reverse(key)));
+        }
     }
 
     /// Query counts of `scope` for the `n` buckets ending with (and including) the

@@ -117,7 +117,7 @@ impl FragmentService {
             .pipeline(id)
             .filter(|p| p.is_local())
             .ok_or_else(|| Error::InvalidParameter(format!("this node has no pipeline {id}")))?;
-        pipeline.run(Fragment { query_id: header.query_id, shard: header.shard, plan }, task_ctx).await
+        pipeline.run(Fragment { query_id: header.query_id, shard: header.shard, plan, alone: false }, task_ctx).await
     }
 }
 

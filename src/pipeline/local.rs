@@ -3,7 +3,8 @@
 //!
 //! Owns: admission (slot or queue or 53000), the segment cache it reads through, and
 //! driving a fragment on its own task so that fragments run in parallel whatever the
-//! consumer does. Must never: hold a slot after the fragment's stream is gone.
+//! consumer does (a query's only fragment runs on the consumer's task: nothing to run
+//! beside it). Must never: hold a slot after the fragment's stream is gone.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -147,6 +148,9 @@ impl Pipeline for LocalPipeline {
             return Err(Error::Internal(format!("a fragment must have one output partition, got {partitions}")));
         }
         let mut inner = plan.execute(0, self.task_context(&ctx))?;
+        if fragment.alone {
+            return Ok(Box::pin(TrackedStream::new(inner, flight, permit)));
+        }
         let mut builder = RecordBatchReceiverStreamBuilder::new(schema, FRAGMENT_CHANNEL_BATCHES);
         let tx = builder.tx();
         builder.spawn(async move {
@@ -175,7 +179,7 @@ mod tests {
         let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from_iter_values(0..rows))]).unwrap();
         let plan: Arc<dyn ExecutionPlan> =
             datafusion::datasource::memory::MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None).unwrap();
-        Fragment { query_id: 1, shard: Some(0), plan }
+        Fragment { query_id: 1, shard: Some(0), plan, alone: false }
     }
 
     #[tokio::test]

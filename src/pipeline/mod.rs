@@ -43,6 +43,10 @@ pub struct Fragment {
     /// The shard it reads, or None for the write buffer.
     pub shard: Option<ShardId>,
     pub plan: Arc<dyn ExecutionPlan>,
+    /// The query's only fragment: nothing runs beside it, so an in-process pipeline
+    /// drives it on the consumer's task instead of spawning one (no hand-off between
+    /// threads for a point query).
+    pub alone: bool,
 }
 
 /// A worker that runs fragments.

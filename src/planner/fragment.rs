@@ -570,7 +570,7 @@ impl ExecutionPlan for DistributeExec {
             None => restrict(&self.template, spec.shard)?,
         };
         let query_id = ctx.session_config().get_extension::<ScanReport>().map(|r| r.query_id).unwrap_or(0);
-        let fragment = Fragment { query_id, shard: spec.shard, plan };
+        let fragment = Fragment { query_id, shard: spec.shard, plan, alone: self.fragments.len() == 1 };
         let cluster = Arc::clone(&self.cluster);
         let runs = Arc::clone(&self.runs);
         let metrics = BaselineMetrics::new(&self.metrics, partition);
