@@ -23,7 +23,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement,
 };
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 
 use crate::catalog::TableDef;
 use crate::error::{Error, Result};
@@ -230,10 +230,16 @@ impl Session {
         generic: Option<&Arc<GenericPlan>>,
     ) -> Result<Outcome> {
         let tracker = self.track(sql, statement_kind(stmt));
-        match self.execute_tracked(stmt, plan, params, generic, &tracker).await {
+        // A panic while planning (a bug, in DataFusion or here) fails the statement, not
+        // the connection.
+        let outcome = std::panic::AssertUnwindSafe(self.execute_tracked(stmt, plan, params, generic, &tracker))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(Error::Internal(format!("statement failed: {}", panic_message(&*panic)))));
+        match outcome {
             Ok(Outcome::Rows { schema, stream }) => Ok(Outcome::Rows {
                 schema: pg_schema(stmt, schema),
-                stream: Box::pin(LoggedStream::new(stream, tracker, |b: &RecordBatch| {
+                stream: Box::pin(LoggedStream::new(Box::pin(CatchPanics::new(stream)) as SendableRecordBatchStream, tracker, |b: &RecordBatch| {
                     (b.num_rows() as u64, b.get_array_memory_size() as u64)
                 })),
             }),
@@ -718,6 +724,53 @@ impl Drop for Tracker {
     }
 }
 
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_string())
+}
+
+/// A statement's rows with a panic inside an operator (a bug, in DataFusion or here)
+/// turned into an error (XX000) that ends the statement: the connection, and the
+/// process, go on. Panics in tasks an operator spawned reach the consumer the same way
+/// (DataFusion resumes them in the stream that reads the task).
+struct CatchPanics {
+    inner: Option<SendableRecordBatchStream>,
+    schema: SchemaRef,
+}
+
+impl CatchPanics {
+    fn new(inner: SendableRecordBatchStream) -> CatchPanics {
+        CatchPanics { schema: inner.schema(), inner: Some(inner) }
+    }
+}
+
+impl Stream for CatchPanics {
+    type Item = datafusion::error::Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll_next_unpin(cx))) {
+            Ok(polled) => polled,
+            Err(panic) => {
+                // The operator's state is unknown after a panic: never poll it again.
+                self.inner = None;
+                let e = Error::Internal(format!("statement failed: {}", panic_message(&*panic)));
+                Poll::Ready(Some(Err(e.into())))
+            }
+        }
+    }
+}
+
+impl datafusion::physical_plan::RecordBatchStream for CatchPanics {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+}
+
 /// Counts a result stream's rows and bytes and finishes its query-log entry at the end
 /// (or at the first error; dropping it early records the statement as cancelled).
 struct LoggedStream<S, T> {
@@ -803,5 +856,42 @@ fn clone_df_error(e: &datafusion::error::DataFusionError) -> datafusion::error::
         D::NotImplemented(m) => D::NotImplemented(m.clone()),
         D::Plan(m) => D::Plan(m.clone()),
         other => D::Internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream whose operator panics mid-way.
+    struct Panicking(u32);
+
+    impl Stream for Panicking {
+        type Item = datafusion::error::Result<RecordBatch>;
+        fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.0 += 1;
+            if self.0 == 2 {
+                panic!("k must be > 0");
+            }
+            Poll::Ready(Some(Ok(RecordBatch::new_empty(Arc::new(datafusion::arrow::datatypes::Schema::empty())))))
+        }
+    }
+
+    impl datafusion::physical_plan::RecordBatchStream for Panicking {
+        fn schema(&self) -> SchemaRef {
+            Arc::new(datafusion::arrow::datatypes::Schema::empty())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_operator_fails_its_statement_only() {
+        let mut s = CatchPanics::new(Box::pin(Panicking(0)));
+        assert!(s.next().await.unwrap().is_ok());
+        let err = Error::from(s.next().await.unwrap().unwrap_err());
+        assert_eq!(err.sqlstate(), "XX000");
+        assert!(err.message().contains("k must be > 0"), "{err}");
+        // Never polled again after the panic.
+        assert!(s.next().await.is_none());
+        assert!(s.next().await.is_none());
     }
 }
