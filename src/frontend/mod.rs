@@ -459,7 +459,8 @@ impl ExtendedQueryHandler for Frontend {
             b'S' => match client.portal_store().get_statement(name) {
                 Some(Entry::Value(stmt)) => {
                     let r = self.do_describe_statement(client, &stmt).await?;
-                    (Some(r.parameters.clone()), (!r.is_no_data()).then(|| r.fields.clone()))
+                    let no_data = r.is_no_data();
+                    (Some(r.parameters), (!no_data).then_some(r.fields))
                 }
                 Some(Entry::Empty) => (Some(vec![]), None),
                 None => return Err(PgWireError::StatementNotFound(name.to_owned())),
@@ -467,7 +468,8 @@ impl ExtendedQueryHandler for Frontend {
             b'P' => match client.portal_store().get_portal(name) {
                 Some(Entry::Value(portal)) => {
                     let r: DescribePortalResponse = self.do_describe_portal(client, &portal).await?;
-                    (None, (!r.is_no_data()).then(|| r.fields.clone()))
+                    let no_data = r.is_no_data();
+                    (None, (!no_data).then_some(r.fields))
                 }
                 Some(Entry::Empty) => (None, None),
                 None => return Err(PgWireError::PortalNotFound(name.to_owned())),

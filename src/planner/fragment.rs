@@ -123,11 +123,7 @@ impl Fragmenter {
             .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d, plan: None })
             .collect();
         if has_buffer {
-            // The write buffer lives in this process: one of its pipelines reads it
-            // (or the gateway itself, on a node without pipelines).
-            let local: Vec<PipelineId> = self.cluster.local_pipelines().iter().map(|p| p.id()).collect();
-            let decision = router::route(0, &local, &snapshot, &[]);
-            fragments.push(FragmentSpec { shard: None, segments: 0, decision, plan: None });
+            fragments.push(FragmentSpec { shard: None, segments: 0, decision: route_buffer(&self.cluster, &snapshot), plan: None });
         }
         let exec: Arc<dyn ExecutionPlan> = Arc::new(DistributeExec::new(
             Arc::clone(template),
@@ -309,6 +305,13 @@ pub struct FragmentSpec {
     pub plan: Option<Arc<dyn ExecutionPlan>>,
 }
 
+/// Where the write buffer's fragment runs: the buffer lives in this process, so one of
+/// its pipelines reads it (or the gateway itself, on a node without pipelines).
+fn route_buffer(cluster: &Cluster, snapshot: &router::LoadSnapshot) -> Decision {
+    let local: Vec<PipelineId> = cluster.local_pipelines().iter().map(|p| p.id()).collect();
+    router::route(0, &local, snapshot, &[])
+}
+
 /// `template` with its one deferred scan replaced by `leaf` (one partition, the same
 /// schema). The nodes keep the properties they were planned with over the deferred
 /// scan, which promised nothing about order or partitioning beyond one partition.
@@ -393,8 +396,7 @@ impl DistributeExec {
             fragments.push(FragmentSpec { shard: Some(d.shard), segments, plan: Some(with_leaf(&self.template, scan)?), decision: d });
         }
         if let Some(buffer) = resolved.buffer {
-            let local: Vec<PipelineId> = self.cluster.local_pipelines().iter().map(|p| p.id()).collect();
-            let decision = router::route(0, &local, &snapshot, &[]);
+            let decision = route_buffer(&self.cluster, &snapshot);
             fragments.push(FragmentSpec { shard: None, segments: 0, plan: Some(with_leaf(&self.template, buffer)?), decision });
         }
         if fragments.is_empty() {

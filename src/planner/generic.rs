@@ -91,6 +91,19 @@ struct Reusable {
     values: Arc<ParamSlot>,
 }
 
+/// What [`GenericPlan::checkout`] found.
+enum Checkout {
+    Ready(Reusable),
+    /// Running, or not reusable for these types.
+    Refused,
+    /// The caller builds it (the slot is marked busy meanwhile).
+    Build,
+}
+
+fn types_of(values: &[datafusion::common::metadata::ScalarAndMetadata]) -> Vec<DataType> {
+    values.iter().map(|v| v.value.data_type()).collect()
+}
+
 /// One prepared statement's generic plan, filled at its first Execute.
 #[derive(Debug, Default)]
 pub struct GenericPlan {
@@ -121,7 +134,7 @@ impl GenericPlan {
     /// None when the statement must be planned the ordinary way.
     pub fn bind(&self, unoptimized: &LogicalPlan, params: &ParamValues, state: &SessionState) -> Result<Option<LogicalPlan>> {
         let ParamValues::List(values) = params else { return Ok(None) };
-        let types: Vec<DataType> = values.iter().map(|v| v.value.data_type()).collect();
+        let types = types_of(values);
         let Some(optimized) = self.optimized(unoptimized, &types, state) else { return Ok(None) };
         let bound = optimized.as_ref().clone().replace_params_with_values(params)?;
         // The rules whose work depends on values: folding (`'acct-' || lpad($1, 5,
@@ -154,42 +167,20 @@ impl GenericPlan {
         state: &SessionState,
     ) -> Result<Option<Reused>> {
         let ParamValues::List(values) = params else { return Ok(None) };
-        let types: Vec<DataType> = values.iter().map(|v| v.value.data_type()).collect();
-        let ready = {
-            let mut slot = self.physical.lock();
-            match std::mem::take(&mut *slot) {
-                Physical::Idle(t, r) if t == types => {
-                    *slot = Physical::Busy(t);
-                    Some(r)
-                }
-                Physical::Unusable(t) if t == types => {
-                    *slot = Physical::Unusable(t);
-                    return Ok(None);
-                }
-                Physical::Busy(t) if t == types => {
-                    *slot = Physical::Busy(t);
-                    return Ok(None);
-                }
-                _ => {
-                    *slot = Physical::Busy(types.clone());
-                    None
-                }
-            }
-        };
-        let reusable = match ready {
-            Some(r) => r,
-            None => {
+        let types = types_of(values);
+        let reusable = match self.checkout(&types, true) {
+            Checkout::Ready(r) => r,
+            Checkout::Refused => return Ok(None),
+            Checkout::Build => {
                 let built = match self.optimized(unoptimized, &types, state) {
                     Some(optimized) => build_reusable(&optimized, &types, state).await,
                     None => None,
                 };
-                match built {
-                    Some(r) => r,
-                    None => {
-                        *self.physical.lock() = Physical::Unusable(types);
-                        return Ok(None);
-                    }
-                }
+                let Some(r) = built else {
+                    *self.physical.lock() = Physical::Unusable(types);
+                    return Ok(None);
+                };
+                r
             }
         };
         self.start(types, reusable, values)
@@ -199,21 +190,34 @@ impl GenericPlan {
     /// planning and no planning state needed. None otherwise (then [`GenericPlan::reuse`]).
     pub fn ready(self: &Arc<Self>, params: &ParamValues) -> Result<Option<Reused>> {
         let ParamValues::List(values) = params else { return Ok(None) };
-        let types: Vec<DataType> = values.iter().map(|v| v.value.data_type()).collect();
-        let reusable = {
-            let mut slot = self.physical.lock();
-            match std::mem::take(&mut *slot) {
-                Physical::Idle(t, r) if t == types => {
-                    *slot = Physical::Busy(t);
-                    r
-                }
-                other => {
-                    *slot = other;
-                    return Ok(None);
-                }
+        let types = types_of(values);
+        match self.checkout(&types, false) {
+            Checkout::Ready(r) => self.start(types, r, values),
+            Checkout::Refused | Checkout::Build => Ok(None),
+        }
+    }
+
+    /// Takes the plan for `types` if it is idle. Otherwise, when `may_build` and no plan
+    /// for these types is running or known unusable, marks it busy for the caller to
+    /// build.
+    fn checkout(&self, types: &[DataType], may_build: bool) -> Checkout {
+        let mut slot = self.physical.lock();
+        let current = std::mem::take(&mut *slot);
+        let settled = matches!(&current, Physical::Unusable(t) | Physical::Busy(t) if t == types);
+        match current {
+            Physical::Idle(t, r) if t == types => {
+                *slot = Physical::Busy(t);
+                Checkout::Ready(r)
             }
-        };
-        self.start(types, reusable, values)
+            other if settled || !may_build => {
+                *slot = other;
+                Checkout::Refused
+            }
+            _ => {
+                *slot = Physical::Busy(types.to_vec());
+                Checkout::Build
+            }
+        }
     }
 
     /// Binds `values` into the checked-out plan and hands it out.

@@ -71,6 +71,38 @@ impl ScanReport {
     }
 }
 
+/// The properties of a leaf that yields one partition and promises nothing about order.
+fn one_partition(schema: SchemaRef) -> Arc<datafusion::physical_plan::PlanProperties> {
+    use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+    Arc::new(datafusion::physical_plan::PlanProperties::new(
+        datafusion::physical_expr::EquivalenceProperties::new(schema),
+        datafusion::physical_plan::Partitioning::UnknownPartitioning(1),
+        EmissionType::Incremental,
+        Boundedness::Bounded,
+    ))
+}
+
+/// The `ExecutionPlan` methods of a leaf node without expressions of its own.
+macro_rules! leaf_plan_methods {
+    () => {
+        fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+            vec![]
+        }
+
+        fn apply_expressions(
+            &self,
+            _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+        ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        }
+
+        #[allow(deprecated)]
+        fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+            Ok(self)
+        }
+    };
+}
+
 /// What a scan's predicates said, shared by all its segment files (EXPLAIN shows it).
 #[derive(Debug)]
 pub struct ScanInfo {
@@ -148,7 +180,9 @@ enum Grouping {
 }
 
 /// Prunes `def`'s segments with `filters` (values already bound), records what the scan
-/// touches in `report`, filters the write buffer's rows, and groups the kept files.
+/// touches in `report`, filters the write buffer's rows with `predicate` (the filters
+/// as one physical expression, asked for only when the buffer holds rows of the table),
+/// and groups the kept files.
 #[allow(clippy::too_many_arguments)]
 fn plan_scan(
     def: &TableDef,
@@ -158,7 +192,7 @@ fn plan_scan(
     projected: SchemaRef,
     report: Option<&ScanReport>,
     grouping: Grouping,
-    to_physical: &dyn Fn(Expr) -> DfResult<Arc<dyn PhysicalExpr>>,
+    predicate: &dyn Fn() -> DfResult<Option<Arc<dyn PhysicalExpr>>>,
 ) -> DfResult<PlannedScan> {
     let (manifest, buffered) = storage.view();
     let layout = manifest.layout(&def.name).ok_or_else(|| Error::UndefinedTable(def.name.clone()))?;
@@ -189,7 +223,7 @@ fn plan_scan(
     // Rows still in the write buffer: filtered and projected here, unioned below.
     let mut memory = Vec::new();
     if let Some(batches) = buffered.tables.get(&def.name) {
-        let predicate = datafusion::logical_expr::utils::conjunction(filters.to_vec()).map(to_physical).transpose()?;
+        let predicate = predicate()?;
         for b in batches {
             let b = match &predicate {
                 Some(p) => {
@@ -284,18 +318,12 @@ impl DeferredScanExec {
         proto: FileScanConfig,
         groups_max: usize,
     ) -> DfResult<DeferredScanExec> {
-        use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-        let props = datafusion::physical_plan::PlanProperties::new(
-            datafusion::physical_expr::EquivalenceProperties::new(projected),
-            datafusion::physical_plan::Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
+        let props = one_partition(projected);
         let df_schema = Arc::new(
             datafusion::common::DFSchema::try_from(def.schema.as_ref().clone()).expect("a table schema is a valid DataFusion schema"),
         );
         let (templates, folds) = fold_templates(&filters)?;
-        Ok(DeferredScanExec { def, storage, projection, filters, proto, groups_max, props: Arc::new(props), df_schema, templates, folds })
+        Ok(DeferredScanExec { def, storage, projection, filters, proto, groups_max, props, df_schema, templates, folds })
     }
 
     /// The filters with this execution's values, as literals (so that `'acct-' || $1`
@@ -344,8 +372,8 @@ impl DeferredScanExec {
 
     fn plan(&self, report: Option<&ScanReport>, grouping: Grouping) -> DfResult<(PlannedScan, Option<ParquetSource>)> {
         let (filters, predicate) = self.bound_filters()?;
-        let to_physical = |e: Expr| self.to_physical(e);
-        let planned = plan_scan(&self.def, &self.storage, &filters, self.projection.as_ref(), self.schema(), report, grouping, &to_physical)?;
+        let planned =
+            plan_scan(&self.def, &self.storage, &filters, self.projection.as_ref(), self.schema(), report, grouping, &|| Ok(predicate.clone()))?;
         let source = match &planned.files {
             Some(_) => {
                 let source = self
@@ -451,21 +479,7 @@ impl ExecutionPlan for SegmentFilesExec {
         &self.props
     }
 
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
-    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
+    leaf_plan_methods!();
 
     fn execute(&self, partition: usize, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         self.materialize().execute(partition, ctx)
@@ -523,21 +537,7 @@ impl ExecutionPlan for DeferredScanExec {
         &self.props
     }
 
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
-    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
+    leaf_plan_methods!();
 
     fn execute(&self, _partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         Err(Error::Internal("a deferred scan runs only through the DistributeExec above it".into()).into())
@@ -623,11 +623,13 @@ impl TableProvider for SegmentTable {
             )?));
         }
         let report = state.config().get_extension::<ScanReport>();
-        let to_physical = |e: Expr| -> DfResult<Arc<dyn PhysicalExpr>> {
+        // The filters as one predicate, for the write buffer's rows (built only if any).
+        let predicate = || -> DfResult<Option<Arc<dyn PhysicalExpr>>> {
             let df_schema = datafusion::common::DFSchema::try_from(self.def.schema.as_ref().clone())?;
-            state.create_physical_expr(e, &df_schema)
+            datafusion::logical_expr::utils::conjunction(filters.to_vec()).map(|p| state.create_physical_expr(p, &df_schema)).transpose()
         };
-        let mut planned = plan_scan(&self.def, &self.storage, filters, projection, projected, report.as_deref(), Grouping::Balanced(groups_max), &to_physical)?;
+        let mut planned =
+            plan_scan(&self.def, &self.storage, filters, projection, projected, report.as_deref(), Grouping::Balanced(groups_max), &predicate)?;
         let files = match planned.files.take() {
             Some(groups) => {
                 let config = FileScanConfigBuilder::new(Storage::object_store_url(), Arc::new(ParquetSource::new(Arc::clone(&self.def.schema))))
@@ -701,14 +703,7 @@ pub struct BufferExec {
 
 impl BufferExec {
     pub fn new(schema: SchemaRef, batches: Vec<datafusion::arrow::record_batch::RecordBatch>) -> BufferExec {
-        use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-        let props = datafusion::physical_plan::PlanProperties::new(
-            datafusion::physical_expr::EquivalenceProperties::new(schema),
-            datafusion::physical_plan::Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
-        BufferExec { batches, props: Arc::new(props) }
+        BufferExec { batches, props: one_partition(schema) }
     }
 }
 
@@ -728,21 +723,7 @@ impl ExecutionPlan for BufferExec {
         &self.props
     }
 
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn datafusion::physical_expr::PhysicalExpr>) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
-    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
+    leaf_plan_methods!();
 
     fn execute(&self, partition: usize, _ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         if partition != 0 {
