@@ -158,9 +158,9 @@ impl TableProvider for QueryLogTable {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let schema = query_log::schema();
-        let buffered = query_log::to_batch(&self.log.buffered())?;
+        let (buffered, files) = self.log.snapshot()?;
+        let buffered = query_log::to_batch(&buffered)?;
         let memory = MemorySourceConfig::try_new_exec(&[vec![buffered]], Arc::clone(&schema), projection.cloned())?;
-        let files = self.log.files()?;
         if files.is_empty() {
             return Ok(memory);
         }
