@@ -33,8 +33,43 @@ pub struct Config {
     pub connections_max: usize,
     /// Statements that run longer are cancelled with 57014 (0 = no limit).
     pub statement_timeout_ms: u64,
-    /// Largest COPY FROM STDIN payload accepted in one statement.
+    /// Largest COPY FROM payload (STDIN or a server-side file) accepted in one statement.
     pub copy_bytes_max: u64,
+    /// Directories that `COPY ... FROM 'path'` and `COPY ... TO 'path'` may read and
+    /// write (relative paths are taken from the data directory); empty = the data
+    /// directory's `import/` and `export/`. Nothing outside them, no `..` escape, no
+    /// symbolic link out of them.
+    pub copy_dirs: Vec<PathBuf>,
+    /// `COPY ... TO 'path'` may replace an existing file (otherwise 58P02).
+    pub copy_overwrite: bool,
+    /// A connection that has not finished its start-up (authentication) this long
+    /// after it was accepted is closed.
+    pub startup_timeout_ms: u64,
+    /// Connections still in start-up at once; when full, the oldest one is closed to
+    /// make room, so idle sockets cannot keep real clients out.
+    pub startup_pending_max: usize,
+    /// Connections from one source address at once (53300 beyond).
+    pub connections_per_address_max: usize,
+    /// Of `connections_max`, connections kept for clients on a loopback address (local
+    /// administration) once the others are taken.
+    pub reserved_connections: usize,
+    /// Named prepared statements and portals one connection may hold (53400 beyond).
+    pub prepared_statements_max: usize,
+    /// Bytes of a statement's text kept in the query log (longer text is cut, with a
+    /// marker).
+    pub query_log_text_bytes_max: usize,
+    /// Deepest expression or query nesting a statement may have (54001 beyond), so
+    /// that no statement can overflow a planner's stack.
+    pub expression_depth_max: usize,
+    /// Parameters (`$n`) a statement may have (54000 beyond; the protocol's limit is
+    /// 65,535).
+    pub statement_params_max: usize,
+    /// Memory one query's operators may hold (sorts, joins, aggregates); beyond it
+    /// they spill where DataFusion can, else the query fails with 53200. 0 = no
+    /// per-query limit.
+    pub query_memory_bytes_max: u64,
+    /// Memory all queries of the node may hold together (0 = no limit).
+    pub node_memory_bytes_max: u64,
     /// Query-log entries kept in memory before the oldest unflushed ones are dropped.
     pub query_log_memory_rows_max: usize,
     /// How often the query log is written to disk.
@@ -113,7 +148,19 @@ impl Default for Config {
             segment_row_group_rows: 64 * 1024,
             connections_max: 256,
             statement_timeout_ms: 0,
-            copy_bytes_max: 4 << 30,
+            copy_bytes_max: 1 << 30,
+            copy_dirs: Vec::new(),
+            copy_overwrite: false,
+            startup_timeout_ms: 10_000,
+            startup_pending_max: 64,
+            connections_per_address_max: 128,
+            reserved_connections: 3,
+            prepared_statements_max: 1_000,
+            query_log_text_bytes_max: 4_096,
+            expression_depth_max: 1_000,
+            statement_params_max: 65_535,
+            query_memory_bytes_max: 1 << 30,
+            node_memory_bytes_max: 4 << 30,
             query_log_memory_rows_max: 100_000,
             query_log_flush_interval_ms: 1_000,
             query_log_disk_bytes_max: 1 << 30,
@@ -237,6 +284,15 @@ impl Config {
         if self.connections_max == 0 {
             return Err(Error::Config("connections_max must be positive".into()));
         }
+        if self.reserved_connections >= self.connections_max {
+            return Err(Error::Config("reserved_connections must be below connections_max".into()));
+        }
+        if self.startup_pending_max == 0 || self.connections_per_address_max == 0 {
+            return Err(Error::Config("startup_pending_max and connections_per_address_max must be positive".into()));
+        }
+        if self.expression_depth_max == 0 || self.statement_params_max > 65_535 {
+            return Err(Error::Config("expression_depth_max must be positive and statement_params_max at most 65535".into()));
+        }
         if self.pipeline_slots == 0 {
             return Err(Error::Config("pipeline_slots must be positive".into()));
         }
@@ -260,6 +316,14 @@ impl Config {
             return Err(Error::Config("pipelines = 0 needs peers to run queries on".into()));
         }
         Ok(())
+    }
+
+    /// The directories server-side COPY may use, absolute (see `copy_dirs`).
+    pub fn copy_dirs(&self) -> Vec<PathBuf> {
+        if self.copy_dirs.is_empty() {
+            return vec![self.data_dir.join("import"), self.data_dir.join("export")];
+        }
+        self.copy_dirs.iter().map(|d| if d.is_absolute() { d.clone() } else { self.data_dir.join(d) }).collect()
     }
 
     /// `peers` as (node id, internal address), sorted by id.

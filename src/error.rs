@@ -48,6 +48,24 @@ pub enum Error {
     ReadOnly(String),
     #[error("canceling statement due to statement timeout")]
     StatementTimeout,
+    #[error("canceling statement due to user request")]
+    Cancelled,
+    #[error("statement too complex: {0}")]
+    TooComplex(String),
+    #[error("{0}")]
+    ProgramLimit(String),
+    #[error("{0}")]
+    TooManyObjects(String),
+    #[error("target lists can have at most {max} entries, this one has {got}")]
+    TooManyColumns { max: usize, got: usize },
+    #[error("invalid byte sequence for encoding \"UTF8\"")]
+    InvalidEncoding,
+    #[error("{0}")]
+    ProtocolViolation(String),
+    #[error("{0}")]
+    InsufficientPrivilege(String),
+    #[error("file \"{0}\" already exists")]
+    DuplicateFile(String),
     #[error("{what} is full ({limit} {unit}); retry later")]
     QueueFull { what: &'static str, limit: u64, unit: &'static str },
     #[error("{0}")]
@@ -182,7 +200,15 @@ impl Error {
             Error::UndefinedFile(_) => "58P01",
             Error::NotSupported(_) => "0A000",
             Error::ReadOnly(_) => "25006",
-            Error::StatementTimeout => "57014",
+            Error::StatementTimeout | Error::Cancelled => "57014",
+            Error::TooComplex(_) => "54001",
+            Error::ProgramLimit(_) => "54000",
+            Error::TooManyObjects(_) => "53400",
+            Error::TooManyColumns { .. } => "54011",
+            Error::InvalidEncoding => "22021",
+            Error::ProtocolViolation(_) => "08P01",
+            Error::InsufficientPrivilege(_) => "42501",
+            Error::DuplicateFile(_) => "58P02",
             Error::QueueFull { .. } => "53000",
             Error::ResourcesExhausted(_) => "53200",
             Error::PipelineUnavailable { .. } => "58000",

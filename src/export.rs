@@ -1,10 +1,13 @@
 //! Moving rows in and out as files: COPY TO a Parquet or CSV file, COPY TO STDOUT as
 //! text or CSV, and reading the bytes of a COPY FROM source (a path or a URL).
 //!
-//! Owns: file formats at the edge. Must never: leave a half-written output file under
-//! its final name (files are written beside it and renamed when complete).
+//! Owns: file formats at the edge, and which server-side paths COPY may touch
+//! ([`CopyPaths`]). Must never: leave a half-written output file under its final name
+//! (files are written beside it and linked into place when complete); read or write a
+//! path outside the configured COPY directories; replace a file unless configured to;
+//! read anything but a regular file.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,10 +19,131 @@ use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result};
 
+/// The directories server-side `COPY ... FROM/TO 'path'` may use (PostgreSQL lets only
+/// privileged roles name server files at all; Tidemark confines them to `copy_dirs`).
+#[derive(Debug, Clone)]
+pub struct CopyPaths {
+    /// Relative names are taken from here (the data directory, absolute).
+    base: PathBuf,
+    /// Each allowed directory as configured (absolute) and as resolved on disk.
+    dirs: Vec<(PathBuf, PathBuf)>,
+    overwrite: bool,
+    bytes_max: u64,
+}
+
+impl CopyPaths {
+    /// Creates the directories if missing and resolves them.
+    pub fn open(base: &Path, dirs: &[PathBuf], overwrite: bool, bytes_max: u64) -> Result<CopyPaths> {
+        let absolute = |p: &Path| -> Result<PathBuf> {
+            Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+        };
+        let base = absolute(base)?;
+        let mut out = Vec::with_capacity(dirs.len());
+        for d in dirs {
+            let d = lexical(&absolute(d)?).ok_or_else(|| Error::Config(format!("copy_dirs: {} climbs above /", d.display())))?;
+            std::fs::create_dir_all(&d).map_err(|e| Error::Config(format!("cannot create COPY directory {}: {e}", d.display())))?;
+            let real = std::fs::canonicalize(&d)?;
+            out.push((d, real));
+        }
+        Ok(CopyPaths { base, dirs: out, overwrite, bytes_max })
+    }
+
+    /// The absolute, `..`-free form of `name`, refused unless inside an allowed directory.
+    fn resolve(&self, name: &str) -> Result<PathBuf> {
+        let p = Path::new(name);
+        let p = if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) };
+        if p.components().any(|c| c == Component::ParentDir) {
+            return Err(Error::InsufficientPrivilege(format!("COPY file names may not contain \"..\": {name}")));
+        }
+        if !self.dirs.iter().any(|(d, _)| p.starts_with(d)) {
+            return Err(self.outside(name));
+        }
+        Ok(p)
+    }
+
+    fn outside(&self, name: &str) -> Error {
+        let dirs: Vec<String> = self.dirs.iter().map(|(d, _)| d.display().to_string()).collect();
+        Error::InsufficientPrivilege(format!(
+            "COPY may only use server files inside the configured copy_dirs ({}); \"{name}\" is not (use COPY ... FROM STDIN / TO STDOUT, or psql's \\copy, for client files)",
+            dirs.join(", ")
+        ))
+    }
+
+    /// A file COPY FROM may read: inside an allowed directory after following links,
+    /// a regular file, at most `copy_bytes_max` bytes.
+    pub fn for_read(&self, name: &str) -> Result<PathBuf> {
+        let p = self.resolve(name)?;
+        let real = match std::fs::canonicalize(&p) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::UndefinedFile(name.to_string())),
+            Err(e) => return Err(Error::Io(std::io::Error::new(e.kind(), format!("{name}: {e}")))),
+        };
+        if !self.dirs.iter().any(|(_, r)| real.starts_with(r)) {
+            return Err(self.outside(name));
+        }
+        let meta = std::fs::metadata(&real)?;
+        if !meta.is_file() {
+            return Err(Error::InsufficientPrivilege(format!("\"{name}\" is not a regular file")));
+        }
+        if meta.len() > self.bytes_max {
+            return Err(Error::ProgramLimit(format!(
+                "\"{name}\" has {} bytes, more than copy_bytes_max ({})",
+                meta.len(),
+                self.bytes_max
+            )));
+        }
+        Ok(real)
+    }
+
+    /// Where COPY TO may write `name`: its directory exists inside an allowed one, and
+    /// the file does not exist yet (unless `copy_overwrite`).
+    pub fn for_write(&self, name: &str) -> Result<PathBuf> {
+        let p = self.resolve(name)?;
+        let (Some(parent), Some(file)) = (p.parent(), p.file_name()) else {
+            return Err(Error::InvalidParameter(format!("COPY TO needs a file name: {name}")));
+        };
+        let real_parent = std::fs::canonicalize(parent)
+            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", parent.display()))))?;
+        if !self.dirs.iter().any(|(_, r)| real_parent.starts_with(r)) {
+            return Err(self.outside(name));
+        }
+        let target = real_parent.join(file);
+        match std::fs::symlink_metadata(&target) {
+            Ok(m) if !m.is_file() => return Err(Error::InsufficientPrivilege(format!("\"{name}\" exists and is not a regular file"))),
+            Ok(_) if !self.overwrite => return Err(Error::DuplicateFile(name.to_string())),
+            _ => {}
+        }
+        Ok(target)
+    }
+
+    pub fn overwrite(&self) -> bool {
+        self.overwrite
+    }
+}
+
+/// `p` with `.` removed and `..` applied (None if it climbs above the root).
+fn lexical(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Some(out)
+}
+
 /// Writes the rows of `df` to a local file as Parquet (by `format` or the `.parquet`
-/// extension) or CSV. Returns the number of rows.
-pub async fn write_file(df: DataFrame, filename: &str, format: Option<&str>) -> Result<u64> {
-    let path = PathBuf::from(filename);
+/// extension) or CSV. Returns the number of rows. `path` was checked by
+/// [`CopyPaths::for_write`]; the file appears whole or not at all, and an existing file
+/// is replaced only when `overwrite`.
+pub async fn write_file(df: DataFrame, path: &Path, filename: &str, format: Option<&str>, overwrite: bool) -> Result<u64> {
+    let path = path.to_path_buf();
     let format = match format {
         Some(f) => f.to_string(),
         None if filename.ends_with(".parquet") => "parquet".into(),
@@ -57,8 +181,20 @@ pub async fn write_file(df: DataFrame, filename: &str, format: Option<&str>) -> 
     .await;
     match result {
         Ok(()) => {
-            std::fs::rename(&tmp, &path)?;
-            Ok(rows)
+            // Without overwrite, a hard link puts the file in place only if the name is
+            // still free (a file created meanwhile is not replaced).
+            let placed = if overwrite {
+                std::fs::rename(&tmp, &path)
+            } else {
+                let linked = std::fs::hard_link(&tmp, &path);
+                let _ = std::fs::remove_file(&tmp);
+                linked
+            };
+            match placed {
+                Ok(()) => Ok(rows),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::DuplicateFile(filename.to_string())),
+                Err(e) => Err(e.into()),
+            }
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -105,16 +241,23 @@ pub fn encode_text(
         .boxed()
 }
 
-/// Reads a whole COPY FROM source: a local path, a `file://` URL or an `s3://` URL
-/// (credentials from the `AWS_*` environment variables).
-pub async fn read_source(source: &str) -> Result<Bytes> {
+/// Reads a whole COPY FROM source: a local path or `file://` URL (inside `paths`), or
+/// an `s3://` URL (credentials from the `AWS_*` environment variables); at most
+/// `copy_bytes_max` bytes either way.
+pub async fn read_source(source: &str, paths: &CopyPaths) -> Result<Bytes> {
     if let Ok(url) = url::Url::parse(source) {
         match url.scheme() {
-            "file" => return read_local(url.path()),
+            "file" => return read_local(url.path(), paths),
             "s3" | "s3a" => {
                 let store = object_store::aws::AmazonS3Builder::from_env().with_url(source).build()?;
                 let path = object_store::path::Path::from(url.path().trim_start_matches('/'));
                 let got = store.get(&path).await?;
+                if got.meta.size > paths.bytes_max {
+                    return Err(Error::ProgramLimit(format!(
+                        "{source} has {} bytes, more than copy_bytes_max ({})",
+                        got.meta.size, paths.bytes_max
+                    )));
+                }
                 return Ok(got.bytes().await?);
             }
             // A Windows-style or relative path parses as a one-letter scheme; fall through.
@@ -122,13 +265,62 @@ pub async fn read_source(source: &str) -> Result<Bytes> {
             _ => {}
         }
     }
-    read_local(source)
+    read_local(source, paths)
 }
 
-fn read_local(path: &str) -> Result<Bytes> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(Bytes::from(b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::UndefinedFile(path.to_string())),
-        Err(e) => Err(Error::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))),
+fn read_local(name: &str, paths: &CopyPaths) -> Result<Bytes> {
+    use std::io::Read;
+    let real = paths.for_read(name)?;
+    let file = std::fs::File::open(&real).map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{name}: {e}"))))?;
+    // The size was checked; read at most that much more in case the file grows.
+    let mut buf = Vec::new();
+    file.take(paths.bytes_max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > paths.bytes_max {
+        return Err(Error::ProgramLimit(format!("\"{name}\" grew past copy_bytes_max ({})", paths.bytes_max)));
+    }
+    Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(dir: &Path, overwrite: bool) -> CopyPaths {
+        CopyPaths::open(dir, &[dir.join("import"), dir.join("export")], overwrite, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn only_regular_files_inside_the_copy_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path(), false);
+        std::fs::write(dir.path().join("import/a.csv"), "x\n").unwrap();
+        std::fs::write(dir.path().join("secret"), "x\n").unwrap();
+        assert!(p.for_read(dir.path().join("import/a.csv").to_str().unwrap()).is_ok());
+        // Relative names are taken from the data directory.
+        assert!(p.for_read("import/a.csv").is_ok());
+        for bad in ["/etc/os-release", "secret", "import/../secret", "../secret", "/dev/zero", "import"] {
+            let e = p.for_read(bad).unwrap_err();
+            assert_eq!(e.sqlstate(), "42501", "{bad}: {e}");
+        }
+        // A symbolic link out of an allowed directory is followed, then refused.
+        std::os::unix::fs::symlink("/etc/os-release", dir.path().join("import/link")).unwrap();
+        assert_eq!(p.for_read("import/link").unwrap_err().sqlstate(), "42501");
+        assert_eq!(p.for_read("import/missing.csv").unwrap_err().sqlstate(), "58P01");
+        // Too large.
+        std::fs::write(dir.path().join("import/big"), vec![b'x'; (1 << 20) + 1]).unwrap();
+        assert_eq!(p.for_read("import/big").unwrap_err().sqlstate(), "54000");
+    }
+
+    #[test]
+    fn writes_stay_inside_and_do_not_replace_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path(), false);
+        assert!(p.for_write("export/out.csv").is_ok());
+        std::fs::write(dir.path().join("export/out.csv"), "x").unwrap();
+        assert_eq!(p.for_write("export/out.csv").unwrap_err().sqlstate(), "58P02");
+        assert!(paths(dir.path(), true).for_write("export/out.csv").is_ok());
+        for bad in ["/tmp/x.csv", "export/../x.csv", "x.csv", "/etc/passwd"] {
+            assert_eq!(p.for_write(bad).unwrap_err().sqlstate(), "42501", "{bad}");
+        }
     }
 }

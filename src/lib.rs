@@ -15,6 +15,8 @@ pub mod forecast;
 pub mod forecaster;
 pub mod fsutil;
 pub mod ingest;
+pub mod interrupt;
+pub mod limits;
 pub mod node;
 pub mod patterns;
 pub mod pipeline;
@@ -26,5 +28,6 @@ pub mod session;
 pub mod shard_map;
 pub mod storage;
 pub mod system;
+pub mod write_stage;
 
 pub use error::{Error, Result};

@@ -54,6 +54,44 @@ pub struct Node {
     clock: Clock,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     plans: crate::planner::generic::PlanCounters,
+    copy_paths: crate::export::CopyPaths,
+    exec: ExecRuntime,
+}
+
+/// Stack of each thread that parses, plans and runs statements. Planning recurses once
+/// per expression level (DataFusion's own passes grow their stack on the heap; the
+/// parser's rewrites, ours and the tree's destructor do not), and statements are
+/// refused beyond `expression_depth_max` levels, so this bounds every statement's
+/// stack with a wide margin. It is address space, not memory, until touched.
+pub const EXEC_STACK_BYTES: usize = 256 << 20;
+
+/// The runtime that parses, plans and executes statements, apart from the one that
+/// serves connections: a CPU-heavy query then cannot keep another connection's
+/// `select 1`, a cancel request or a new login waiting behind it.
+struct ExecRuntime(Option<tokio::runtime::Runtime>);
+
+impl ExecRuntime {
+    fn start() -> Result<ExecRuntime> {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .max_blocking_threads(64)
+            .thread_stack_size(EXEC_STACK_BYTES)
+            .thread_name("tidemark-exec")
+            .enable_all()
+            .build()?;
+        Ok(ExecRuntime(Some(rt)))
+    }
+}
+
+impl Drop for ExecRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its tasks; a node may be dropped inside another
+        // runtime (tests), where waiting is not allowed.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Node {
@@ -63,6 +101,7 @@ impl Node {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::Config(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
         let catalog = Arc::new(Catalog::load_or_init(&config.data_dir)?);
+        let copy_paths = crate::export::CopyPaths::open(&config.data_dir, &config.copy_dirs(), config.copy_overwrite, config.copy_bytes_max)?;
         let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let cluster = build_cluster(&config, &catalog, &storage, &clock)?;
@@ -102,6 +141,8 @@ impl Node {
             cluster,
             background: Mutex::new(Vec::new()),
             plans: Default::default(),
+            copy_paths,
+            exec: ExecRuntime::start()?,
             parser: PostgresCompatibilityParser::new(),
             config,
             catalog,
@@ -174,6 +215,15 @@ impl Node {
     }
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+    /// The runtime statements run on (see [`EXEC_STACK_BYTES`]).
+    pub fn exec(&self) -> tokio::runtime::Handle {
+        self.exec.0.as_ref().expect("the runtime lives as long as the node").handle().clone()
+    }
+
+    /// Where server-side COPY may read and write.
+    pub fn copy_paths(&self) -> &crate::export::CopyPaths {
+        &self.copy_paths
     }
     pub fn parser(&self) -> &PostgresCompatibilityParser {
         &self.parser

@@ -181,6 +181,19 @@ pub fn to_batch(entries: &[QueryLogEntry]) -> Result<RecordBatch> {
 
 /// Replaces literals with `?` and collapses whitespace, so that statements that
 /// differ only in constants share a fingerprint.
+/// `text` cut to at most `max` bytes (on a character boundary), with a marker saying
+/// how long it was, so that a huge statement does not stay in memory and on disk.
+pub fn truncate_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} bytes in all]", &text[..end], text.len())
+}
+
 pub fn normalize(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.trim().trim_end_matches(';').chars().peekable();

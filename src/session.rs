@@ -34,6 +34,7 @@ use crate::planner::shard_key;
 use crate::query_log::{self, QueryLogEntry};
 use crate::storage::provider::ScanReport;
 use crate::storage::AppendOutcome;
+use crate::write_stage::WriteStage;
 
 /// Who is running statements.
 #[derive(Debug, Clone)]
@@ -74,6 +75,8 @@ pub enum CopyFormat {
 pub struct Session {
     node: Arc<Node>,
     pub info: SessionInfo,
+    /// Writes held until the end of the current multi-statement query, if any.
+    stage: Option<Arc<WriteStage>>,
 }
 
 /// Statement kinds that Tidemark refuses, with the reason given to the user.
@@ -176,14 +179,20 @@ pub fn statement_kind(stmt: &Statement) -> String {
 
 impl Session {
     pub fn new(node: Arc<Node>, info: SessionInfo) -> Session {
-        Session { node, info }
+        Session { node, info, stage: None }
     }
 
     /// The same session with a statement timeout for the next statement.
     pub fn with_timeout(&self, timeout: Option<std::time::Duration>) -> Session {
         let mut info = self.info.clone();
         info.statement_timeout = timeout;
-        Session { node: Arc::clone(&self.node), info }
+        Session { node: Arc::clone(&self.node), info, stage: self.stage.clone() }
+    }
+
+    /// The same session with its writes held in `stage` (a multi-statement query).
+    pub fn with_stage(mut self, stage: Option<Arc<WriteStage>>) -> Session {
+        self.stage = stage;
+        self
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -382,6 +391,9 @@ impl Session {
     fn statement_state(&self, tracker: &Tracker) -> datafusion::execution::session_state::SessionState {
         let mut state = self.node.state();
         state.config_mut().set_extension(Arc::clone(&tracker.report));
+        if let Some(stage) = &self.stage {
+            state.config_mut().set_extension(Arc::clone(stage));
+        }
         state
     }
 
@@ -411,7 +423,9 @@ impl Session {
             let df = datafusion::prelude::SessionContext::new_with_state(state).sql(&query).await?;
             return match target {
                 CopyTarget::File { filename } => {
-                    let rows = crate::export::write_file(df, filename, opts.format.as_deref()).await?;
+                    let paths = self.node.copy_paths();
+                    let path = paths.for_write(filename)?;
+                    let rows = crate::export::write_file(df, &path, filename, opts.format.as_deref(), paths.overwrite()).await?;
                     Ok(Outcome::Command { tag: "COPY", rows: Some(rows), notice: None })
                 }
                 CopyTarget::Stdout => {
@@ -479,8 +493,8 @@ impl Session {
                     (_, None) if filename.ends_with(".parquet") => CopyFormat::Parquet,
                     _ => format,
                 };
-                let data = crate::export::read_source(filename).await?;
-                let outcome = self.ingest_bytes(&table, &format, data).await?;
+                let data = crate::export::read_source(filename, self.node.copy_paths()).await?;
+                let outcome = self.ingest_bytes(&table, &format, data).await.map_err(|e| quiet_file_error(filename, e))?;
                 Ok(copy_done(outcome))
             }
             CopyTarget::Stdout | CopyTarget::Program { .. } => {
@@ -503,7 +517,10 @@ impl Session {
         })
         .await
         .map_err(|e| Error::Internal(format!("COPY decoder panicked: {e}")))??;
-        self.node.storage().append(table, batches).await
+        match &self.stage {
+            Some(stage) => stage.stage(self.node.storage(), table, batches),
+            None => self.node.storage().append(table, batches).await,
+        }
     }
 
     /// Completes a COPY FROM STDIN with the data the client sent.
@@ -577,6 +594,34 @@ fn explain_values_error(stmt: &Statement, e: Error, table_def: impl Fn(&str) -> 
         }
     }
     e
+}
+
+/// An error about the contents of a server-side file, without the contents: a
+/// decoding error can quote the bytes it failed on, and the file is the server's.
+fn quiet_file_error(filename: &str, e: Error) -> Error {
+    let code = e.sqlstate();
+    if !(code.starts_with("22") || code.starts_with("23") || code == "42804" || code == "XX001") {
+        return e;
+    }
+    let row = row_of(&e.message());
+    let at = row.map(|r| format!(" at row {r}")).unwrap_or_default();
+    Error::Relayed {
+        sqlstate: code,
+        message: format!("COPY from file \"{filename}\" failed{at}: invalid input (SQLSTATE {code}); the file's contents are not shown"),
+    }
+}
+
+/// The row or line number an ingestion error names, if any.
+fn row_of(msg: &str) -> Option<u64> {
+    for key in ["row ", "line "] {
+        if let Some(i) = msg.find(key) {
+            let digits: String = msg[i + key.len()..].chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let Ok(n) = digits.parse() {
+                return Some(n);
+            }
+        }
+    }
+    None
 }
 
 /// Runs `work`, failing with 57014 if it takes longer than `timeout`.
@@ -656,6 +701,7 @@ pub struct Tracker {
 impl Tracker {
     fn start(node: &Arc<Node>, info: &SessionInfo, sql: &str, kind: String) -> Tracker {
         let normalized = query_log::normalize(sql);
+        let text_max = node.config().query_log_text_bytes_max;
         let entry = QueryLogEntry {
             query_id: node.query_log().next_query_id(),
             session_id: info.session_id,
@@ -665,9 +711,9 @@ impl Tracker {
             status: "running",
             sqlstate: String::new(),
             statement_kind: kind,
-            query: sql.to_string(),
+            query: query_log::truncate_text(sql, text_max),
             fingerprint: query_log::fingerprint(&normalized),
-            normalized_query: normalized,
+            normalized_query: query_log::truncate_text(&normalized, text_max),
             ..Default::default()
         };
         let report = Arc::new(ScanReport::for_query(entry.query_id));
@@ -683,7 +729,7 @@ impl Tracker {
         e.duration_us = self.started.elapsed().as_micros() as i64;
         e.status = status;
         e.sqlstate = sqlstate.to_string();
-        e.error = error;
+        e.error = error.map(|m| query_log::truncate_text(&m, self.node.config().query_log_text_bytes_max));
         e.rows = rows;
         e.bytes = bytes;
         let r = self.report.snapshot();

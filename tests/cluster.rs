@@ -40,7 +40,7 @@ fn sorted(mut v: Vec<Vec<String>>) -> Vec<Vec<String>> {
 async fn load(gateway: &TestNode, rows: u64) -> std::path::PathBuf {
     let table = gateway.node.catalog().get("usage").cloned().unwrap();
     let gen = Generator::new(GenSpec { rows, entities: 150, days: 7, seed: 9, end_us: END_US }, Arc::clone(&table.schema));
-    let parquet = gateway.dir.path().join("data.parquet");
+    let parquet = gateway.dir.path().join("import/data.parquet");
     tidemark::datagen::write_parquet(&gen, &parquet, |_| {}).unwrap();
     let c = gateway.client().await;
     c.execute(&format!("COPY usage FROM '{}' WITH (FORMAT parquet)", parquet.display()), &[]).await.unwrap();

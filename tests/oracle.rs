@@ -54,7 +54,7 @@ async fn typical_queries_match_duckdb() {
         GenSpec { rows: 120_000, entities: 300, days: 21, seed: 11, end_us: END_US },
         Arc::clone(&table.schema),
     );
-    let parquet = n.dir.path().join("oracle.parquet");
+    let parquet = n.dir.path().join("import/oracle.parquet");
     let written = tidemark::datagen::write_parquet(&gen, &parquet, |_| {}).unwrap();
     let c = n.client().await;
     let stored = c.execute(&format!("COPY usage FROM '{}' WITH (FORMAT parquet)", parquet.display()), &[]).await.unwrap();

@@ -28,7 +28,7 @@ async fn loaded(tweak: impl FnOnce(&mut Config)) -> (TestNode, std::path::PathBu
     let n = TestNode::start_with(dir, cfg).await;
     let table = n.node.catalog().get("usage").cloned().unwrap();
     let gen = Generator::new(spec(), Arc::clone(&table.schema));
-    let parquet = n.dir.path().join("data.parquet");
+    let parquet = n.dir.path().join("import/data.parquet");
     tidemark::datagen::write_parquet(&gen, &parquet, |_| {}).unwrap();
     let c = n.client().await;
     c.execute(&format!("COPY usage FROM '{}' WITH (FORMAT parquet)", parquet.display()), &[]).await.unwrap();

@@ -106,7 +106,7 @@ async fn copy_in_is_all_or_nothing_and_idempotent() {
     let row = c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0), 3);
     // Parquet through COPY FROM STDIN, as `tidemark ingest` sends it.
-    let out = n.dir.path().join("export.parquet");
+    let out = n.dir.path().join("export/export.parquet");
     c.batch_execute(&format!("COPY (SELECT * FROM usage) TO '{}'", out.display())).await.unwrap();
     let sink = c.copy_in("COPY usage FROM STDIN WITH (FORMAT parquet)").await.unwrap();
     futures::pin_mut!(sink);
@@ -126,7 +126,7 @@ async fn copy_out_and_file_export() {
     let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
     let text: String = chunks.iter().map(|b| String::from_utf8_lossy(b).to_string()).collect();
     assert_eq!(text, "w1,10.000000\nw2,5.500000\nw3,0.250000\n");
-    let out = n.dir.path().join("out.parquet");
+    let out = n.dir.path().join("export/out.parquet");
     let rows = c
         .execute(&format!("COPY (SELECT entity_id, sum(quantity) AS q FROM usage GROUP BY 1) TO '{}'", out.display()), &[])
         .await
@@ -162,6 +162,7 @@ async fn connection_limit_refuses_with_53300() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
     cfg.connections_max = 2;
+    cfg.reserved_connections = 1;
     let n = TestNode::start_with(dir, cfg).await;
     let a = n.client().await;
     let b = n.client().await;

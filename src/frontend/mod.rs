@@ -4,12 +4,24 @@
 //! Owns: everything that knows pgwire. Statements are executed by `session`; rows are
 //! encoded with arrow-pg; SET/SHOW and BEGIN/COMMIT use datafusion-postgres's hooks;
 //! psql's catalog queries go to datafusion-pg-catalog's pg_catalog.
+//! Statements are parsed, planned and run on the node's execution runtime (see
+//! `node::EXEC_STACK_BYTES`); the connection's task forwards their rows and stops them
+//! on a CancelRequest, at the statement timeout, or when the client goes away
+//! (`interrupt`). A multi-statement simple query is one implicit transaction: its
+//! writes are held (`write_stage`) and stored only if every statement succeeded.
 //! Must never: end a connection because a statement failed (errors become
 //! ErrorResponse messages), or accept more connections than `connections_max`.
 
+mod admission;
+mod wire;
+
+pub use wire::invalid_utf8_marker;
+
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -23,24 +35,25 @@ use futures::{Sink, SinkExt, StreamExt};
 use parking_lot::Mutex;
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::StartupHandler;
-use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use pgwire::api::cancel::CancelHandler;
 use pgwire::api::copy::CopyHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{CopyResponse, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type};
+use pgwire::api::{ClientInfo, ClientPortalStore, ErrorHandler, PgWireConnectionState, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
 use pgwire::messages::response::{NoticeResponse, TransactionStatus};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::types::format::FormatOptions;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::error::Error;
+use crate::interrupt::{self, CancelRegistry, CancelSlot, Probe, Registration, Stop};
 use crate::node::Node;
+use crate::write_stage::WriteStage;
 use crate::planner::generic::GenericPlan;
 use crate::session::{statement_kind, CopyIn, Outcome, Session, SessionInfo};
 
@@ -62,6 +75,14 @@ pub struct Prepared {
 struct ConnState {
     session: Session,
     copy_in: Mutex<Option<(CopyIn, BytesMut)>>,
+    /// Fired by a CancelRequest carrying this connection's key.
+    cancel: Arc<CancelSlot>,
+    _registration: Registration,
+    /// Tells whether the client is still connected while a statement runs.
+    probe: Option<Probe>,
+    /// Names of the prepared statements and portals this connection made (closed
+    /// ones are pruned when the count reaches the limit).
+    named: Mutex<(HashSet<String>, HashSet<String>)>,
 }
 
 pub struct Frontend {
@@ -69,17 +90,30 @@ pub struct Frontend {
     parser: Arc<PreparedParser>,
     hooks: Vec<Arc<dyn QueryHook>>,
     startup: Arc<Startup>,
-    cancel: Arc<DefaultCancelHandler>,
+    cancel: Arc<Canceller>,
+    cancels: Arc<CancelRegistry>,
+    probes: Arc<Mutex<HashMap<SocketAddr, Probe>>>,
 }
 
-struct Startup {
-    connections: Arc<ConnectionManager>,
-}
+struct Startup;
 
-impl NoopStartupHandler for Startup {
-    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
-        Some(Arc::clone(&self.connections))
+impl NoopStartupHandler for Startup {}
+
+/// CancelRequests go to the statement running on the connection they name.
+struct Canceller(Arc<CancelRegistry>);
+
+#[async_trait]
+impl CancelHandler for Canceller {
+    async fn on_cancel_request(&self, req: pgwire::messages::cancel::CancelRequest) {
+        self.0.cancel(req.pid, &req.secret_key.to_bytes());
     }
+}
+
+/// What a statement of a simple query left the message in.
+enum Step {
+    Next,
+    Failed,
+    CopyIn,
 }
 
 pub struct PreparedParser {
@@ -109,39 +143,118 @@ fn error_info(e: &Error) -> ErrorInfo {
 impl Frontend {
     pub fn new(node: Arc<Node>) -> Arc<Frontend> {
         let hooks: Vec<Arc<dyn QueryHook>> = vec![Arc::new(SetShowHook), Arc::new(TransactionStatementHook)];
-        let connections = Arc::new(ConnectionManager::new());
+        let cancels = Arc::new(CancelRegistry::default());
         Arc::new(Frontend {
             parser: Arc::new(PreparedParser { node: Arc::clone(&node), hooks: hooks.clone() }),
             hooks,
-            startup: Arc::new(Startup { connections: Arc::clone(&connections) }),
-            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+            startup: Arc::new(Startup),
+            cancel: Arc::new(Canceller(Arc::clone(&cancels))),
+            cancels,
+            probes: Arc::default(),
             node,
         })
     }
 
     fn conn<C: ClientInfo>(&self, client: &C) -> Arc<ConnState> {
         let node = Arc::clone(&self.node);
-        client
-            .session_extensions()
-            .get_or_insert_with(|| ConnState { session: Session::new(node, session_info(client)), copy_in: Mutex::new(None) })
+        client.session_extensions().get_or_insert_with(|| {
+            let (pid, key) = client.pid_and_secret_key();
+            let (cancel, registration) = self.cancels.register(pid, key.to_bytes().to_vec());
+            ConnState {
+                session: Session::new(node, session_info(client)),
+                copy_in: Mutex::new(None),
+                cancel,
+                _registration: registration,
+                probe: self.probes.lock().get(&client.socket_addr()).cloned(),
+                named: Mutex::default(),
+            }
+        })
     }
 
-    /// Runs one statement for the simple protocol.
-    async fn simple_statement<C>(&self, client: &mut C, conn: &ConnState, sql: &str, stmt: &Statement) -> Response
+    /// What stops the statement about to run: a cancel request, its timeout (the
+    /// session's `SET statement_timeout`, else the node's), its client leaving.
+    fn stop<C: ClientInfo>(&self, conn: &ConnState, client: &C) -> Stop {
+        let timeout = statement_timeout(client).or_else(|| self.node.statement_timeout());
+        Stop::new(Some(conn.cancel.arm()), timeout, conn.probe.clone())
+    }
+
+    /// Runs the statements of one simple-protocol Query message, sending each one's
+    /// answer before the next runs. With several statements the message is one
+    /// implicit transaction: its writes wait in a [`WriteStage`] and are stored only
+    /// after the last statement succeeded.
+    async fn query_message<C>(&self, client: &mut C, query: &str, status: &mut TransactionStatus) -> PgWireResult<()>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if let Some(r) = self.refuse_engine_settings(stmt) {
-            conn.session.record_failure(sql, &r);
-            return Response::Error(Box::new(error_info(&r)));
+        let conn = self.conn(client);
+        let statements = match parse_checked(&self.node, query).await {
+            Ok(s) => s,
+            Err(e) => {
+                conn.session.record_failure(logged_text(query), &e);
+                return self.fail(client, &e, status).await;
+            }
+        };
+        if statements.is_empty() {
+            client.feed(PgWireBackendMessage::EmptyQueryResponse(pgwire::messages::response::EmptyQueryResponse::new())).await?;
+            return Ok(());
+        }
+        let stage = (statements.len() > 1 && *status == TransactionStatus::Idle)
+            .then(|| Arc::new(WriteStage::new(self.node.config().copy_bytes_max)));
+        for (stmt, text) in statements {
+            match self.simple_statement(client, &conn, text, stmt, status, stage.clone()).await? {
+                Step::Next => {}
+                // An error ends the message; its staged writes are dropped unstored.
+                Step::Failed | Step::CopyIn => return Ok(()),
+            }
+        }
+        if let Some(stage) = stage {
+            if let Err(e) = stage.commit(self.node.storage()).await {
+                conn.session.record_failure(logged_text(query), &e);
+                return self.fail(client, &e, status).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail<C>(&self, client: &mut C, e: &Error, status: &mut TransactionStatus) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        client.feed(PgWireBackendMessage::ErrorResponse(error_info(e).into())).await?;
+        *status = status.to_error_state();
+        Ok(())
+    }
+
+    /// Runs one statement of a simple query and sends its answer.
+    async fn simple_statement<C>(
+        &self,
+        client: &mut C,
+        conn: &Arc<ConnState>,
+        sql: String,
+        stmt: Statement,
+        status: &mut TransactionStatus,
+        stage: Option<Arc<WriteStage>>,
+    ) -> PgWireResult<Step>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if let Some(r) = self.refuse_engine_settings(&stmt) {
+            conn.session.record_failure(&sql, &r);
+            self.fail(client, &r, status).await?;
+            return Ok(Step::Failed);
         }
         for hook in &self.hooks {
-            if let Some(result) = hook.handle_simple_query(stmt, self.node.context(), client).await {
-                let t = conn.session.track(sql, statement_kind(stmt));
-                return match result {
+            if let Some(result) = hook.handle_simple_query(&stmt, self.node.context(), client).await {
+                let t = conn.session.track(&sql, statement_kind(&stmt));
+                let resp = match result {
                     Ok(resp) => {
                         t.finish_ok(0, 0);
                         resp
@@ -152,17 +265,30 @@ impl Frontend {
                         Response::Error(Box::new(info))
                     }
                 };
+                return send_response(client, resp, status).await;
             }
         }
-        if let Some(e) = write_in_transaction(client.transaction_status(), stmt) {
-            conn.session.record_failure(sql, &e);
-            return Response::Error(Box::new(error_info(&e)));
+        // The status as of this statement: a BEGIN earlier in the same message counts.
+        let refused = write_in_transaction(*status, &stmt).or_else(|| {
+            let copy_in = matches!(&stmt, Statement::Copy { to: false, target: datafusion::sql::sqlparser::ast::CopyTarget::Stdin, .. });
+            (stage.is_some() && copy_in).then(|| {
+                Error::NotSupported("COPY FROM STDIN inside a multi-statement query; send it as its own query".into())
+            })
+        });
+        if let Some(e) = refused {
+            conn.session.record_failure(&sql, &e);
+            self.fail(client, &e, status).await?;
+            return Ok(Step::Failed);
         }
-        let session = conn.session.with_timeout(statement_timeout(client));
-        match session.execute(sql, stmt, None, None, None).await {
-            Ok(outcome) => self.respond(client, conn, outcome, &Format::UnifiedText).await,
+        let mut stop = self.stop(conn, client);
+        let session = conn.session.with_timeout(statement_timeout(client)).with_stage(stage);
+        let exec = self.node.exec();
+        let ran = interrupt::run(&exec, &mut stop, async move { session.execute(&sql, &stmt, None, None, None).await }).await;
+        let resp = match ran {
+            Ok(outcome) => self.respond(client, conn, outcome, &Format::UnifiedText, stop).await,
             Err(e) => Response::Error(Box::new(error_info(&e))),
-        }
+        };
+        send_response(client, resp, status).await
     }
 
     fn refuse_engine_settings(&self, stmt: &Statement) -> Option<Error> {
@@ -176,14 +302,18 @@ impl Frontend {
         None
     }
 
-    async fn respond<C>(&self, client: &mut C, conn: &ConnState, outcome: Outcome, format: &Format) -> Response
+    /// The answer to a statement; its rows (or COPY data) are produced on the
+    /// execution runtime and end early if `stop` fires.
+    async fn respond<C>(&self, client: &mut C, conn: &ConnState, outcome: Outcome, format: &Format, stop: Stop) -> Response
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        let exec = self.node.exec();
         match outcome {
             Outcome::Rows { schema, stream } => {
+                let stream = interrupt::pump_batches(&exec, stream, stop);
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let fields = match arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, Some(options)) {
                     Ok(f) => Arc::new(f),
@@ -211,6 +341,7 @@ impl Frontend {
                 Response::CopyIn(CopyResponse::new(0, columns, futures::stream::empty()))
             }
             Outcome::CopyOut { columns, stream, .. } => {
+                let stream = interrupt::pump(&exec, stream, stop, Err);
                 let data = stream.map(|r| r.map(CopyData::new).map_err(|e| to_pg(&e)));
                 Response::CopyOut(CopyResponse::new(0, columns, data))
             }
@@ -262,40 +393,130 @@ fn write_in_transaction(status: TransactionStatus, stmt: &Statement) -> Option<E
 
 #[async_trait]
 impl SimpleQueryHandler for Frontend {
-    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    /// As pgwire's default, except that each statement's answer is sent before the
+    /// next statement runs (so a later statement's failure is known before a write
+    /// would be stored), statements run on the execution runtime, and a transaction
+    /// block begun inside the message counts for the statements after it.
+    async fn on_query<C>(&self, client: &mut C, query: pgwire::messages::simplequery::Query) -> PgWireResult<()>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let conn = self.conn(client);
-        let t = std::time::Instant::now();
-        let parsed = conn.session.parse(query);
-        tracing::debug!(parse_us = t.elapsed().as_micros() as u64, "parsed");
-        let statements = match parsed {
-            Ok(s) => s,
-            Err(e) => {
-                conn.session.record_failure(query, &e);
-                return Ok(vec![Response::Error(Box::new(error_info(&e)))]);
-            }
-        };
-        if statements.is_empty() {
-            return Ok(vec![Response::EmptyQuery]);
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
+        }
+        let mut status = client.transaction_status();
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        self.query_message(client, &query.query, &mut status).await?;
+        client.set_transaction_status(status);
+        if !matches!(client.state(), PgWireConnectionState::CopyInProgress(_)) {
+            client.set_state(PgWireConnectionState::ReadyForQuery);
+            pgwire::api::query::send_ready_for_query(client, status).await?;
+        }
+        Ok(())
+    }
+
+    async fn do_query<C>(&self, _client: &mut C, _query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        Err(to_pg(&Error::Internal("simple queries are answered by on_query".into())))
+    }
+}
+
+/// Sends one statement's answer; a statement error becomes an ErrorResponse (the
+/// connection goes on), a broken connection is returned.
+async fn send_response<C>(client: &mut C, resp: Response, status: &mut TransactionStatus) -> PgWireResult<Step>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    use pgwire::api::copy::{send_copy_both_response, send_copy_in_response, send_copy_out_response};
+    use pgwire::api::query::{send_execution_response, send_query_response};
+    let sent = match resp {
+        Response::EmptyQuery => {
+            client.feed(PgWireBackendMessage::EmptyQueryResponse(pgwire::messages::response::EmptyQueryResponse::new())).await?;
+            Ok(())
+        }
+        Response::Query(q) => send_query_response(client, q, true).await,
+        Response::Execution(tag) => send_execution_response(client, tag).await,
+        Response::TransactionStart(tag) => {
+            *status = status.to_in_transaction_state();
+            send_execution_response(client, tag).await
+        }
+        Response::TransactionEnd(tag) => {
+            *status = status.to_idle_state();
+            send_execution_response(client, tag).await
+        }
+        Response::Error(e) => {
+            client.feed(PgWireBackendMessage::ErrorResponse((*e).into())).await?;
+            *status = status.to_error_state();
+            return Ok(Step::Failed);
+        }
+        Response::CopyIn(r) => {
+            send_copy_in_response(client, r).await?;
+            client.set_state(PgWireConnectionState::CopyInProgress(false));
+            return Ok(Step::CopyIn);
+        }
+        Response::CopyOut(r) => send_copy_out_response(client, r).await,
+        Response::CopyBoth(r) => {
+            send_copy_both_response(client, r).await?;
+            client.set_state(PgWireConnectionState::CopyInProgress(false));
+            return Ok(Step::CopyIn);
+        }
+    };
+    match sent {
+        Ok(()) => Ok(Step::Next),
+        Err(PgWireError::IoError(e)) => Err(PgWireError::IoError(e)),
+        Err(other) => {
+            client.feed(PgWireBackendMessage::ErrorResponse(pgwire_error_info(other).into())).await?;
+            *status = status.to_error_state();
+            Ok(Step::Failed)
+        }
+    }
+}
+
+/// The statements of `sql` with the text each one is logged under, parsed on the
+/// execution runtime after the checks that keep parsing and planning bounded:
+/// valid UTF-8 (see [`invalid_utf8_marker`]), expression depth, parameter count.
+async fn parse_checked(node: &Arc<Node>, sql: &str) -> crate::error::Result<Vec<(Statement, String)>> {
+    if sql == invalid_utf8_marker() {
+        return Err(Error::InvalidEncoding);
+    }
+    let node = Arc::clone(node);
+    let sql = sql.to_string();
+    let work = node.exec().spawn(async move {
+        let cfg = node.config();
+        crate::limits::check_depth(&sql, cfg.expression_depth_max)?;
+        crate::limits::check_params(crate::limits::highest_param(&sql), cfg.statement_params_max)?;
+        let statements = node.parser().parse(&sql).map_err(|e| Error::Syntax(e.to_string()))?;
+        for s in &statements {
+            crate::limits::check_target_lists(s)?;
         }
         let single = statements.len() == 1;
-        let mut out = Vec::with_capacity(statements.len());
-        for stmt in &statements {
-            let text = if single { query.to_string() } else { stmt.to_string() };
-            let resp = self.simple_statement(client, &conn, &text, stmt).await;
-            let stop = matches!(resp, Response::Error(_) | Response::CopyIn(_));
-            out.push(resp);
-            // As in PostgreSQL, an error ends a multi-statement query string.
-            if stop {
-                break;
-            }
-        }
-        Ok(out)
+        Ok(statements
+            .into_iter()
+            .map(|s| {
+                let text = if single { sql.clone() } else { s.to_string() };
+                (s, text)
+            })
+            .collect())
+    });
+    work.await.map_err(|e| Error::Internal(format!("parsing failed: {e}")))?
+}
+
+/// The text a failed statement is logged under: never the stand-in for invalid UTF-8.
+fn logged_text(sql: &str) -> &str {
+    if sql == invalid_utf8_marker() {
+        "<query text that is not valid UTF-8>"
+    } else {
+        sql
     }
 }
 
@@ -307,11 +528,12 @@ impl QueryParser for PreparedParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let session = Session::new(Arc::clone(&self.node), session_info(client));
-        let mut statements = match session.parse(sql) {
-            Ok(s) => s,
+        let info = session_info(client);
+        let session = Session::new(Arc::clone(&self.node), info.clone());
+        let mut statements: Vec<Statement> = match parse_checked(&self.node, sql).await {
+            Ok(s) => s.into_iter().map(|(s, _)| s).collect(),
             Err(e) => {
-                session.record_failure(sql, &e);
+                session.record_failure(logged_text(sql), &e);
                 return Err(to_pg(&e));
             }
         };
@@ -330,15 +552,27 @@ impl QueryParser for PreparedParser {
                 return Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan: Some(plan), hooked: true, param_types: vec![], generic: Arc::default() }));
             }
         }
-        match session.plan(&stmt).await {
-            Ok(plan) => {
-                let param_types = match &plan {
-                    Some(p) => ordered_param_types(p).map_err(|e| to_pg(&e))?,
-                    None => vec![],
+        // Planned on the execution runtime (deep plans recurse).
+        let node = Arc::clone(&self.node);
+        let planned = self
+            .node
+            .exec()
+            .spawn(async move {
+                let session = Session::new(node, info);
+                let planned = match session.plan(&stmt).await {
+                    Ok(Some(p)) => ordered_param_types(&p).map(|t| (Some(p), t)),
+                    Ok(None) => Ok((None, vec![])),
+                    Err(e) => Err(e),
                 };
+                (stmt, planned)
+            })
+            .await
+            .map_err(|e| to_pg(&Error::Internal(format!("planning failed: {e}"))))?;
+        match planned {
+            (stmt, Ok((plan, param_types))) => {
                 Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types, generic: Arc::default() }))
             }
-            Err(e) => {
+            (_, Err(e)) => {
                 session.record_failure(sql, &e);
                 Err(to_pg(&e))
             }
@@ -421,6 +655,12 @@ impl ExtendedQueryHandler for Frontend {
         let portal_name = message.portal_name.as_deref().unwrap_or(pgwire::api::DEFAULT_NAME);
         match client.portal_store().get_statement(statement_name) {
             Some(Entry::Value(statement)) => {
+                check_bind(&message, statement_name, &statement)?;
+                if !portal_name.is_empty() {
+                    let conn = self.conn(client);
+                    let store = client.portal_store();
+                    self.count_named(&conn, portal_name, true, |n| matches!(store.get_portal(n), Some(Entry::Value(_)) | Some(Entry::Empty)))?;
+                }
                 let portal = Portal::try_new(&message, statement)?;
                 client.portal_store().put_portal(Arc::new(portal));
             }
@@ -440,6 +680,33 @@ impl ExtendedQueryHandler for Frontend {
             None => return Err(PgWireError::StatementNotFound(statement_name.to_owned())),
         }
         client.feed(PgWireBackendMessage::BindComplete(pgwire::messages::extendedquery::BindComplete::new())).await?;
+        Ok(())
+    }
+
+    /// As pgwire's default, with a bound on the named statements a connection holds
+    /// (`prepared_statements_max`).
+    async fn on_parse<C>(&self, client: &mut C, message: pgwire::messages::extendedquery::Parse) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use pgwire::api::store::Entry;
+        let name = message.name.clone().unwrap_or_default();
+        if !name.is_empty() {
+            let conn = self.conn(client);
+            let store = client.portal_store();
+            self.count_named(&conn, &name, false, |n| matches!(store.get_statement(n), Some(Entry::Value(_)) | Some(Entry::Empty)))?;
+        }
+        let parser = self.query_parser();
+        match pgwire::api::stmt::StoredStatement::parse(client, &message, parser).await? {
+            Some(stmt) => client.portal_store().put_statement(Arc::new(stmt)),
+            None => client.portal_store().put_empty_statement(if name.is_empty() { pgwire::api::DEFAULT_NAME } else { &name }),
+        }
+        client
+            .send(PgWireBackendMessage::ParseComplete(pgwire::messages::extendedquery::ParseComplete::new()))
+            .await?;
         Ok(())
     }
 
@@ -532,8 +799,11 @@ impl ExtendedQueryHandler for Frontend {
             return Err(to_pg(&e));
         }
         let session = conn.session.with_timeout(statement_timeout(client));
-        match session.execute(&prepared.sql, stmt, prepared.plan.as_ref(), Some(params), Some(&prepared.generic)).await {
-            Ok(outcome) => match self.respond(client, &conn, outcome, &portal.result_column_format).await {
+        let mut stop = self.stop(&conn, client);
+        let (sql, stmt, plan, generic) = (prepared.sql.clone(), stmt.clone(), prepared.plan.clone(), Arc::clone(&prepared.generic));
+        let work = async move { session.execute(&sql, &stmt, plan.as_ref(), Some(params), Some(&generic)).await };
+        match interrupt::run(&self.node.exec(), &mut stop, work).await {
+            Ok(outcome) => match self.respond(client, &conn, outcome, &portal.result_column_format, stop).await {
                 Response::Error(info) => Err(PgWireError::UserError(info)),
                 other => Ok(other),
             },
@@ -658,8 +928,88 @@ impl Frontend {
             hooks: self.hooks.clone(),
             startup: Arc::clone(&self.startup),
             cancel: Arc::clone(&self.cancel),
+            cancels: Arc::clone(&self.cancels),
+            probes: Arc::clone(&self.probes),
         }
     }
+
+    /// Counts a new named statement (or portal) against `prepared_statements_max`;
+    /// names no longer `open` are forgotten first when the limit is reached.
+    fn count_named(&self, conn: &ConnState, name: &str, portal: bool, open: impl Fn(&str) -> bool) -> PgWireResult<()> {
+        let max = self.node.config().prepared_statements_max;
+        let mut named = conn.named.lock();
+        let set = if portal { &mut named.1 } else { &mut named.0 };
+        if set.contains(name) {
+            return Ok(());
+        }
+        if set.len() >= max {
+            set.retain(|n| open(n));
+        }
+        if set.len() >= max {
+            let what = if portal { "portals" } else { "prepared statements" };
+            return Err(to_pg(&Error::TooManyObjects(format!(
+                "this connection holds {max} named {what} (prepared_statements_max); close some first"
+            ))));
+        }
+        set.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Registers the client-liveness probe of a connection for as long as it lives.
+    fn watch(&self, peer: SocketAddr, socket: &tokio::net::TcpStream) -> ProbeEntry {
+        if let Some(p) = Probe::of(socket) {
+            self.probes.lock().insert(peer, p);
+        }
+        ProbeEntry { probes: Arc::clone(&self.probes), peer }
+    }
+}
+
+struct ProbeEntry {
+    probes: Arc<Mutex<HashMap<SocketAddr, Probe>>>,
+    peer: SocketAddr,
+}
+
+impl Drop for ProbeEntry {
+    fn drop(&mut self) {
+        self.probes.lock().remove(&self.peer);
+    }
+}
+
+/// A Bind must supply one value per parameter, and 0, 1 or one format code per value
+/// (and per result column); codes are 0 (text) or 1 (binary). As PostgreSQL: 08P01
+/// for the counts, 22023 for an unknown code.
+fn check_bind(
+    bind: &pgwire::messages::extendedquery::Bind,
+    name: &str,
+    stmt: &pgwire::api::stmt::StoredStatement<Prepared>,
+) -> PgWireResult<()> {
+    let violation = |code: &str, msg: String| PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".to_owned(), code.to_owned(), msg)));
+    let required = stmt.parameter_types.len().max(stmt.statement.param_types.len());
+    let given = bind.parameters.len();
+    if given != required {
+        return Err(violation(
+            "08P01",
+            format!("bind message supplies {given} parameters, but prepared statement \"{name}\" requires {required}"),
+        ));
+    }
+    let formats = bind.parameter_format_codes.len();
+    if formats > 1 && formats != given {
+        return Err(violation("08P01", format!("bind message has {formats} parameter formats but {given} parameters")));
+    }
+    let columns = match (&stmt.statement.plan, &stmt.statement.stmt) {
+        (Some(plan), Some(_)) if !matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => Some(plan.schema().fields().len()),
+        _ => None,
+    };
+    let results = bind.result_column_format_codes.len();
+    if let Some(columns) = columns {
+        if results > 1 && results != columns {
+            return Err(violation("08P01", format!("bind message has {results} result formats but query has {columns} columns")));
+        }
+    }
+    if let Some(c) = bind.parameter_format_codes.iter().chain(&bind.result_column_format_codes).find(|c| !matches!(c, 0 | 1)) {
+        return Err(violation("22023", format!("unsupported format code: {c}")));
+    }
+    Ok(())
 }
 
 /// A running pgwire listener.
@@ -675,7 +1025,14 @@ impl Server {
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
         let local_addr = listener.local_addr()?;
-        let limit = Arc::new(Semaphore::new(node.config().connections_max));
+        let cfg = node.config();
+        let admission = admission::Admission::new(admission::Limits {
+            connections_max: cfg.connections_max,
+            reserved_loopback: cfg.reserved_connections,
+            per_address_max: cfg.connections_per_address_max,
+            pending_max: cfg.startup_pending_max,
+        });
+        let startup_timeout = Duration::from_millis(cfg.startup_timeout_ms.max(1));
         let frontend = Frontend::new(node);
         let handle = tokio::spawn(async move {
             loop {
@@ -689,19 +1046,17 @@ impl Server {
                     }
                 };
                 let _ = socket.set_nodelay(true);
-                let permit = match Arc::clone(&limit).try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        tokio::spawn(refuse(socket));
+                let ticket = match admission.admit(peer.ip()) {
+                    Ok(t) => t,
+                    Err(refusal) => {
+                        tokio::spawn(refuse(socket, refusal.message()));
                         continue;
                     }
                 };
                 let f = Arc::clone(&frontend);
                 tokio::spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, f).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                    drop(permit);
+                    let _probe = f.watch(peer, &socket);
+                    wire::serve(socket, &f, ticket, startup_timeout).await;
                 });
             }
         });
@@ -720,10 +1075,10 @@ impl Drop for Server {
 }
 
 /// Tells a client over the connection limit why, as PostgreSQL does (53300).
-async fn refuse(mut socket: tokio::net::TcpStream) {
+async fn refuse(mut socket: tokio::net::TcpStream, message: &'static str) {
     use tokio::io::AsyncWriteExt;
     let mut body = Vec::new();
-    for (k, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "53300"), (b'M', "sorry, too many clients already")] {
+    for (k, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "53300"), (b'M', message)] {
         body.push(k);
         body.extend_from_slice(v.as_bytes());
         body.push(0);

@@ -540,6 +540,13 @@ impl Storage {
         Ok(metas)
     }
 
+    /// What appending `batches` now would do (rows added / already present), storing
+    /// nothing: for writes staged until the end of a multi-statement query.
+    pub fn preview_append(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<AppendOutcome> {
+        let (kept, _, present) = self.dedupe(table, batches)?;
+        Ok(AppendOutcome { added: kept.iter().map(|b| b.num_rows() as u64).sum(), present, ..Default::default() })
+    }
+
     fn dedupe(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<(Vec<RecordBatch>, Vec<u128>, u64)> {
         let Some(key) = &table.idempotency_key else {
             return Ok((batches.to_vec(), vec![], 0));

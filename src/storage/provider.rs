@@ -597,6 +597,9 @@ impl TableProvider for SegmentTable {
             Some(p) => Arc::new(self.def.schema.project(p)?),
             None => Arc::clone(&self.def.schema),
         };
+        if let Some(stage) = state.config().get_extension::<crate::write_stage::WriteStage>() {
+            stage.check_read(&self.def.name)?;
+        }
         let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
         let groups_max = state.config().target_partitions().max(1);
         if state.config().get_extension::<DeferScans>().is_some() {
@@ -685,10 +688,14 @@ impl DataSink for SegmentSink {
         &self.input_schema
     }
 
-    async fn write_all(&self, data: SendableRecordBatchStream, _ctx: &Arc<TaskContext>) -> DfResult<u64> {
+    async fn write_all(&self, data: SendableRecordBatchStream, ctx: &Arc<TaskContext>) -> DfResult<u64> {
         let batches: Vec<_> = data.try_collect().await?;
         let rows = ingest::conform_all(&self.def, &batches, self.clock.now_us())?;
-        let outcome = self.storage.append(&self.def, rows).await?;
+        // Inside a multi-statement query the rows wait for its end (implicit transaction).
+        let outcome = match ctx.session_config().get_extension::<crate::write_stage::WriteStage>() {
+            Some(stage) => stage.stage(&self.storage, &self.def, rows)?,
+            None => self.storage.append(&self.def, rows).await?,
+        };
         Ok(outcome.added)
     }
 }

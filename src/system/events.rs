@@ -112,6 +112,7 @@ impl TableProvider for EventsTable {
     }
 
     async fn delete_from(&self, state: &dyn Session, filters: Vec<Expr>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        refuse_staged(state.config())?;
         let events = self.forecaster.events();
         let b = batch(&events)?;
         let doomed: Vec<Event> = match datafusion::logical_expr::utils::conjunction(filters) {
@@ -149,7 +150,8 @@ impl DataSink for EventsSink {
         &self.schema
     }
 
-    async fn write_all(&self, data: SendableRecordBatchStream, _ctx: &Arc<TaskContext>) -> DfResult<u64> {
+    async fn write_all(&self, data: SendableRecordBatchStream, ctx: &Arc<TaskContext>) -> DfResult<u64> {
+        refuse_staged(ctx.session_config())?;
         let batches: Vec<RecordBatch> = data.try_collect().await?;
         let now = self.clock.now_us();
         let mut events = Vec::new();
@@ -188,4 +190,17 @@ impl DataSink for EventsSink {
         }
         Ok(self.forecaster.add_events(events, now)?)
     }
+}
+
+/// Events are stored at once, so they cannot wait for the end of a multi-statement
+/// query (its implicit transaction): such a write is refused rather than kept when a
+/// later statement fails.
+fn refuse_staged(config: &datafusion::prelude::SessionConfig) -> DfResult<()> {
+    if config.get_extension::<crate::write_stage::WriteStage>().is_some() {
+        return Err(crate::error::Error::NotSupported(
+            "writes to system.events inside a multi-statement query; send them as their own statements".into(),
+        )
+        .into());
+    }
+    Ok(())
 }
