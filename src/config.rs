@@ -157,7 +157,7 @@ impl Default for Config {
             reserved_connections: 3,
             prepared_statements_max: 1_000,
             query_log_text_bytes_max: 4_096,
-            expression_depth_max: 1_000,
+            expression_depth_max: 4_000,
             statement_params_max: 65_535,
             query_memory_bytes_max: 1 << 30,
             node_memory_bytes_max: 4 << 30,

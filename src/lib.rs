@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod ingest;
 pub mod interrupt;
 pub mod limits;
+pub mod memory;
 pub mod node;
 pub mod patterns;
 pub mod pipeline;

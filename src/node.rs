@@ -130,9 +130,9 @@ impl Node {
                 }
             }));
         }
-        let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster, &forecaster)?;
+        let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster, &forecaster, config.node_memory_bytes_max)?;
         let flight = match config.internal_addr {
-            Some(addr) => Some(FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster))).await?),
+            Some(addr) => Some(FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster), config.query_memory_bytes_max)).await?),
             None => None,
         };
         let node = Arc::new(Node {
@@ -251,7 +251,29 @@ impl Node {
             Default::default(),
             Default::default(),
             Default::default(),
-            self.ctx.runtime_env(),
+            self.query_runtime(),
+        ))
+    }
+
+    /// The runtime one query executes with: the node's, with the query's own memory
+    /// limit (`query_memory_bytes_max`) over the node's pool.
+    pub fn query_runtime(&self) -> Arc<datafusion::execution::runtime_env::RuntimeEnv> {
+        crate::memory::query_runtime(&self.ctx.runtime_env(), self.config.query_memory_bytes_max)
+    }
+
+    /// A task context to execute a statement planned with `state`, with the query's
+    /// memory limit.
+    pub fn statement_task_context(&self, state: &SessionState) -> Arc<datafusion::execution::TaskContext> {
+        let t = state.task_ctx();
+        Arc::new(datafusion::execution::TaskContext::new(
+            t.task_id(),
+            t.session_id(),
+            t.session_config().clone(),
+            t.scalar_functions().clone(),
+            t.higher_order_functions().clone(),
+            t.aggregate_functions().clone(),
+            t.window_functions().clone(),
+            self.query_runtime(),
         ))
     }
 
@@ -326,6 +348,7 @@ fn build_context(
     clock: &Clock,
     cluster: &Arc<Cluster>,
     forecaster: &Arc<Forecaster>,
+    node_memory_bytes_max: u64,
 ) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_default_catalog_and_schema(DATABASE, "public")
@@ -348,8 +371,12 @@ fn build_context(
         // round-robin repartition on top only adds a task hand-off to point queries.
         o.optimizer.enable_round_robin_repartition = false;
     }
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_pool(crate::memory::node_pool(node_memory_bytes_max))
+        .build_arc()?;
     let state = SessionStateBuilder::new()
         .with_config(config)
+        .with_runtime_env(runtime)
         .with_default_features()
         // Last, after DataFusion's own rules: split per-shard work into fragments.
         .with_physical_optimizer_rule(Arc::new(Fragmenter::new(Arc::clone(cluster))))

@@ -323,7 +323,7 @@ impl Session {
                         physical_plan_us = (started.elapsed() - planned).as_micros() as u64,
                         "generic plan phases"
                     );
-                    Ok::<_, Error>(execute_stream(physical, state.task_ctx())?)
+                    Ok::<_, Error>(execute_stream(physical, self.node.statement_task_context(&state))?)
                 };
                 let stream = within(timeout, run).await?;
                 return Ok(Outcome::Rows { schema: stream.schema(), stream });
@@ -363,7 +363,7 @@ impl Session {
         let run = async {
             let physical = state.create_physical_plan(&logical).await?;
             let physical_ready = started.elapsed();
-            let stream = execute_stream(physical, state.task_ctx())?;
+            let stream = execute_stream(physical, self.node.statement_task_context(&state))?;
             tracing::debug!(
                 state_us = state_ready.as_micros() as u64,
                 logical_plan_us = (planned - state_ready).as_micros() as u64,

@@ -95,16 +95,28 @@ pub fn from_status(pipeline: PipelineId, s: &Status) -> Error {
 pub struct FragmentService {
     ctx: SessionContext,
     cluster: Arc<Cluster>,
+    /// Each fragment's memory budget (`query_memory_bytes_max`; 0 = the node's only).
+    memory_bytes_max: u64,
 }
 
 impl FragmentService {
-    pub fn new(ctx: SessionContext, cluster: Arc<Cluster>) -> FragmentService {
-        FragmentService { ctx, cluster }
+    pub fn new(ctx: SessionContext, cluster: Arc<Cluster>, memory_bytes_max: u64) -> FragmentService {
+        FragmentService { ctx, cluster, memory_bytes_max }
     }
 
     async fn start(&self, ticket: &[u8]) -> Result<datafusion::execution::SendableRecordBatchStream> {
         let (header, plan_bytes) = decode_ticket(ticket)?;
-        let task_ctx = self.ctx.task_ctx();
+        let t = self.ctx.task_ctx();
+        let task_ctx = Arc::new(datafusion::execution::TaskContext::new(
+            t.task_id(),
+            t.session_id(),
+            t.session_config().clone(),
+            t.scalar_functions().clone(),
+            t.higher_order_functions().clone(),
+            t.aggregate_functions().clone(),
+            t.window_functions().clone(),
+            crate::memory::query_runtime(&self.ctx.runtime_env(), self.memory_bytes_max),
+        ));
         let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
             plan_bytes,
             &task_ctx,

@@ -74,8 +74,9 @@ impl LocalPipeline {
         })
     }
 
-    /// `ctx` with this pipeline's runtime (object stores, memory pool) in place of the
-    /// caller's, keeping the caller's session settings and functions.
+    /// `ctx` with this pipeline's runtime (object stores, segment cache) in place of
+    /// the caller's, keeping the caller's session settings, functions and memory pool
+    /// (the query's budget).
     fn task_context(&self, ctx: &TaskContext) -> Arc<TaskContext> {
         Arc::new(TaskContext::new(
             ctx.task_id(),
@@ -85,7 +86,7 @@ impl LocalPipeline {
             ctx.higher_order_functions().clone(),
             ctx.aggregate_functions().clone(),
             ctx.window_functions().clone(),
-            Arc::clone(&self.runtime),
+            crate::memory::with_pool(&self.runtime, Arc::clone(ctx.memory_pool())),
         ))
     }
 }
