@@ -20,6 +20,7 @@ pub mod limits;
 pub mod memory;
 pub mod node;
 pub mod patterns;
+pub mod pg_functions;
 pub mod pipeline;
 pub mod planner;
 pub mod query_log;

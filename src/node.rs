@@ -370,6 +370,9 @@ fn build_context(
         // Segments are small and a scan already spreads them over file groups; a
         // round-robin repartition on top only adds a task hand-off to point queries.
         o.optimizer.enable_round_robin_repartition = false;
+        // As in PostgreSQL, `1.5` is an exact numeric, not a double: `0.1 + 0.2` is
+        // 0.3, and `1.0 / 0.0` is a division by zero (22012), not infinity.
+        o.sql_parser.parse_float_as_decimal = true;
     }
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
         .with_memory_pool(crate::memory::node_pool(node_memory_bytes_max))
@@ -410,5 +413,6 @@ fn build_context(
         Volatility::Immutable,
         Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))),
     ));
+    ctx.register_udf(crate::pg_functions::Chr::udf());
     Ok(ctx)
 }

@@ -287,6 +287,15 @@ async fn protocol_conformance() {
 
     let c = n.client().await;
     assert_eq!(count(&c).await, 0);
+    // As PostgreSQL answers them.
+    let e = c.simple_query("SELECT 1.0/0.0").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22012", "{e}");
+    let e = c.simple_query("SELECT chr(0)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e}");
+    let e = c.simple_query("SELECT 'a' || chr(x::bigint) FROM generate_series(0, 2) t(x)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e}");
+    let row = c.simple_query("SELECT 0.1 + 0.2, chr(65)").await.unwrap();
+    assert!(matches!(&row[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("0.3") && r.get(1) == Some("A")));
     // A Parse with the protocol's largest number of parameters answers quickly: a
     // select list that wide is refused as PostgreSQL refuses it (54011), and as many
     // parameters in an IN list are planned.
