@@ -371,3 +371,28 @@ async fn limits_on_connections_statements_and_files() {
     assert!(row.get::<_, Option<i32>>(0).unwrap() < 200);
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_memory_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.query_memory_bytes_max = 24 << 20;
+    let n = TestNode::start_with(dir, cfg).await;
+    let c = n.client().await;
+    // A hash join's build side cannot spill: over the query's budget it fails with 53200.
+    let e = c
+        .simple_query("SELECT count(*) FROM generate_series(1, 3000000) a(x) JOIN generate_series(1, 3000000) b(y) ON x = y")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "53200", "{e}");
+    // A sort spills to disk and finishes.
+    let rows = c
+        .simple_query("SELECT sum(r) FROM (SELECT row_number() OVER (ORDER BY x DESC) AS r FROM generate_series(1, 2000000) t(x)) s")
+        .await
+        .unwrap();
+    assert!(matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2000001000000")));
+    // Small queries are not affected, and the budget is returned after each query.
+    for _ in 0..3 {
+        c.simple_query("SELECT count(*) FROM generate_series(1, 100000) a(x) JOIN generate_series(1, 100000) b(y) ON x = y").await.unwrap();
+    }
+}
