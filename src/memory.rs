@@ -122,12 +122,12 @@ mod tests {
         let node = node_pool(1000);
         let q1: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(Arc::clone(&node), 600));
         let q2: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(Arc::clone(&node), 600));
-        let mut a = MemoryConsumer::new("a").register(&q1);
+        let a = MemoryConsumer::new("a").register(&q1);
         a.try_grow(500).unwrap();
         let e = a.try_grow(200).unwrap_err();
         assert!(matches!(e, DataFusionError::ResourcesExhausted(_)), "{e}");
         assert_eq!(q1.reserved(), 500);
-        let mut b = MemoryConsumer::new("b").register(&q2);
+        let b = MemoryConsumer::new("b").register(&q2);
         // The node has 500 left: q2 may not take 600 even under its own limit.
         assert!(b.try_grow(600).is_err());
         b.try_grow(400).unwrap();

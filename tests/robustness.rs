@@ -396,3 +396,31 @@ async fn query_memory_is_bounded() {
         c.simple_query("SELECT count(*) FROM generate_series(1, 100000) a(x) JOIN generate_series(1, 100000) b(y) ON x = y").await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_buffers_count_against_the_node_memory() {
+    use futures::SinkExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.node_memory_bytes_max = 1 << 20;
+    let n = TestNode::start_with(dir, cfg).await;
+    let c = n.client().await;
+    let row = "r,acct-1,storage,Get,Requests,,1,2026-01-05 10:00:00\n";
+    let big = row.repeat((2 << 20) / row.len());
+    let sink = c.copy_in("COPY usage (record_id, entity_id, service, operation, usage_type, region, quantity, event_time) FROM STDIN WITH (FORMAT csv)").await.unwrap();
+    futures::pin_mut!(sink);
+    let sent = async {
+        for chunk in big.as_bytes().chunks(64 << 10) {
+            sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+        }
+        sink.finish().await
+    };
+    let e = sent.await.unwrap_err();
+    assert_eq!(sqlstate(&e), "53200", "{e}");
+    assert_eq!(count(&c).await, 0);
+    // The memory is returned: a small COPY fits.
+    let sink = c.copy_in("COPY usage (record_id, entity_id, service, operation, usage_type, region, quantity, event_time) FROM STDIN WITH (FORMAT csv)").await.unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(row)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+}

@@ -74,7 +74,10 @@ pub struct Prepared {
 /// Per-connection state kept in pgwire's session extensions.
 struct ConnState {
     session: Session,
-    copy_in: Mutex<Option<(CopyIn, BytesMut)>>,
+    /// A COPY FROM STDIN in progress: its data so far, reserved from the node's memory
+    /// pool (so that many connections' COPY buffers together stay within the node's
+    /// budget).
+    copy_in: Mutex<Option<(CopyIn, BytesMut, datafusion::execution::memory_pool::MemoryReservation)>>,
     /// Fired by a CancelRequest carrying this connection's key.
     cancel: Arc<CancelSlot>,
     _registration: Registration,
@@ -337,7 +340,9 @@ impl Frontend {
             }
             Outcome::CopyIn(copy) => {
                 let columns = copy.columns;
-                *conn.copy_in.lock() = Some((copy, BytesMut::new()));
+                let pool = Arc::clone(&self.node.context().runtime_env().memory_pool);
+                let reservation = datafusion::execution::memory_pool::MemoryConsumer::new("COPY FROM STDIN").register(&pool);
+                *conn.copy_in.lock() = Some((copy, BytesMut::new(), reservation));
                 Response::CopyIn(CopyResponse::new(0, columns, futures::stream::empty()))
             }
             Outcome::CopyOut { columns, stream, .. } => {
@@ -823,10 +828,16 @@ impl CopyHandler for Frontend {
         let conn = self.conn(client);
         let limit = self.node.config().copy_bytes_max;
         let mut guard = conn.copy_in.lock();
-        if let Some((_, buf)) = guard.as_mut() {
-            if buf.len() as u64 + copy_data.data.len() as u64 > limit {
-                let (copy, _) = guard.take().expect("checked above");
-                let e = Error::QueueFull { what: "COPY FROM STDIN buffer", limit, unit: "bytes" };
+        if let Some((_, buf, reservation)) = guard.as_mut() {
+            let refused = if buf.len() as u64 + copy_data.data.len() as u64 > limit {
+                Some(Error::QueueFull { what: "COPY FROM STDIN buffer", limit, unit: "bytes" })
+            } else {
+                reservation.try_grow(copy_data.data.len()).err().map(|e| {
+                    Error::ResourcesExhausted(format!("no memory left for COPY FROM STDIN (node_memory_bytes_max): {e}"))
+                })
+            };
+            if let Some(e) = refused {
+                let (copy, _, _) = guard.take().expect("checked above");
                 conn.session.abort_copy_in(copy, &e.to_string());
                 return Err(to_pg(&e));
             }
@@ -842,7 +853,7 @@ impl CopyHandler for Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let conn = self.conn(client);
-        let Some((copy, buf)) = conn.copy_in.lock().take() else {
+        let Some((copy, buf, _reservation)) = conn.copy_in.lock().take() else {
             return Err(to_pg(&Error::BadCopyFormat("no COPY in progress".into())));
         };
         let data = strip_text_terminator(buf.freeze());
@@ -868,7 +879,7 @@ impl CopyHandler for Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let conn = self.conn(client);
-        if let Some((copy, _)) = conn.copy_in.lock().take() {
+        if let Some((copy, _, _)) = conn.copy_in.lock().take() {
             conn.session.abort_copy_in(copy, &fail.message);
         }
         to_pg(&Error::BadCopyFormat(format!("COPY from stdin failed: {}", fail.message)))
