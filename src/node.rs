@@ -131,8 +131,13 @@ impl Node {
             }));
         }
         let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster, &forecaster, config.node_memory_bytes_max)?;
+        let exec = ExecRuntime::start()?;
+        let exec_handle = exec.0.as_ref().expect("just started").handle().clone();
         let flight = match config.internal_addr {
-            Some(addr) => Some(FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster), config.query_memory_bytes_max)).await?),
+            Some(addr) => Some(
+                FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster), config.query_memory_bytes_max, exec_handle))
+                    .await?,
+            ),
             None => None,
         };
         let node = Arc::new(Node {
@@ -142,7 +147,7 @@ impl Node {
             background: Mutex::new(Vec::new()),
             plans: Default::default(),
             copy_paths,
-            exec: ExecRuntime::start()?,
+            exec,
             parser: PostgresCompatibilityParser::new(),
             config,
             catalog,

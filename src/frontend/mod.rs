@@ -207,6 +207,8 @@ impl Frontend {
         let stage = (statements.len() > 1 && *status == TransactionStatus::Idle)
             .then(|| Arc::new(WriteStage::new(self.node.config().copy_bytes_max)));
         for (stmt, text) in statements {
+            // Hooks read the connection's status: keep it current within the message.
+            client.set_transaction_status(*status);
             match self.simple_statement(client, &conn, text, stmt, status, stage.clone()).await? {
                 Step::Next => {}
                 // An error ends the message; its staged writes are dropped unstored.

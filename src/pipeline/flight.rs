@@ -92,16 +92,19 @@ pub fn from_status(pipeline: PipelineId, s: &Status) -> Error {
 }
 
 /// Runs fragments sent by other nodes on this node's pipelines.
+#[derive(Clone)]
 pub struct FragmentService {
     ctx: SessionContext,
+    /// Fragments run on the node's execution runtime, apart from its connections.
+    exec: tokio::runtime::Handle,
     cluster: Arc<Cluster>,
     /// Each fragment's memory budget (`query_memory_bytes_max`; 0 = the node's only).
     memory_bytes_max: u64,
 }
 
 impl FragmentService {
-    pub fn new(ctx: SessionContext, cluster: Arc<Cluster>, memory_bytes_max: u64) -> FragmentService {
-        FragmentService { ctx, cluster, memory_bytes_max }
+    pub fn new(ctx: SessionContext, cluster: Arc<Cluster>, memory_bytes_max: u64, exec: tokio::runtime::Handle) -> FragmentService {
+        FragmentService { ctx, exec, cluster, memory_bytes_max }
     }
 
     async fn start(&self, ticket: &[u8]) -> Result<datafusion::execution::SendableRecordBatchStream> {
@@ -151,7 +154,14 @@ impl FlightService for FragmentService {
 
     async fn do_get(&self, request: Request<Ticket>) -> std::result::Result<Response<Self::DoGetStream>, Status> {
         let ticket = request.into_inner().ticket;
-        let stream = self.start(&ticket).await.map_err(|e| to_status(&e))?;
+        // Decoded, planned and driven on the execution runtime; the gRPC task only
+        // forwards batches, and a cancelled call drops (aborts) the fragment.
+        let svc = self.clone();
+        let started = self.exec.spawn(async move { svc.start(&ticket).await }).await;
+        let stream = started
+            .map_err(|e| Status::internal(format!("fragment start failed: {e}")))?
+            .map_err(|e| to_status(&e))?;
+        let stream = crate::interrupt::pump_batches(&self.exec, stream, crate::interrupt::Stop::never());
         let schema = stream.schema();
         let batches = stream.map_err(|e| FlightError::ExternalError(Box::new(Error::from(e))));
         let flight = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(|e| match e {
