@@ -70,6 +70,7 @@ def main():
     after = c.execute("select count(*) from usage").fetchone()[0]
     report(f"`insert A; select 1/0; insert B` (rows stored: {after - before})", res, secs)
     res, secs = outcome(lambda: c.execute(f"BEGIN; {ins('probe-c')}; ROLLBACK"))
+    c.execute("ROLLBACK")  # the failed block stays open, as in PostgreSQL
     after2 = c.execute("select count(*) from usage").fetchone()[0]
     report(f"`BEGIN; INSERT; ROLLBACK` in one message (rows stored: {after2 - after})", res, secs)
 

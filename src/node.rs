@@ -386,7 +386,10 @@ fn build_context(
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
-        // Last, after DataFusion's own rules: split per-shard work into fragments.
+        // After DataFusion's own rules: joins spend the task's cooperative budget, so
+        // that a stopped query stops (planner::yield_points).
+        .with_physical_optimizer_rule(Arc::new(crate::planner::yield_points::YieldPoints))
+        // Last: split per-shard work into fragments.
         .with_physical_optimizer_rule(Arc::new(Fragmenter::new(Arc::clone(cluster))))
         .build();
     let ctx = SessionContext::new_with_state(state);

@@ -4,3 +4,4 @@
 pub mod shard_key;
 pub mod fragment;
 pub mod generic;
+pub mod yield_points;
