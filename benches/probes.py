@@ -140,7 +140,9 @@ def main():
 
     # Parse with 65,535 parameters.
     big = "select " + ", ".join(f"${i}" for i in range(1, 65536))
-    report("Parse of `select $1, ..., $65535`", *outcome(lambda: c.execute(big, [0] * 65535, prepare=True)))
+    report("Parse of `select $1, ..., $65535`", *outcome(lambda: c.execute(big, prepare=True)))
+    inlist = "select count(*) from usage where entity_id in (" + ", ".join(["%s"] * 65535) + ")"
+    report("Parse of `... entity_id IN ($1, ..., $65535)`", *outcome(lambda: c.execute(inlist, [f"acct-{i:05d}" for i in range(65535)], prepare=True).fetchall()))
 
     # 500 idle sockets, then a real client.
     idle = []
@@ -156,6 +158,7 @@ def main():
 
     # Named prepared statements.
     p = connect(port, prepare_threshold=0)
+    p.prepared_max = 100_000  # keep every statement prepared (psycopg closes old ones by default)
     made = 0
     res = "ok"
     t = time.perf_counter()
@@ -172,12 +175,14 @@ def main():
     t = time.perf_counter()
     text = "select '" + "x" * (20 << 20) + "' from no_such_table"
     res = "ok"
-    for _ in range(15):
+    for i in range(30):
         try:
             c.execute(text)
         except psycopg.Error as e:
             res = e.sqlstate
-    report("15 failing 20 MB queries", res, time.perf_counter() - t)
+        if i == 14:
+            report("15 failing 20 MB queries", res, time.perf_counter() - t)
+    report("30 failing 20 MB queries", res, time.perf_counter() - t)
 
     # Invalid UTF-8.
     s = socket.create_connection(("127.0.0.1", port))
