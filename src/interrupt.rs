@@ -11,6 +11,7 @@
 //! drop), at the latest at the operator's next cooperative yield.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -159,8 +160,6 @@ impl Stop {
         Poll::Pending
     }
 }
-
-use std::future::Future;
 
 /// Aborts a task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -42,10 +42,20 @@ const CLAUSE_KEYWORDS: &[Keyword] = &[
     Keyword::WINDOW,
 ];
 
-/// An upper bound of the deepest expression in `sql` (all its statements), in levels.
-/// Errors only if the text does not tokenize (the parser then reports it properly).
-pub fn depth_estimate(sql: &str) -> Option<usize> {
+/// What one pass over a statement's tokens tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// An upper bound of the deepest expression (all statements), in levels.
+    pub depth: usize,
+    /// The largest `$n` (0 if none).
+    pub highest_param: usize,
+}
+
+/// The [`Bounds`] of `sql`; None if the text does not tokenize (the parser then
+/// reports it properly).
+pub fn bounds(sql: &str) -> Option<Bounds> {
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    let mut highest_param = 0usize;
     // One frame per open parenthesis or bracket: (chain so far, deepest chain seen).
     let mut stack: Vec<(usize, usize)> = vec![(0, 0)];
     let mut deepest = 0usize;
@@ -92,8 +102,12 @@ pub fn depth_estimate(sql: &str) -> Option<usize> {
             | Token::UnicodeStringLiteral(_)
             | Token::HexStringLiteral(_)
             | Token::SingleQuotedByteStringLiteral(_)
-            | Token::Placeholder(_)
             | Token::Period => {}
+            Token::Placeholder(p) => {
+                if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                    highest_param = highest_param.max(n);
+                }
+            }
             _ => top.0 += 1,
         }
         let top = stack.last().expect("never empty");
@@ -101,18 +115,26 @@ pub fn depth_estimate(sql: &str) -> Option<usize> {
     }
     // Unclosed parentheses: count what is open (the parser will refuse the text).
     let open: usize = stack.iter().map(|(c, m)| (*c).max(*m) + 1).sum();
-    Some(deepest.max(open))
+    Some(Bounds { depth: deepest.max(open), highest_param })
 }
 
-/// Refuses `sql` if its expressions may be deeper than `depth_max` levels.
-pub fn check_depth(sql: &str, depth_max: usize) -> Result<()> {
-    match depth_estimate(sql) {
-        Some(d) if d > depth_max => Err(Error::TooComplex(format!(
-            "expressions nest about {d} levels deep, more than expression_depth_max ({depth_max}); \
-             use IN (...) instead of long OR chains, or split the statement"
-        ))),
-        _ => Ok(()),
+/// An upper bound of the deepest expression in `sql`, in levels (see [`bounds`]).
+pub fn depth_estimate(sql: &str) -> Option<usize> {
+    bounds(sql).map(|b| b.depth)
+}
+
+/// Refuses `sql` if its expressions may be deeper than `depth_max` levels (54001) or it
+/// has more than `params_max` parameters (54000).
+pub fn check(sql: &str, depth_max: usize, params_max: usize) -> Result<()> {
+    let Some(b) = bounds(sql) else { return Ok(()) };
+    if b.depth > depth_max {
+        return Err(Error::TooComplex(format!(
+            "expressions nest about {} levels deep, more than expression_depth_max ({depth_max}); \
+             use IN (...) instead of long OR chains, or split the statement",
+            b.depth
+        )));
     }
+    check_params(b.highest_param, params_max)
 }
 
 /// Entries a SELECT list may have, as in PostgreSQL (`MaxTupleAttributeNumber`).
@@ -152,26 +174,13 @@ pub fn check_target_lists(stmt: &datafusion::sql::sqlparser::ast::Statement) -> 
 
 /// Refuses a statement with more than `params_max` parameters; `highest` is the
 /// largest `$n` it uses.
-pub fn check_params(highest: usize, params_max: usize) -> Result<()> {
+fn check_params(highest: usize, params_max: usize) -> Result<()> {
     if highest > params_max {
         return Err(Error::ProgramLimit(format!(
             "the statement has {highest} parameters, more than statement_params_max ({params_max})"
         )));
     }
     Ok(())
-}
-
-/// The largest `$n` in `sql`, from its tokens (0 if none).
-pub fn highest_param(sql: &str) -> usize {
-    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else { return 0 };
-    tokens
-        .iter()
-        .filter_map(|t| match t {
-            Token::Placeholder(p) => p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -212,9 +221,10 @@ mod tests {
 
     #[test]
     fn refusals_carry_54001() {
-        assert_eq!(check_depth(&chain("OR", 3000), 1000).unwrap_err().sqlstate(), "54001");
-        assert!(check_depth(&chain("OR", 10), 1000).is_ok());
-        assert_eq!(highest_param("select $1, $65535, $3"), 65535);
+        assert_eq!(check(&chain("OR", 3000), 1000, 10).unwrap_err().sqlstate(), "54001");
+        assert!(check(&chain("OR", 10), 1000, 10).is_ok());
+        assert_eq!(bounds("select $1, $65535, $3").unwrap().highest_param, 65535);
+        assert_eq!(check("select $1, $65535, $3", 1000, 65534).unwrap_err().sqlstate(), "54000");
         assert_eq!(check_params(65536, 65535).unwrap_err().sqlstate(), "54000");
         let parse = |sql: &str| datafusion::sql::sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap().remove(0);
         let wide: Vec<String> = (0..2000).map(|i| format!("${}", i + 1)).collect();

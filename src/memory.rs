@@ -15,6 +15,7 @@ use datafusion::execution::memory_pool::{
     FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, UnboundedMemoryPool,
 };
 use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::TaskContext;
 
 /// The node's pool: fair among spilling consumers, bounded by `bytes_max` (0 = none).
 pub fn node_pool(bytes_max: u64) -> Arc<dyn MemoryPool> {
@@ -102,6 +103,20 @@ pub fn with_pool(base: &RuntimeEnv, pool: Arc<dyn MemoryPool>) -> Arc<RuntimeEnv
         cache_manager: Arc::clone(&base.cache_manager),
         object_store_registry: Arc::clone(&base.object_store_registry),
     })
+}
+
+/// `ctx` (its settings and functions) running with `runtime` in place of its own.
+pub fn task_context_with(ctx: &TaskContext, runtime: Arc<RuntimeEnv>) -> Arc<TaskContext> {
+    Arc::new(TaskContext::new(
+        ctx.task_id(),
+        ctx.session_id(),
+        ctx.session_config().clone(),
+        ctx.scalar_functions().clone(),
+        ctx.higher_order_functions().clone(),
+        ctx.aggregate_functions().clone(),
+        ctx.window_functions().clone(),
+        runtime,
+    ))
 }
 
 /// The runtime for one query on a node: the node's runtime with a [`QueryPool`] over

@@ -269,17 +269,7 @@ impl Node {
     /// A task context to execute a statement planned with `state`, with the query's
     /// memory limit.
     pub fn statement_task_context(&self, state: &SessionState) -> Arc<datafusion::execution::TaskContext> {
-        let t = state.task_ctx();
-        Arc::new(datafusion::execution::TaskContext::new(
-            t.task_id(),
-            t.session_id(),
-            t.session_config().clone(),
-            t.scalar_functions().clone(),
-            t.higher_order_functions().clone(),
-            t.aggregate_functions().clone(),
-            t.window_functions().clone(),
-            self.query_runtime(),
-        ))
+        crate::memory::task_context_with(&state.task_ctx(), self.query_runtime())
     }
 
     /// How prepared statements' Executes were planned on this node.

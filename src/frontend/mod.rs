@@ -500,8 +500,7 @@ async fn parse_checked(node: &Arc<Node>, sql: &str) -> crate::error::Result<Vec<
     let sql = sql.to_string();
     let work = node.exec().spawn(async move {
         let cfg = node.config();
-        crate::limits::check_depth(&sql, cfg.expression_depth_max)?;
-        crate::limits::check_params(crate::limits::highest_param(&sql), cfg.statement_params_max)?;
+        crate::limits::check(&sql, cfg.expression_depth_max, cfg.statement_params_max)?;
         let statements = node.parser().parse(&sql).map_err(|e| Error::Syntax(e.to_string()))?;
         for s in &statements {
             crate::limits::check_target_lists(s)?;
@@ -663,7 +662,8 @@ impl ExtendedQueryHandler for Frontend {
         match client.portal_store().get_statement(statement_name) {
             Some(Entry::Value(statement)) => {
                 check_bind(&message, statement_name, &statement)?;
-                if !portal_name.is_empty() {
+                // Only named portals count (the unnamed one is replaced by each Bind).
+                if message.portal_name.as_deref().is_some_and(|n| !n.is_empty()) {
                     let conn = self.conn(client);
                     let store = client.portal_store();
                     self.count_named(&conn, portal_name, true, |n| matches!(store.get_portal(n), Some(Entry::Value(_)) | Some(Entry::Empty)))?;

@@ -109,17 +109,8 @@ impl FragmentService {
 
     async fn start(&self, ticket: &[u8]) -> Result<datafusion::execution::SendableRecordBatchStream> {
         let (header, plan_bytes) = decode_ticket(ticket)?;
-        let t = self.ctx.task_ctx();
-        let task_ctx = Arc::new(datafusion::execution::TaskContext::new(
-            t.task_id(),
-            t.session_id(),
-            t.session_config().clone(),
-            t.scalar_functions().clone(),
-            t.higher_order_functions().clone(),
-            t.aggregate_functions().clone(),
-            t.window_functions().clone(),
-            crate::memory::query_runtime(&self.ctx.runtime_env(), self.memory_bytes_max),
-        ));
+        let runtime = crate::memory::query_runtime(&self.ctx.runtime_env(), self.memory_bytes_max);
+        let task_ctx = crate::memory::task_context_with(&self.ctx.task_ctx(), runtime);
         let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
             plan_bytes,
             &task_ctx,

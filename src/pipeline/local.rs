@@ -78,16 +78,7 @@ impl LocalPipeline {
     /// the caller's, keeping the caller's session settings, functions and memory pool
     /// (the query's budget).
     fn task_context(&self, ctx: &TaskContext) -> Arc<TaskContext> {
-        Arc::new(TaskContext::new(
-            ctx.task_id(),
-            ctx.session_id(),
-            ctx.session_config().clone(),
-            ctx.scalar_functions().clone(),
-            ctx.higher_order_functions().clone(),
-            ctx.aggregate_functions().clone(),
-            ctx.window_functions().clone(),
-            crate::memory::with_pool(&self.runtime, Arc::clone(ctx.memory_pool())),
-        ))
+        crate::memory::task_context_with(ctx, crate::memory::with_pool(&self.runtime, Arc::clone(ctx.memory_pool())))
     }
 }
 
