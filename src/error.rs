@@ -70,6 +70,9 @@ pub enum Error {
     QueueFull { what: &'static str, limit: u64, unit: &'static str },
     #[error("{0}")]
     ResourcesExhausted(String),
+    /// A concurrent statement committed something this one depended on; retrying is safe.
+    #[error("could not serialize access due to concurrent update: {0}")]
+    SerializationFailure(String),
     /// An error whose SQLSTATE is known but which arrived second-hand: from another
     /// node, or shared between several streams inside DataFusion.
     #[error("{message}")]
@@ -211,6 +214,7 @@ impl Error {
             Error::DuplicateFile(_) => "58P02",
             Error::QueueFull { .. } => "53000",
             Error::ResourcesExhausted(_) => "53200",
+            Error::SerializationFailure(_) => "40001",
             Error::PipelineUnavailable { .. } => "58000",
             Error::Relayed { sqlstate, .. } => sqlstate,
             Error::Corrupt(_) => "XX001",

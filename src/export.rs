@@ -241,13 +241,22 @@ pub fn encode_text(
         .boxed()
 }
 
-/// Reads a whole COPY FROM source: a local path or `file://` URL (inside `paths`), or
-/// an `s3://` URL (credentials from the `AWS_*` environment variables); at most
-/// `copy_bytes_max` bytes either way.
-pub async fn read_source(source: &str, paths: &CopyPaths) -> Result<Bytes> {
+/// An opened COPY FROM source.
+pub enum Source {
+    /// A local file inside `copy_dirs`, opened after its checks.
+    Local(std::fs::File),
+    /// An object store's bytes, in pieces.
+    Stream(futures::stream::BoxStream<'static, Result<Bytes>>),
+}
+
+/// Opens a COPY FROM source: a local path or `file://` URL (inside `paths`), or an
+/// `s3://` URL (credentials from the `AWS_*` environment variables); at most
+/// `copy_bytes_max` bytes either way (checked here on the size, and again by the COPY
+/// on the bytes read, in case the source grows).
+pub async fn open_source(source: &str, paths: &CopyPaths) -> Result<Source> {
     if let Ok(url) = url::Url::parse(source) {
         match url.scheme() {
-            "file" => return read_local(url.path(), paths),
+            "file" => return open_local(url.path(), paths),
             "s3" | "s3a" => {
                 let store = object_store::aws::AmazonS3Builder::from_env().with_url(source).build()?;
                 let path = object_store::path::Path::from(url.path().trim_start_matches('/'));
@@ -258,27 +267,20 @@ pub async fn read_source(source: &str, paths: &CopyPaths) -> Result<Bytes> {
                         got.meta.size, paths.bytes_max
                     )));
                 }
-                return Ok(got.bytes().await?);
+                return Ok(Source::Stream(got.into_stream().map(|r| r.map_err(Error::from)).boxed()));
             }
             // A Windows-style or relative path parses as a one-letter scheme; fall through.
             s if s.len() > 1 => return Err(Error::NotSupported(format!("COPY FROM {s}:// sources"))),
             _ => {}
         }
     }
-    read_local(source, paths)
+    open_local(source, paths)
 }
 
-fn read_local(name: &str, paths: &CopyPaths) -> Result<Bytes> {
-    use std::io::Read;
+fn open_local(name: &str, paths: &CopyPaths) -> Result<Source> {
     let real = paths.for_read(name)?;
     let file = std::fs::File::open(&real).map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{name}: {e}"))))?;
-    // The size was checked; read at most that much more in case the file grows.
-    let mut buf = Vec::new();
-    file.take(paths.bytes_max + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > paths.bytes_max {
-        return Err(Error::ProgramLimit(format!("\"{name}\" grew past copy_bytes_max ({})", paths.bytes_max)));
-    }
-    Ok(Bytes::from(buf))
+    Ok(Source::Local(file))
 }
 
 #[cfg(test)]

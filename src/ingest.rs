@@ -6,7 +6,6 @@
 //! Must never: store anything itself (that is `storage::append`, called once per
 //! statement after every batch passed), or accept a row it would have to alter silently.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -202,18 +201,138 @@ pub struct CsvOptions {
     pub columns: Option<Vec<String>>,
 }
 
-/// Decodes CSV text. With a header, columns are matched by name; otherwise by the
-/// explicit column list, or by table order (the Tidemark-set ingest time may be left
-/// out). Every field is read as text and converted by [`conform`], which names the
-/// row of any bad value.
+/// Decodes CSV text held in memory (see [`CsvStream`]).
 pub fn read_csv(table: &TableDef, data: Bytes, opts: &CsvOptions) -> Result<Vec<RecordBatch>> {
-    let first_line = data.split(|b| *b == b'\n').next().unwrap_or(&[]);
-    let header_names: Option<Vec<String>> = if opts.header {
-        let mut rdr = csv_fields(first_line, opts.delimiter)?;
-        Some(std::mem::take(&mut rdr))
-    } else {
-        None
-    };
+    let mut stream = CsvStream::new(opts.clone());
+    let mut out = stream.push(table, &data)?;
+    out.extend(stream.finish(table)?);
+    Ok(out)
+}
+
+/// CSV decoded as it arrives, in pieces of any size. With a header, columns are
+/// matched by name; otherwise by the explicit column list, or by table order (the
+/// Tidemark-set ingest time may be left out). Every field is read as text and converted
+/// by [`conform`], which names the row of any bad value. A line holding only `\.` ends
+/// the data (PostgreSQL's end-of-data marker); what follows it is ignored.
+///
+/// Only the last, incomplete line is held between pieces; complete lines go to Arrow's
+/// push decoder at once.
+pub struct CsvStream {
+    opts: CsvOptions,
+    /// Input not yet given to the decoder: at most the last incomplete line (or, before
+    /// the first line is complete, everything so far).
+    raw: Vec<u8>,
+    decoder: Option<datafusion::arrow::csv::reader::Decoder>,
+    ended: bool,
+}
+
+impl CsvStream {
+    pub fn new(opts: CsvOptions) -> CsvStream {
+        CsvStream { opts, raw: Vec::new(), decoder: None, ended: false }
+    }
+
+    /// Bytes held back (an incomplete last line).
+    pub fn held_bytes(&self) -> usize {
+        self.raw.len()
+    }
+
+    /// Takes the next piece of input; returns the batches completed by it.
+    pub fn push(&mut self, table: &TableDef, data: &[u8]) -> Result<Vec<RecordBatch>> {
+        if self.ended {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        // Feed the complete lines of `data` without copying them when nothing is held.
+        let Some(last_nl) = data.iter().rposition(|b| *b == b'\n') else {
+            self.raw.extend_from_slice(data);
+            return Ok(out);
+        };
+        let (complete, rest) = data.split_at(last_nl + 1);
+        if self.raw.is_empty() {
+            self.feed(table, complete, &mut out)?;
+        } else {
+            let mut joined = std::mem::take(&mut self.raw);
+            joined.extend_from_slice(complete);
+            self.feed(table, &joined, &mut out)?;
+        }
+        if !self.ended {
+            self.raw.extend_from_slice(rest);
+        }
+        Ok(out)
+    }
+
+    /// The end of the input: decodes what is held and the last batch.
+    pub fn finish(&mut self, table: &TableDef) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        if !self.ended {
+            let held = std::mem::take(&mut self.raw);
+            self.feed(table, &held, &mut out)?;
+        }
+        if let Some(d) = self.decoder.as_mut() {
+            // An empty piece is the end of input: it completes a last line without a
+            // line break.
+            d.decode(&[]).map_err(csv_error)?;
+            if let Some(b) = d.flush().map_err(csv_error)? {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes whole lines (or, at the end, whatever is left), stopping at an
+    /// end-of-data line.
+    fn feed(&mut self, table: &TableDef, lines: &[u8], out: &mut Vec<RecordBatch>) -> Result<()> {
+        let mut take = lines.len();
+        let mut start = 0;
+        while start < lines.len() {
+            let end = lines[start..].iter().position(|b| *b == b'\n').map(|i| start + i).unwrap_or(lines.len());
+            let line = &lines[start..end];
+            if line == b"\\." || line == b"\\.\r" {
+                take = start;
+                self.ended = true;
+                break;
+            }
+            start = end + 1;
+        }
+        let lines = &lines[..take];
+        if lines.is_empty() {
+            return Ok(());
+        }
+        if self.decoder.is_none() {
+            let first_line = lines.split(|b| *b == b'\n').next().unwrap_or(&[]);
+            let schema = csv_schema(table, first_line, &self.opts)?;
+            self.decoder = Some(
+                datafusion::arrow::csv::ReaderBuilder::new(schema)
+                    .with_header(self.opts.header)
+                    .with_delimiter(self.opts.delimiter)
+                    .with_batch_size(DECODE_BATCH_ROWS)
+                    .build_decoder(),
+            );
+        }
+        let d = self.decoder.as_mut().expect("built above");
+        let mut rest = lines;
+        while !rest.is_empty() {
+            let used = d.decode(rest).map_err(csv_error)?;
+            rest = &rest[used..];
+            if d.capacity() == 0 {
+                if let Some(b) = d.flush().map_err(csv_error)? {
+                    out.push(b);
+                }
+            } else if used == 0 {
+                return Err(Error::Internal("the CSV decoder made no progress".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn csv_error(e: datafusion::arrow::error::ArrowError) -> Error {
+    Error::BadCopyFormat(format!("CSV input: {e}"))
+}
+
+/// The text columns a CSV input's first line implies.
+fn csv_schema(table: &TableDef, first_line: &[u8], opts: &CsvOptions) -> Result<SchemaRef> {
+    let header_names: Option<Vec<String>> = if opts.header { Some(csv_fields(first_line, opts.delimiter)?) } else { None };
     let field_count = match &header_names {
         Some(h) => h.len(),
         None => csv_fields(first_line, opts.delimiter)?.len(),
@@ -231,22 +350,13 @@ pub fn read_csv(table: &TableDef, data: Bytes, opts: &CsvOptions) -> Result<Vec<
             if field_count == without_ingest.len() { without_ingest } else { all }
         }
     };
-    if names.len() != field_count && !data.is_empty() {
+    if names.len() != field_count {
         return Err(Error::BadCopyFormat(format!(
             "CSV input has {field_count} fields per line but {} columns were named",
             names.len()
         )));
     }
-    let schema: SchemaRef = Arc::new(Schema::new(
-        names.iter().map(|n| Field::new(n.clone(), DataType::Utf8, true)).collect::<Vec<_>>(),
-    ));
-    let reader = datafusion::arrow::csv::ReaderBuilder::new(schema)
-        .with_header(opts.header)
-        .with_delimiter(opts.delimiter)
-        .with_batch_size(DECODE_BATCH_ROWS)
-        .build(Cursor::new(data))
-        .map_err(|e| Error::BadCopyFormat(format!("CSV input: {e}")))?;
-    reader.map(|b| b.map_err(|e| Error::BadCopyFormat(format!("CSV input: {e}")))).collect()
+    Ok(Arc::new(Schema::new(names.iter().map(|n| Field::new(n.clone(), DataType::Utf8, true)).collect::<Vec<_>>())))
 }
 
 fn csv_fields(line: &[u8], delimiter: u8) -> Result<Vec<String>> {

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod copy_in;
 pub mod datagen;
 
 pub mod error;

@@ -102,6 +102,7 @@ impl Node {
             .map_err(|e| Error::Config(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
         let catalog = Arc::new(Catalog::load_or_init(&config.data_dir)?);
         let copy_paths = crate::export::CopyPaths::open(&config.data_dir, &config.copy_dirs(), config.copy_overwrite, config.copy_bytes_max)?;
+        crate::copy_in::clear_spool_dir(&crate::copy_in::spool_dir(&config.data_dir));
         let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let cluster = build_cluster(&config, &catalog, &storage, &clock)?;

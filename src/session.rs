@@ -35,6 +35,7 @@ use crate::query_log::{self, QueryLogEntry};
 use crate::storage::provider::ScanReport;
 use crate::storage::AppendOutcome;
 use crate::write_stage::WriteStage;
+use crate::copy_in::{CopyContext, CopySink};
 
 /// Who is running statements.
 #[derive(Debug, Clone)]
@@ -72,6 +73,7 @@ pub enum CopyFormat {
     Parquet,
 }
 
+#[derive(Clone)]
 pub struct Session {
     node: Arc<Node>,
     pub info: SessionInfo,
@@ -493,8 +495,7 @@ impl Session {
                     (_, None) if filename.ends_with(".parquet") => CopyFormat::Parquet,
                     _ => format,
                 };
-                let data = crate::export::read_source(filename, self.node.copy_paths()).await?;
-                let outcome = self.ingest_bytes(&table, &format, data).await.map_err(|e| quiet_file_error(filename, e))?;
+                let outcome = self.copy_from_source(&table, &format, filename).await.map_err(|e| quiet_file_error(filename, e))?;
                 Ok(copy_done(outcome))
             }
             CopyTarget::Stdout | CopyTarget::Program { .. } => {
@@ -503,30 +504,53 @@ impl Session {
         }
     }
 
-    /// Decodes, validates and appends one COPY's data.
-    pub async fn ingest_bytes(&self, table: &Arc<TableDef>, format: &CopyFormat, data: Bytes) -> Result<AppendOutcome> {
-        let t = Arc::clone(table);
-        let f = format.clone();
-        let now = self.node.clock().now_us();
-        let batches = tokio::task::spawn_blocking(move || -> Result<Vec<RecordBatch>> {
-            let raw = match &f {
-                CopyFormat::Parquet => ingest::read_parquet(data)?,
-                CopyFormat::Csv(o) => ingest::read_csv(&t, data, o)?,
-            };
-            ingest::conform_all(&t, &raw, now)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("COPY decoder panicked: {e}")))??;
-        match &self.stage {
-            Some(stage) => stage.stage(self.node.storage(), table, batches),
-            None => self.node.storage().append(table, batches).await,
+    /// Reads, decodes, validates and stores a COPY from a server file or URL, as it
+    /// is read (`copy_in`).
+    async fn copy_from_source(&self, table: &Arc<TableDef>, format: &CopyFormat, source: &str) -> Result<AppendOutcome> {
+        use crate::export::Source;
+        let opened = crate::export::open_source(source, self.node.copy_paths()).await?;
+        let sink = match (format, opened) {
+            (CopyFormat::Parquet, Source::Local(file)) => {
+                CopySink::parquet_file(self.copy_context(), Arc::clone(table), file)?
+            }
+            (_, Source::Local(file)) => {
+                let mut sink = self.copy_sink(table, format)?;
+                sink.push_file(file).await?;
+                sink
+            }
+            (_, Source::Stream(mut pieces)) => {
+                let mut sink = self.copy_sink(table, format)?;
+                while let Some(piece) = futures::StreamExt::next(&mut pieces).await {
+                    sink.push(&piece?).await?;
+                }
+                sink
+            }
+        };
+        sink.finish().await
+    }
+
+    fn copy_context(&self) -> CopyContext {
+        let config = self.node.config();
+        CopyContext {
+            storage: Arc::clone(self.node.storage()),
+            stage: self.stage.clone(),
+            pool: Arc::clone(&self.node.context().runtime_env().memory_pool),
+            query_memory_bytes_max: config.query_memory_bytes_max,
+            copy_bytes_max: config.copy_bytes_max,
+            spool_dir: crate::copy_in::spool_dir(&config.data_dir),
+            now_us: self.node.clock().now_us(),
         }
     }
 
-    /// Completes a COPY FROM STDIN with the data the client sent.
-    pub async fn finish_copy_in(&self, copy: CopyIn, data: Bytes) -> Result<Outcome> {
-        let CopyIn { table, format, tracker, .. } = copy;
-        match self.ingest_bytes(&table, &format, data).await {
+    /// A sink for a COPY's data, pushed in pieces (COPY FROM STDIN, URLs).
+    pub fn copy_sink(&self, table: &Arc<TableDef>, format: &CopyFormat) -> Result<CopySink> {
+        CopySink::new(self.copy_context(), Arc::clone(table), format)
+    }
+
+    /// Completes a COPY FROM STDIN with the sink its data went to.
+    pub async fn finish_copy_in(&self, copy: CopyIn, sink: CopySink) -> Result<Outcome> {
+        let CopyIn { tracker, .. } = copy;
+        match sink.finish().await {
             Ok(o) => {
                 tracker.finish_ok(o.added, 0);
                 Ok(copy_done(o))

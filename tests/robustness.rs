@@ -419,3 +419,79 @@ async fn copy_buffers_count_against_the_node_memory() {
     sink.send(bytes::Bytes::from(row)).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 1);
 }
+
+/// Segment files on disk under the data directory's segment store.
+fn segment_files(dir: &std::path::Path) -> usize {
+    fn walk(d: &std::path::Path) -> usize {
+        std::fs::read_dir(d)
+            .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+            .unwrap_or(0)
+    }
+    walk(&dir.join("segments"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_larger_than_its_memory_budget_streams_and_stays_all_or_nothing() {
+    use futures::SinkExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    // 16 MiB per query: rows are written out in 8 MiB chunks, and the input (about
+    // 23 MB of CSV, about 40 MB decoded) never fits at once.
+    cfg.query_memory_bytes_max = 16 << 20;
+    let n = TestNode::start_with(dir, cfg).await;
+    let c = n.client().await;
+    let rows = 300_000usize;
+    let csv = |bad_at: Option<usize>| {
+        let mut s = String::with_capacity(rows * 80);
+        for i in 0..rows {
+            let q = if Some(i) == bad_at { "oops".to_string() } else { "1".to_string() };
+            s.push_str(&format!(
+                "r{i},acct-{:04},storage,Get,Requests,eu,{q},2026-01-{:02} {:02}:00:00\n",
+                i % 977,
+                5 + i % 3,
+                i % 24
+            ));
+        }
+        s
+    };
+    let send = |text: String| {
+        let c = &c;
+        async move {
+            let sink = c
+                .copy_in("COPY usage (record_id, entity_id, service, operation, usage_type, region, quantity, event_time) FROM STDIN WITH (FORMAT csv)")
+                .await?;
+            futures::pin_mut!(sink);
+            for chunk in text.as_bytes().chunks(256 << 10) {
+                sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+            }
+            sink.finish().await
+        }
+    };
+    // A bad value in the last rows, after several chunks went to disk: 22P02 naming
+    // the row, nothing stored, no file left behind.
+    let before = segment_files(n.dir.path());
+    let e = send(csv(Some(rows - 3))).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22P02", "{e}");
+    assert!(e.as_db_error().unwrap().message().contains(&format!("row {}", rows - 2)), "{e}");
+    assert_eq!(count(&c).await, 0);
+    for _ in 0..100 {
+        if segment_files(n.dir.path()) == before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(segment_files(n.dir.path()), before, "the failed COPY's files are deleted");
+    // The same input without the bad value: stored whole, in several chunks.
+    assert_eq!(send(csv(None)).await.unwrap(), rows as u64);
+    assert_eq!(count(&c).await, rows as i64);
+    // Written in several chunks: some (shard, day) groups have more than one segment.
+    let r = c
+        .query_one("SELECT count(*), count(DISTINCT (shard, window_start)) FROM system.segments", &[])
+        .await
+        .unwrap();
+    let (segs, groups): (i64, i64) = (r.get(0), r.get(1));
+    assert!(segs > groups, "{segs} segments in {groups} groups: the COPY was not written in chunks");
+    // Again: every record is present, nothing added.
+    assert_eq!(send(csv(None)).await.unwrap(), 0);
+    assert_eq!(count(&c).await, rows as i64);
+}

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::ast::Statement;
@@ -55,6 +54,7 @@ use crate::interrupt::{self, CancelRegistry, CancelSlot, Probe, Registration, St
 use crate::node::Node;
 use crate::write_stage::WriteStage;
 use crate::planner::generic::GenericPlan;
+use crate::copy_in::CopySink;
 use crate::session::{statement_kind, CopyIn, Outcome, Session, SessionInfo};
 
 /// One prepared statement of the extended protocol.
@@ -77,7 +77,8 @@ struct ConnState {
     /// A COPY FROM STDIN in progress: its data so far, reserved from the node's memory
     /// pool (so that many connections' COPY buffers together stay within the node's
     /// budget).
-    copy_in: Mutex<Option<(CopyIn, BytesMut, datafusion::execution::memory_pool::MemoryReservation)>>,
+    /// A COPY FROM STDIN in progress: its statement and the sink its data goes to.
+    copy_in: Mutex<Option<(CopyIn, CopySink)>>,
     /// Fired by a CancelRequest carrying this connection's key.
     cancel: Arc<CancelSlot>,
     _registration: Registration,
@@ -342,9 +343,14 @@ impl Frontend {
             }
             Outcome::CopyIn(copy) => {
                 let columns = copy.columns;
-                let pool = Arc::clone(&self.node.context().runtime_env().memory_pool);
-                let reservation = datafusion::execution::memory_pool::MemoryConsumer::new("COPY FROM STDIN").register(&pool);
-                *conn.copy_in.lock() = Some((copy, BytesMut::new(), reservation));
+                let sink = match conn.session.copy_sink(&copy.table, &copy.format) {
+                    Ok(sink) => sink,
+                    Err(e) => {
+                        conn.session.abort_copy_in(copy, &e.to_string());
+                        return Response::Error(Box::new(error_info(&e)));
+                    }
+                };
+                *conn.copy_in.lock() = Some((copy, sink));
                 Response::CopyIn(CopyResponse::new(0, columns, futures::stream::empty()))
             }
             Outcome::CopyOut { columns, stream, .. } => {
@@ -828,24 +834,29 @@ impl CopyHandler for Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let conn = self.conn(client);
-        let limit = self.node.config().copy_bytes_max;
-        let mut guard = conn.copy_in.lock();
-        if let Some((_, buf, reservation)) = guard.as_mut() {
-            let refused = if buf.len() as u64 + copy_data.data.len() as u64 > limit {
-                Some(Error::QueueFull { what: "COPY FROM STDIN buffer", limit, unit: "bytes" })
-            } else {
-                reservation.try_grow(copy_data.data.len()).err().map(|e| {
-                    Error::ResourcesExhausted(format!("no memory left for COPY FROM STDIN (node_memory_bytes_max): {e}"))
-                })
-            };
-            if let Some(e) = refused {
-                let (copy, _, _) = guard.take().expect("checked above");
-                conn.session.abort_copy_in(copy, &e.to_string());
-                return Err(to_pg(&e));
+        // Decoding is CPU work: the sink goes to the execution runtime for each piece.
+        let Some((copy, mut sink)) = conn.copy_in.lock().take() else { return Ok(()) };
+        let data = copy_data.data;
+        let pushed = self.node.exec().spawn(async move {
+            let r = sink.push(&data).await;
+            (sink, r)
+        });
+        match pushed.await {
+            Ok((sink, Ok(()))) => {
+                *conn.copy_in.lock() = Some((copy, sink));
+                Ok(())
             }
-            buf.extend_from_slice(&copy_data.data);
+            Ok((sink, Err(e))) => {
+                drop(sink);
+                conn.session.abort_copy_in(copy, &e.to_string());
+                Err(to_pg(&e))
+            }
+            Err(join) => {
+                let e = Error::Internal(format!("COPY decoder panicked: {join}"));
+                conn.session.abort_copy_in(copy, &e.to_string());
+                Err(to_pg(&e))
+            }
         }
-        Ok(())
     }
 
     async fn on_copy_done<C>(&self, client: &mut C, _done: CopyDone) -> PgWireResult<()>
@@ -855,11 +866,13 @@ impl CopyHandler for Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let conn = self.conn(client);
-        let Some((copy, buf, _reservation)) = conn.copy_in.lock().take() else {
+        let Some((copy, sink)) = conn.copy_in.lock().take() else {
             return Err(to_pg(&Error::BadCopyFormat("no COPY in progress".into())));
         };
-        let data = strip_text_terminator(buf.freeze());
-        match conn.session.finish_copy_in(copy, data).await {
+        let session = conn.session.clone();
+        let finished = self.node.exec().spawn(async move { session.finish_copy_in(copy, sink).await });
+        let finished = finished.await.unwrap_or_else(|join| Err(Error::Internal(format!("COPY decoder panicked: {join}"))));
+        match finished {
             Ok(Outcome::Command { tag, rows, notice }) => {
                 if let Some(n) = notice {
                     let msg = ErrorInfo::new("NOTICE".to_owned(), "00000".to_owned(), n);
@@ -881,24 +894,11 @@ impl CopyHandler for Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let conn = self.conn(client);
-        if let Some((copy, _, _)) = conn.copy_in.lock().take() {
+        if let Some((copy, _sink)) = conn.copy_in.lock().take() {
             conn.session.abort_copy_in(copy, &fail.message);
         }
         to_pg(&Error::BadCopyFormat(format!("COPY from stdin failed: {}", fail.message)))
     }
-}
-
-/// Old clients end text-format COPY data with a `\.` line; it is not data.
-fn strip_text_terminator(data: Bytes) -> Bytes {
-    for end in [&b"\\.\n"[..], &b"\\.\r\n"[..], &b"\\."[..]] {
-        if data.ends_with(end) {
-            let keep = data.len() - end.len();
-            if keep == 0 || data[keep - 1] == b'\n' {
-                return data.slice(..keep);
-            }
-        }
-    }
-    data
 }
 
 struct QuietErrors;

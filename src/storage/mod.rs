@@ -17,6 +17,7 @@
 //! Must never: make part of an append visible, or delete a file that a committed
 //! manifest still names.
 
+pub mod bulk;
 pub mod cache;
 pub mod hot;
 pub mod manifest;
@@ -548,13 +549,21 @@ impl Storage {
     }
 
     fn dedupe(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<(Vec<RecordBatch>, Vec<u128>, u64)> {
+        let mut seen = IdSet::default();
+        let (kept, present) = self.dedupe_into(table, batches, &mut seen)?;
+        Ok((kept, seen.into_iter().collect(), present))
+    }
+
+    /// Drops rows whose record id is stored already or is in `seen` (rows kept earlier
+    /// in the same statement), adding the kept ids to `seen`. Returns the kept rows and
+    /// how many were dropped.
+    fn dedupe_into(&self, table: &TableDef, batches: &[RecordBatch], seen: &mut IdSet) -> Result<(Vec<RecordBatch>, u64)> {
         let Some(key) = &table.idempotency_key else {
-            return Ok((batches.to_vec(), vec![], 0));
+            return Ok((batches.to_vec(), 0));
         };
         let idx = table.column_index(key)?;
         let ids = self.ids.lock();
         let stored = ids.get(&table.name);
-        let mut seen = IdSet::default();
         let mut present = 0u64;
         let mut kept = Vec::with_capacity(batches.len());
         for b in batches {
@@ -571,7 +580,7 @@ impl Storage {
                 .collect();
             kept.push(filter_record_batch(b, &mask)?);
         }
-        Ok((kept, seen.into_iter().collect(), present))
+        Ok((kept, present))
     }
 
     fn commit(&self, next: Manifest) -> Result<()> {
