@@ -33,6 +33,10 @@ pub struct Config {
     pub connections_max: usize,
     /// Statements that run longer are cancelled with 57014 (0 = no limit).
     pub statement_timeout_ms: u64,
+    /// How fragments are routed among a shard's replicas: `least_in_flight` (default),
+    /// `predictive`, `power_of_two` or `round_robin`; a session may choose another
+    /// with `SET tidemark.routing_policy`.
+    pub routing_policy: String,
     /// Largest COPY FROM payload (STDIN or a server-side file) accepted in one statement.
     pub copy_bytes_max: u64,
     /// Directories that `COPY ... FROM 'path'` and `COPY ... TO 'path'` may read and
@@ -148,6 +152,7 @@ impl Default for Config {
             segment_row_group_rows: 64 * 1024,
             connections_max: 256,
             statement_timeout_ms: 0,
+            routing_policy: "least_in_flight".into(),
             copy_bytes_max: 1 << 30,
             copy_dirs: Vec::new(),
             copy_overwrite: false,
@@ -202,6 +207,7 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_SEGMENT_WINDOW_SECS",
     "TIDEMARK_CONNECTIONS_MAX",
     "TIDEMARK_STATEMENT_TIMEOUT_MS",
+    "TIDEMARK_ROUTING_POLICY",
     "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX",
     "TIDEMARK_COMPACTION_INTERVAL_MS",
     "TIDEMARK_WRITE_BUFFER_ROWS_MAX",
@@ -249,6 +255,7 @@ impl Config {
             "TIDEMARK_SEGMENT_WINDOW_SECS" => self.segment_window_secs = num(key, value)?,
             "TIDEMARK_CONNECTIONS_MAX" => self.connections_max = num(key, value)?,
             "TIDEMARK_STATEMENT_TIMEOUT_MS" => self.statement_timeout_ms = num(key, value)?,
+            "TIDEMARK_ROUTING_POLICY" => self.routing_policy = value.to_string(),
             "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX" => self.query_log_memory_rows_max = num(key, value)?,
             "TIDEMARK_COMPACTION_INTERVAL_MS" => self.compaction_interval_ms = num(key, value)?,
             "TIDEMARK_WRITE_BUFFER_ROWS_MAX" => self.write_buffer_rows_max = num(key, value)?,
@@ -269,6 +276,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if crate::router::Policy::parse(&self.routing_policy).is_none() {
+            return Err(Error::Config(format!(
+                "routing_policy must be one of round_robin, least_in_flight, power_of_two, predictive; got {:?}",
+                self.routing_policy
+            )));
+        }
         if self.shard_count == 0 || self.shard_count > 65_536 {
             return Err(Error::Config(format!("shard_count must be in 1..=65536, got {}", self.shard_count)));
         }

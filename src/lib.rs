@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the code map.
 
+pub mod balancer;
 pub mod catalog;
 pub mod clock;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod replay;
 pub mod router;
 pub mod session;
 pub mod shard_map;
+pub mod sim;
 pub mod storage;
 pub mod system;
 pub mod write_stage;

@@ -95,6 +95,27 @@ enum Command {
         #[arg(long)]
         end: Option<String>,
     },
+    /// Compare routing policies in a discrete-event simulation of a large fleet, with
+    /// the server's own router and balancer (see src/sim.rs for what is simulated).
+    Simulate {
+        #[arg(long, default_value_t = 1000)]
+        pipelines: usize,
+        #[arg(long, default_value_t = 4096)]
+        shards: u32,
+        #[arg(long, default_value_t = 1_000_000)]
+        entities: usize,
+        /// Mean service time of one fragment.
+        #[arg(long, default_value_t = 20.0)]
+        service_ms: f64,
+        /// Simulated seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration_s: f64,
+        /// Latency objective.
+        #[arg(long, default_value_t = 100.0)]
+        slo_ms: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 /// Where this node sits in a cluster of several `tidemark serve` processes.
@@ -218,6 +239,22 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Ingest { url, table, sources } => ingest(&url, &table, &sources).await,
             Command::Gen { out, shape, end } => gen(&out, shape, end.as_deref()),
+            Command::Simulate { pipelines, shards, entities, service_ms, duration_s, slo_ms, seed } => {
+                let cfg = tidemark::sim::SimConfig {
+                    pipelines,
+                    shards,
+                    entities,
+                    service_ms,
+                    duration_s,
+                    slo_ms,
+                    seed,
+                    ..Default::default()
+                };
+                let started = std::time::Instant::now();
+                print!("{}", tidemark::sim::compare(&cfg));
+                println!("(simulated in {:.1} s)", started.elapsed().as_secs_f64());
+                Ok(())
+            }
             Command::Replay { trace, url, time_scale, clients } => replay(&trace, &url, time_scale, clients).await,
             Command::ForecastEval { csv, column, bucket_secs, history_days } => {
                 forecast_eval(&csv, column, bucket_secs, history_days)

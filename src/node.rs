@@ -175,6 +175,19 @@ impl Node {
                     node.clock.clone(),
                     Duration::from_secs(node.config.forecast_interval_secs),
                 ));
+                // The router reads each pipeline's forecast for the current bucket:
+                // republished every second (buckets change in clock time, which may run
+                // faster than real time in a replay).
+                let (forecaster, cluster, clock) = (Arc::clone(&node.forecaster), Arc::clone(&node.cluster), node.clock.clone());
+                let bucket_secs = node.config.forecast_bucket_secs.max(1);
+                bg.push(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        let f = forecaster.adjusted();
+                        cluster.set_pipeline_forecasts(pipeline_forecasts(&f, clock.now_us(), bucket_secs));
+                    }
+                }));
             }
             if node.config.compaction_interval_ms > 0 {
                 bg.push(storage::spawn_compactor(
@@ -327,14 +340,36 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
         .filter_map(|t| manifest.layout(&t.name).map(|l| l.shard_count))
         .max()
         .unwrap_or(config.shard_count);
-    Ok(Arc::new(Cluster::new(
-        config.node_id,
-        clock.clone(),
-        shard_count,
-        config.shard_replicas,
-        pipelines,
-        config.routing_log_rows_max,
-    )))
+    let cluster = Cluster::new(config.node_id, clock.clone(), shard_count, config.shard_replicas, pipelines, config.routing_log_rows_max);
+    cluster.set_policy(crate::router::Policy::parse(&config.routing_policy).unwrap_or_default());
+    Ok(Arc::new(cluster))
+}
+
+/// Each pipeline's forecast for the bucket holding `now_us`, as fragments per second,
+/// and whether the router may trust it: its next-bucket forecasts beat weekly seasonal
+/// naive (MASE below 1 over at least 12 judged points) and were not replaced by it.
+pub fn pipeline_forecasts(
+    f: &crate::forecaster::Forecasts,
+    now_us: i64,
+    bucket_secs: u64,
+) -> std::collections::BTreeMap<crate::shard_map::PipelineId, crate::pipeline::PipelineForecast> {
+    let bucket_us = bucket_secs as i64 * 1_000_000;
+    let trusted: std::collections::BTreeSet<&str> = f
+        .accuracy
+        .iter()
+        .filter(|a| a.scope == "pipeline" && a.horizon_buckets == 1 && a.points >= 12 && !a.replaced_by_naive)
+        .filter(|a| a.mase.is_some_and(|m| m < 1.0))
+        .map(|a| a.key.as_str())
+        .collect();
+    f.rows
+        .iter()
+        .filter(|r| r.scope == "pipeline" && r.bucket_start_us <= now_us && now_us < r.bucket_start_us + bucket_us)
+        .filter_map(|r| {
+            let id = r.key.parse::<crate::shard_map::PipelineId>().ok()?;
+            let rate = r.predicted.max(0.0) / bucket_secs as f64;
+            Some((id, crate::pipeline::PipelineForecast { rate, trusted: trusted.contains(r.key.as_str()) }))
+        })
+        .collect()
 }
 
 fn build_context(
@@ -349,6 +384,7 @@ fn build_context(
     let mut config = SessionConfig::new()
         .with_default_catalog_and_schema(DATABASE, "public")
         .with_information_schema(true)
+        .with_option_extension(crate::planner::fragment::TidemarkOptions::default())
         .with_target_partitions(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     {
         let o = config.options_mut();

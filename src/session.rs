@@ -45,6 +45,8 @@ pub struct SessionInfo {
     pub application_name: String,
     /// Per-session `SET statement_timeout`, overriding the node's default.
     pub statement_timeout: Option<std::time::Duration>,
+    /// Per-session `SET tidemark.routing_policy`, overriding the node's.
+    pub routing_policy: Option<crate::router::Policy>,
 }
 
 /// What a statement produced.
@@ -189,6 +191,12 @@ impl Session {
         let mut info = self.info.clone();
         info.statement_timeout = timeout;
         Session { node: Arc::clone(&self.node), info, stage: self.stage.clone() }
+    }
+
+    /// The same session with the routing policy its client chose (None = the node's).
+    pub fn with_routing(mut self, policy: Option<crate::router::Policy>) -> Session {
+        self.info.routing_policy = policy;
+        self
     }
 
     /// The same session with its writes held in `stage` (a multi-statement query).
@@ -393,6 +401,11 @@ impl Session {
     fn statement_state(&self, tracker: &Tracker) -> datafusion::execution::session_state::SessionState {
         let mut state = self.node.state();
         state.config_mut().set_extension(Arc::clone(&tracker.report));
+        if let Some(policy) = self.info.routing_policy {
+            if let Some(o) = state.config_mut().options_mut().extensions.get_mut::<crate::planner::fragment::TidemarkOptions>() {
+                o.routing_policy = policy.as_str().to_string();
+            }
+        }
         if let Some(stage) = &self.stage {
             state.config_mut().set_extension(Arc::clone(stage));
         }

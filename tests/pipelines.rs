@@ -370,7 +370,7 @@ async fn a_busy_reused_plan_is_not_shared() {
     let (n, _) = loaded(|c| c.pipelines = Some(2)).await;
     let session = Session::new(
         Arc::clone(&n.node),
-        SessionInfo { session_id: 1, user: "t".into(), application_name: "t".into(), statement_timeout: None },
+        SessionInfo { session_id: 1, user: "t".into(), application_name: "t".into(), statement_timeout: None, routing_policy: None },
     );
     let sql = "SELECT count(*) FROM usage WHERE entity_id = $1";
     let stmt = session.parse(sql).unwrap().remove(0);

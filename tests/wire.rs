@@ -343,3 +343,41 @@ async fn result_columns_have_postgres_names() {
     let stmt = c.prepare("SELECT * FROM usage").await.unwrap();
     assert_eq!(stmt.columns()[0].name(), "record_id");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_chooses_its_routing_policy() {
+    let n = TestNode::start().await;
+    let c = n.client().await;
+    assert_eq!(load_csv(&c, CSV).await, 3);
+    let policy = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    assert_eq!(policy(c.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "least_in_flight");
+    c.batch_execute("SET tidemark.routing_policy = 'round_robin'").await.unwrap();
+    assert_eq!(policy(c.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "round_robin");
+    let e = c.batch_execute("SET tidemark.routing_policy = 'fastest'").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    // Queries of this session are routed by its policy, and say so.
+    // (Simple protocol: a reused prepared plan still routes by the node's policy.)
+    c.simple_query("SELECT sum(quantity) FROM usage").await.unwrap();
+    let rows = c
+        .query("SELECT DISTINCT policy FROM system.routing_decisions WHERE reason <> 'only replica' AND shard IS NOT NULL", &[])
+        .await
+        .unwrap();
+    let seen: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(seen, vec!["round_robin".to_string()]);
+    // Another connection keeps the node's policy.
+    let other = n.client().await;
+    assert_eq!(policy(other.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "least_in_flight");
+    c.batch_execute("SET tidemark.routing_policy TO DEFAULT").await.unwrap();
+    assert_eq!(policy(c.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "least_in_flight");
+    // system.pipelines shows the balancer's view.
+    let r = c.query_one("SELECT min(weight), max(weight) FROM system.pipelines", &[]).await.unwrap();
+    let (lo, hi): (f64, f64) = (r.get(0), r.get(1));
+    assert!(lo >= 0.25 && hi <= 8.0, "{lo} {hi}");
+}

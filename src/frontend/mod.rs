@@ -13,6 +13,7 @@
 //! ErrorResponse messages), or accept more connections than `connections_max`.
 
 mod admission;
+pub mod settings;
 mod wire;
 
 pub use wire::invalid_utf8_marker;
@@ -133,6 +134,7 @@ fn session_info<C: ClientInfo + ?Sized>(client: &C) -> SessionInfo {
         user: md.get("user").cloned().unwrap_or_default(),
         application_name: md.get("application_name").cloned().unwrap_or_default(),
         statement_timeout: None,
+        routing_policy: None,
     }
 }
 
@@ -146,7 +148,11 @@ fn error_info(e: &Error) -> ErrorInfo {
 
 impl Frontend {
     pub fn new(node: Arc<Node>) -> Arc<Frontend> {
-        let hooks: Vec<Arc<dyn QueryHook>> = vec![Arc::new(SetShowHook), Arc::new(TransactionStatementHook)];
+        let hooks: Vec<Arc<dyn QueryHook>> = vec![
+            Arc::new(settings::SettingsHook { node_policy: node.cluster().policy() }),
+            Arc::new(SetShowHook),
+            Arc::new(TransactionStatementHook),
+        ];
         let cancels = Arc::new(CancelRegistry::default());
         Arc::new(Frontend {
             parser: Arc::new(PreparedParser { node: Arc::clone(&node), hooks: hooks.clone() }),
@@ -287,7 +293,7 @@ impl Frontend {
             return Ok(Step::Failed);
         }
         let mut stop = self.stop(conn, client);
-        let session = conn.session.with_timeout(statement_timeout(client)).with_stage(stage);
+        let session = conn.session.with_timeout(statement_timeout(client)).with_routing(settings::routing_policy(client)).with_stage(stage);
         let exec = self.node.exec();
         let ran = interrupt::run(&exec, &mut stop, async move { session.execute(&sql, &stmt, None, None, None).await }).await;
         let resp = match ran {
@@ -811,7 +817,7 @@ impl ExtendedQueryHandler for Frontend {
             conn.session.record_failure(&prepared.sql, &e);
             return Err(to_pg(&e));
         }
-        let session = conn.session.with_timeout(statement_timeout(client));
+        let session = conn.session.with_timeout(statement_timeout(client)).with_routing(settings::routing_policy(client));
         let mut stop = self.stop(&conn, client);
         let (sql, stmt, plan, generic) = (prepared.sql.clone(), stmt.clone(), prepared.plan.clone(), Arc::clone(&prepared.generic));
         let work = async move { session.execute(&sql, &stmt, plan.as_ref(), Some(params), Some(&generic)).await };

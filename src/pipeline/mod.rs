@@ -32,7 +32,8 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::router::{LoadSnapshot, PipelineLoad};
+use crate::balancer::ServiceEstimate;
+use crate::router::{LoadSnapshot, PipelineLoad, Policy};
 use crate::shard_map::{PipelineId, ShardId, ShardMap};
 use crate::storage::cache::CacheStats;
 
@@ -85,6 +86,14 @@ pub struct PipelineStats {
     pub failed: AtomicU64,
     /// The most recent fragment latencies in microseconds (bounded).
     latencies_us: Mutex<VecDeque<u64>>,
+    /// The balancer's estimate of one fragment's service time here.
+    service: Mutex<ServiceEstimate>,
+}
+
+/// Microseconds of a monotonic clock, for the balancer's estimates.
+pub fn monotonic_us() -> i64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as i64
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -114,8 +123,18 @@ impl PipelineStats {
         }
     }
 
+    /// The balancer's estimate of one fragment's service time here.
+    pub fn service(&self) -> ServiceEstimate {
+        *self.service.lock()
+    }
+
     fn finish(&self, started: Instant, ok: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let took_us = started.elapsed().as_micros() as u64;
+        if ok {
+            // Failed fragments say nothing about service time (they may end at once).
+            self.service.lock().observe(took_us as f64, monotonic_us());
+        }
         if ok {
             self.completed.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -125,7 +144,7 @@ impl PipelineStats {
         if l.len() == LATENCY_SAMPLES_MAX {
             l.pop_front();
         }
-        l.push_back(started.elapsed().as_micros() as u64);
+        l.push_back(took_us);
     }
 }
 
@@ -201,7 +220,10 @@ pub struct RoutingRecord {
     pub epoch: u64,
     /// None for the write-buffer fragment.
     pub shard: Option<ShardId>,
-    /// `pipeline=score` pairs in shard-map preference order.
+    /// The routing policy that decided.
+    pub policy: &'static str,
+    /// `pipeline=score` pairs in shard-map preference order (with the parts of a
+    /// predictive score).
     pub candidates: String,
     pub choice: Option<String>,
     pub reason: String,
@@ -221,6 +243,22 @@ pub struct Cluster {
     routing_dropped: AtomicU64,
     /// Sees every routing decision (the forecaster counts fragments per pipeline).
     route_observer: RwLock<Option<RouteObserver>>,
+    /// The node's routing policy (`routing_policy`); a session may choose another.
+    policy: RwLock<Policy>,
+    /// Sequence numbers for round robin and the power-of-two draw.
+    route_seq: AtomicU64,
+    /// The forecaster's view of each pipeline now: predicted fragments per second and
+    /// whether its forecasts beat seasonal naive (published after each forecast cycle).
+    forecasts: RwLock<Arc<BTreeMap<PipelineId, PipelineForecast>>>,
+}
+
+/// What the forecaster expects of one pipeline now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PipelineForecast {
+    /// Predicted fragments per second in the current bucket.
+    pub rate: f64,
+    /// Its next-bucket forecasts beat weekly seasonal naive (`system.forecast_accuracy`).
+    pub trusted: bool,
 }
 
 /// A callback that sees each routing decision; it must be cheap.
@@ -253,7 +291,29 @@ impl Cluster {
             routing_log_max: routing_log_max.max(1),
             routing_dropped: AtomicU64::new(0),
             route_observer: RwLock::new(None),
+            policy: RwLock::new(Policy::default()),
+            route_seq: AtomicU64::new(0),
+            forecasts: RwLock::new(Arc::default()),
         }
+    }
+
+    /// The node's routing policy.
+    pub fn policy(&self) -> Policy {
+        *self.policy.read()
+    }
+
+    pub fn set_policy(&self, p: Policy) {
+        *self.policy.write() = p;
+    }
+
+    /// `n` consecutive sequence numbers for one query's routing.
+    pub fn next_route_seq(&self, n: usize) -> u64 {
+        self.route_seq.fetch_add(n.max(1) as u64, Ordering::Relaxed)
+    }
+
+    /// Publishes the forecaster's view of each pipeline.
+    pub fn set_pipeline_forecasts(&self, f: BTreeMap<PipelineId, PipelineForecast>) {
+        *self.forecasts.write() = Arc::new(f);
     }
 
     pub fn node_id(&self) -> u64 {
@@ -282,18 +342,29 @@ impl Cluster {
         self.pipelines.read().values().filter(|p| p.is_local()).cloned().collect()
     }
 
-    /// Every pipeline's load now.
+    /// Every pipeline's load now: live counters, the balancer's weights and the
+    /// forecaster's rates.
     pub fn load_snapshot(&self) -> LoadSnapshot {
+        let pipelines = self.pipelines.read();
+        let estimates: Vec<ServiceEstimate> = pipelines.values().map(|p| p.stats().service()).collect();
+        let (median_us, weights) = crate::balancer::weights(&estimates, monotonic_us());
+        let forecasts = Arc::clone(&self.forecasts.read());
         LoadSnapshot::new(
-            self.pipelines
-                .read()
+            pipelines
                 .values()
-                .map(|p| {
+                .zip(weights)
+                .map(|(p, weight)| {
                     let s = p.stats();
                     let mut l = PipelineLoad::idle(p.id(), p.slots());
                     l.in_flight = s.in_flight.load(Ordering::Relaxed);
                     l.queued = s.queued.load(Ordering::Relaxed);
                     l.available = p.available();
+                    l.weight = weight;
+                    l.service_s = median_us.unwrap_or(0.0) / 1e6;
+                    if let Some(f) = forecasts.get(&p.id()) {
+                        l.forecast_rate = f.rate;
+                        l.forecast_trust = if f.trusted { 1.0 } else { 0.0 };
+                    }
                     l
                 })
                 .collect(),

@@ -52,10 +52,31 @@ use parking_lot::Mutex;
 
 use crate::error::Error;
 use crate::pipeline::{Cluster, Fragment, RoutingRecord};
-use crate::router::{self, Decision};
+use crate::router::{self, Decision, Policy};
 use crate::shard_map::{PipelineId, ShardId};
 use crate::storage::provider::{BufferExec, DeferredScanExec, ResolvedScan, ScanReport, SegmentRef};
 use crate::storage::Storage;
+
+datafusion::common::extensions_options! {
+    /// Tidemark's session options (`SET tidemark.routing_policy = 'predictive'`).
+    pub struct TidemarkOptions {
+        /// The session's routing policy; empty = the node's `routing_policy`.
+        pub routing_policy: String, default = String::new()
+    }
+}
+
+impl datafusion::common::config::ConfigExtension for TidemarkOptions {
+    const PREFIX: &'static str = "tidemark";
+}
+
+/// The routing policy a statement runs under: its session's, else the node's.
+pub fn routing_policy(config: &ConfigOptions, cluster: &Cluster) -> Policy {
+    config
+        .extensions
+        .get::<TidemarkOptions>()
+        .and_then(|o| Policy::parse(&o.routing_policy))
+        .unwrap_or_else(|| cluster.policy())
+}
 
 /// The physical optimizer rule that distributes scans of segment tables.
 #[derive(Debug)]
@@ -68,7 +89,7 @@ impl Fragmenter {
         Fragmenter { cluster }
     }
 
-    fn rewrite(&self, node: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    fn rewrite(&self, node: Arc<dyn ExecutionPlan>, policy: Policy) -> DfResult<Arc<dyn ExecutionPlan>> {
         let node = split_single_aggregate(node)?;
         let required = node.input_distribution_requirements().into_per_child();
         let mut changed = false;
@@ -76,10 +97,10 @@ impl Fragmenter {
         for (i, child) in node.children().into_iter().enumerate() {
             if fragmentable(child) {
                 let single = matches!(required.get(i), Some(Distribution::SinglePartition));
-                children.push(self.distribute(child, single));
+                children.push(self.distribute(child, single, policy));
                 changed = true;
             } else {
-                let new = self.rewrite(Arc::clone(child))?;
+                let new = self.rewrite(Arc::clone(child), policy)?;
                 changed |= !Arc::ptr_eq(&new, child);
                 children.push(new);
             }
@@ -92,7 +113,7 @@ impl Fragmenter {
 
     /// Replaces `template` by a [`DistributeExec`], merged into one partition when the
     /// consumer needs one (or when the template had one, for a consumer that relies on it).
-    fn distribute(&self, template: &Arc<dyn ExecutionPlan>, consumer_needs_one: bool) -> Arc<dyn ExecutionPlan> {
+    fn distribute(&self, template: &Arc<dyn ExecutionPlan>, consumer_needs_one: bool, policy: Policy) -> Arc<dyn ExecutionPlan> {
         let mut deferred = false;
         visit_leaves(template, &mut |leaf| deferred |= leaf.is::<DeferredScanExec>());
         if deferred {
@@ -118,7 +139,8 @@ impl Fragmenter {
         let map = self.cluster.shard_map();
         let snapshot = self.cluster.load_snapshot();
         let shard_list: Vec<ShardId> = shards.keys().copied().collect();
-        let mut fragments: Vec<FragmentSpec> = router::route_all(&shard_list, &map, &snapshot)
+        let seq = self.cluster.next_route_seq(shard_list.len());
+        let mut fragments: Vec<FragmentSpec> = router::route_all_with(policy, seq, &shard_list, &map, &snapshot)
             .into_iter()
             .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d, plan: None })
             .collect();
@@ -141,11 +163,12 @@ impl Fragmenter {
 }
 
 impl PhysicalOptimizerRule for Fragmenter {
-    fn optimize(&self, plan: Arc<dyn ExecutionPlan>, _config: &ConfigOptions) -> DfResult<Arc<dyn ExecutionPlan>> {
+    fn optimize(&self, plan: Arc<dyn ExecutionPlan>, config: &ConfigOptions) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let policy = routing_policy(config, &self.cluster);
         if fragmentable(&plan) {
-            return Ok(self.distribute(&plan, true));
+            return Ok(self.distribute(&plan, true, policy));
         }
-        self.rewrite(plan)
+        self.rewrite(plan, policy)
     }
 
     fn name(&self) -> &str {
@@ -384,14 +407,20 @@ impl DistributeExec {
 
     /// Routes the parts of a resolved scan and builds each fragment as the template over
     /// its part; one partition (merged as the Fragmenter would merge).
-    fn distribute_resolved(&self, resolved: ResolvedScan, leaf_schema: datafusion::arrow::datatypes::SchemaRef) -> DfResult<Arc<dyn ExecutionPlan>> {
+    fn distribute_resolved(
+        &self,
+        resolved: ResolvedScan,
+        leaf_schema: datafusion::arrow::datatypes::SchemaRef,
+        policy: Policy,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let map = self.cluster.shard_map();
         let snapshot = self.cluster.load_snapshot();
         let shard_list: Vec<ShardId> = resolved.shards.iter().map(|(s, _, _)| *s).collect();
         let mut parts: BTreeMap<ShardId, (usize, Arc<dyn ExecutionPlan>)> =
             resolved.shards.into_iter().map(|(s, n, p)| (s, (n, p))).collect();
         let mut fragments = Vec::new();
-        for d in router::route_all(&shard_list, &map, &snapshot) {
+        let seq = self.cluster.next_route_seq(shard_list.len());
+        for d in router::route_all_with(policy, seq, &shard_list, &map, &snapshot) {
             let Some((segments, scan)) = parts.remove(&d.shard) else { continue };
             fragments.push(FragmentSpec { shard: Some(d.shard), segments, plan: Some(with_leaf(&self.template, scan)?), decision: d });
         }
@@ -428,7 +457,8 @@ impl DistributeExec {
             [leaf] => {
                 // One scan: its per-shard parts go straight under copies of the template.
                 let leaf = leaf.downcast_ref::<DeferredScanExec>().expect("checked above");
-                self.distribute_resolved(leaf.resolve_by_shard(report.as_deref())?, leaf.schema())?
+                let policy = routing_policy(ctx.session_config().options(), &self.cluster);
+                self.distribute_resolved(leaf.resolve_by_shard(report.as_deref())?, leaf.schema(), policy)?
             }
             _ => {
                 let concrete = Arc::clone(&self.template)
@@ -438,7 +468,8 @@ impl DistributeExec {
                     })?
                     .data;
                 if fragmentable(&concrete) {
-                    Fragmenter::new(Arc::clone(&self.cluster)).distribute(&concrete, true)
+                    let policy = routing_policy(ctx.session_config().options(), &self.cluster);
+                    Fragmenter::new(Arc::clone(&self.cluster)).distribute(&concrete, true, policy)
                 } else {
                     concrete
                 }
@@ -598,7 +629,8 @@ fn record(cluster: &Cluster, epoch: u64, query_id: u64, d: &Decision, attempt: u
         time_us: cluster.now_us(),
         epoch,
         shard: Some(d.shard),
-        candidates: d.candidates.iter().map(|c| format!("{}={}", c.id, c.score)).collect::<Vec<_>>().join(" "),
+        policy: d.policy.as_str(),
+        candidates: d.candidates_text(),
         choice: d.choice.map(|c| c.to_string()),
         reason: d.reason.as_str().to_string(),
         attempt,
@@ -657,7 +689,14 @@ async fn open_fragment(
         tracing::warn!(pipeline = %choice, shard = decision.shard, error = %err, "fragment failed before sending rows; retrying on another replica");
         excluded.push(choice);
         let map = cluster.shard_map();
-        decision = router::route(decision.shard, map.replicas_of(decision.shard), &cluster.load_snapshot(), &excluded);
+        decision = router::route_with(
+            decision.policy,
+            cluster.next_route_seq(1),
+            decision.shard,
+            map.replicas_of(decision.shard),
+            &cluster.load_snapshot(),
+            &excluded,
+        );
     }
     unreachable!("the loop returns on its second attempt")
 }

@@ -301,6 +301,11 @@ fn pipelines_schema() -> SchemaRef {
         Field::new("hot_bytes_max", DataType::UInt64, true),
         Field::new("hot_hit_rate", DataType::Float64, true),
         Field::new("epoch", DataType::UInt64, false),
+        Field::new("weight", DataType::Float64, false),
+        Field::new("service_us", DataType::Float64, true),
+        Field::new("forecast_rate", DataType::Float64, false),
+        Field::new("forecast_trusted", DataType::Boolean, false),
+        Field::new("predicted_score", DataType::Float64, false),
     ]))
 }
 
@@ -311,6 +316,8 @@ fn pipelines_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
     let stats: Vec<_> = ps.iter().map(|p| p.stats().snapshot()).collect();
     let caches: Vec<_> = ps.iter().map(|p| p.cache()).collect();
     let hots: Vec<_> = ps.iter().map(|p| p.hot()).collect();
+    let snapshot = cluster.load_snapshot();
+    let loads_now: Vec<Option<crate::router::PipelineLoad>> = ps.iter().map(|p| snapshot.get(p.id()).copied()).collect();
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(ps.iter().map(|p| p.id().to_string()).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(ps.iter().map(|p| p.id().node).collect::<Vec<_>>())),
@@ -332,6 +339,13 @@ fn pipelines_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
         Arc::new(UInt64Array::from(hots.iter().map(|c| c.map(|c| c.bytes_max)).collect::<Vec<_>>())),
         Arc::new(Float64Array::from(hots.iter().map(|c| c.and_then(|c| c.hit_rate())).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(vec![map.epoch; ps.len()])),
+        Arc::new(Float64Array::from(loads_now.iter().map(|l| l.map_or(1.0, |l| l.weight)).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(
+            ps.iter().map(|p| p.stats().service()).map(|e| (e.samples > 0).then_some(e.mean_us)).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float64Array::from(loads_now.iter().map(|l| l.map_or(0.0, |l| l.forecast_rate)).collect::<Vec<_>>())),
+        Arc::new(BooleanArray::from(loads_now.iter().map(|l| l.is_some_and(|l| l.forecast_trust > 0.0)).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(loads_now.iter().map(|l| l.map_or(0.0, |l| l.predicted_score())).collect::<Vec<_>>())),
     ];
     Ok(RecordBatch::try_new(pipelines_schema(), cols)?)
 }
@@ -342,6 +356,7 @@ fn routing_schema() -> SchemaRef {
         Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, None), false),
         Field::new("epoch", DataType::UInt64, false),
         Field::new("shard", DataType::UInt32, true),
+        Field::new("policy", DataType::Utf8, false),
         Field::new("candidates", DataType::Utf8, false),
         Field::new("choice", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, false),
@@ -356,6 +371,7 @@ fn routing_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
         Arc::new(TimestampMicrosecondArray::from(r.iter().map(|x| x.time_us).collect::<Vec<_>>())),
         Arc::new(UInt64Array::from(r.iter().map(|x| x.epoch).collect::<Vec<_>>())),
         Arc::new(UInt32Array::from(r.iter().map(|x| x.shard).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.policy).collect::<Vec<_>>())),
         Arc::new(StringArray::from(r.iter().map(|x| x.candidates.as_str()).collect::<Vec<_>>())),
         Arc::new(StringArray::from(r.iter().map(|x| x.choice.as_deref()).collect::<Vec<_>>())),
         Arc::new(StringArray::from(r.iter().map(|x| x.reason.as_str()).collect::<Vec<_>>())),

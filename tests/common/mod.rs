@@ -61,7 +61,7 @@ impl TestNode {
     pub fn session(&self) -> Session {
         Session::new(
             Arc::clone(&self.node),
-            SessionInfo { session_id: 0, user: "test".into(), application_name: "in-process".into(), statement_timeout: None },
+            SessionInfo { session_id: 0, user: "test".into(), application_name: "in-process".into(), statement_timeout: None, routing_policy: None },
         )
     }
 }
