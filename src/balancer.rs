@@ -7,30 +7,36 @@
 //!
 //! # The rule
 //! - After each fragment, its observed service time `x` (from the moment it got a slot
-//!   to the end of its stream; for a remote pipeline, the whole round trip) updates the
-//!   pipeline's estimate `e ← e + α (x − e)` with `α = 0.2` (the first sample sets it):
-//!   an exponentially weighted mean over about the last five fragments, so one slow
-//!   fragment moves it by a fifth and a pipeline that became ten times slower is
-//!   weighted so within a handful of fragments, which at the rates a pipeline serves
-//!   is well under a second.
+//!   to the end of its stream; for a remote pipeline, the whole round trip, queueing at
+//!   the other node included) updates the pipeline's estimate `e ← e + α (x − e)` with
+//!   `α = 0.05` (the first sample sets it): an exponentially weighted mean over about
+//!   the last twenty fragments. A pipeline that became ten times slower is weighted
+//!   three times after five fragments and eight times after about twenty, which at the
+//!   rates a pipeline serves is well under a second. (With `α = 0.2` the estimate's own
+//!   noise on exponential service times, about a third, made predictive routing lose
+//!   to least-in-flight in `tidemark simulate`; see the README.)
 //! - Its weight is `e` over the median estimate of the fleet (pipelines observed in the
-//!   last [`STALE_US`]), clamped to [[`WEIGHT_MIN`], [`WEIGHT_MAX`]]: relative, so a
-//!   workload that is slow everywhere (larger queries) changes no choice, and bounded,
-//!   so one pipeline can neither attract everything nor be shut out by an outlier.
+//!   last [`STALE_US`]), taken as 1 within [`DEAD_BAND`] of the median (noise, not a
+//!   difference between pipelines), and clamped to [[`WEIGHT_MIN`], [`WEIGHT_MAX`]]:
+//!   relative, so a workload that is slow everywhere (larger queries) changes no
+//!   choice, and bounded, so one pipeline can neither attract everything nor be shut
+//!   out by an outlier.
 //! - Probing, as Prequal does so that a penalised pipeline is not starved forever: a
 //!   weight relaxes towards 1 with a half-life of [`FORGET_HALF_LIFE_US`] while its
 //!   pipeline gets no fragment. A pipeline that was slow is therefore chosen again after
 //!   a few seconds; the fragment it then runs is the probe: if it is still slow, its
 //!   estimate (which did not relax) keeps it penalised, and if it recovered, fast
-//!   samples bring its weight back to 1 within a few fragments.
+//!   samples bring its weight back to 1 within about thirty fragments.
 
 /// Smoothing of the service-time estimate (per fragment).
-pub const ALPHA: f64 = 0.2;
+pub const ALPHA: f64 = 0.05;
 /// Bounds of a weight.
 pub const WEIGHT_MIN: f64 = 0.25;
 pub const WEIGHT_MAX: f64 = 8.0;
 /// Half-life of a weight's return towards 1 while its pipeline gets no fragment.
 pub const FORGET_HALF_LIFE_US: i64 = 2_000_000;
+/// Ratios to the median within [1/DEAD_BAND, DEAD_BAND] count as 1.
+pub const DEAD_BAND: f64 = 1.5;
 /// Estimates older than this do not count in the fleet's median.
 pub const STALE_US: i64 = 60_000_000;
 
@@ -78,6 +84,9 @@ pub fn weights(estimates: &[ServiceEstimate], now_us: i64) -> (Option<f64>, Vec<
                 return 1.0;
             }
             let raw = (e.mean_us / median).clamp(WEIGHT_MIN, WEIGHT_MAX);
+            // Noise of the estimate itself (about a third on exponential service times)
+            // is not a difference between pipelines.
+            let raw = if (1.0 / DEAD_BAND..=DEAD_BAND).contains(&raw) { 1.0 } else { raw };
             let idle = (now_us - e.last_us).max(0) as f64;
             let keep = 0.5f64.powf(idle / FORGET_HALF_LIFE_US as f64);
             1.0 + (raw - 1.0) * keep

@@ -113,6 +113,12 @@ enum Command {
         /// Latency objective.
         #[arg(long, default_value_t = 100.0)]
         slo_ms: f64,
+        /// Gateways the queries arrive at; each sees only its own requests in flight.
+        #[arg(long, default_value_t = 1)]
+        gateways: usize,
+        /// Give predictive routing no forecast (feedback and live counts only).
+        #[arg(long)]
+        no_forecast: bool,
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -239,7 +245,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Ingest { url, table, sources } => ingest(&url, &table, &sources).await,
             Command::Gen { out, shape, end } => gen(&out, shape, end.as_deref()),
-            Command::Simulate { pipelines, shards, entities, service_ms, duration_s, slo_ms, seed } => {
+            Command::Simulate { pipelines, shards, entities, service_ms, duration_s, slo_ms, gateways, no_forecast, seed } => {
                 let cfg = tidemark::sim::SimConfig {
                     pipelines,
                     shards,
@@ -247,6 +253,8 @@ fn main() -> anyhow::Result<()> {
                     service_ms,
                     duration_s,
                     slo_ms,
+                    gateways,
+                    forecast: !no_forecast,
                     seed,
                     ..Default::default()
                 };

@@ -250,6 +250,14 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Two distinct candidates of `n` (at least 2), drawn from `seq` and `shard`.
+fn two_of(seq: u64, shard: ShardId, n: usize) -> (usize, usize) {
+    let r = mix(seq ^ (shard as u64).rotate_left(32));
+    let a = (r % n as u64) as usize;
+    let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+    (a, b)
+}
+
 /// Least in flight (v1): kept as the name of the reactive default for callers that
 /// have no policy (the write buffer's fragment, retries without one).
 pub fn route(shard: ShardId, replicas: &[PipelineId], snapshot: &LoadSnapshot, excluded: &[PipelineId]) -> Decision {
@@ -292,9 +300,7 @@ pub fn route_with(
         (_, 1) => (Some(0), Reason::OnlyReplica),
         (Policy::RoundRobin, _) => (Some((seq % n as u64) as usize), Reason::RoundRobin),
         (Policy::PowerOfTwo, _) => {
-            let r = mix(seq ^ (shard as u64).rotate_left(32));
-            let a = (r % n as u64) as usize;
-            let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+            let (a, b) = two_of(seq, shard, n);
             let pick = if candidates[b].score < candidates[a].score { b } else { a };
             (Some(pick), Reason::PowerOfTwo)
         }

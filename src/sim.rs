@@ -49,6 +49,11 @@ pub struct SimConfig {
     /// Latency objective.
     pub slo_ms: f64,
     pub weights_every_ms: f64,
+    /// Gateways the queries arrive at (evenly); each sees only its own requests in
+    /// flight at each pipeline, as a Tidemark node sees its peers' pipelines.
+    pub gateways: usize,
+    /// Whether predictive routing gets the (perfect, announced-load) forecast.
+    pub forecast: bool,
     pub seed: u64,
 }
 
@@ -66,6 +71,8 @@ impl Default for SimConfig {
             duration_s: 10.0,
             slo_ms: 100.0,
             weights_every_ms: 50.0,
+            gateways: 1,
+            forecast: true,
             seed: 42,
         }
     }
@@ -284,15 +291,23 @@ enum Ev {
     Refresh,
 }
 
+/// A fragment waiting for or holding a slot: (id, arrival, service, gateway).
+type Job = (u64, f64, f64, usize);
+
 /// Runs one policy over `w`.
 pub fn run(w: &Workload, policy: Policy) -> SimResult {
     let cfg = &w.cfg;
     let n = w.ids.len();
+    let g_count = cfg.gateways.max(1);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut service_rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(1));
-    let mut snap = LoadSnapshot::new(w.ids.iter().map(|p| PipelineLoad::idle(*p, cfg.slots)).collect());
-    let mut queues: Vec<VecDeque<(f64, f64)>> = vec![VecDeque::new(); n];
-    let mut est = vec![ServiceEstimate::default(); n];
+    // Each gateway's view: its own requests in flight and queued at each pipeline, and
+    // its own service-time estimates (as each node keeps them).
+    let mut snaps: Vec<LoadSnapshot> =
+        (0..g_count).map(|_| LoadSnapshot::new(w.ids.iter().map(|p| PipelineLoad::idle(*p, cfg.slots)).collect())).collect();
+    let mut est = vec![vec![ServiceEstimate::default(); n]; g_count];
+    let mut queues: Vec<VecDeque<Job>> = vec![VecDeque::new(); n];
+    let mut running: Vec<Vec<Job>> = vec![Vec::new(); n];
     let mut started: Vec<u64> = vec![0; n];
     let mut heap: BinaryHeap<Reverse<(u64, u64, Ev)>> = BinaryHeap::new();
     let mut seq = 0u64;
@@ -306,11 +321,9 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
     let first = -rng.random::<f64>().max(1e-12).ln() / max_rate;
     push(&mut heap, first, Ev::Arrival);
     let mut latencies: Vec<f32> = Vec::new();
-    // Fragments running on each pipeline: (id, arrival, service).
-    let mut running: Vec<Vec<(u64, f64, f64)>> = vec![Vec::new(); n];
     let slow = |p: usize, t: f64| if w.scenario == Scenario::SlowPipeline && p == 0 && t >= cfg.duration_s / 2.0 { 10.0 } else { 1.0 };
     let mut route_seq = 0u64;
-    let mut next_done_id = 0u64;
+    let mut next_id = 0u64;
     while let Some(Reverse((t_ns, _, ev))) = heap.pop() {
         let t = t_ns as f64 / 1e9;
         match ev {
@@ -318,13 +331,15 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
                 if t > cfg.duration_s {
                     continue;
                 }
-                let (median, ws) = balancer::weights(&est, (t * 1e6) as i64);
                 let f = w.forecast(t);
-                for (i, l) in snap_loads(&mut snap, &w.ids).enumerate() {
-                    l.weight = ws[i];
-                    l.service_s = median.unwrap_or(cfg.service_ms * 1000.0) / 1e6;
-                    l.forecast_rate = f[i];
-                    l.forecast_trust = 1.0;
+                for (snap, est) in snaps.iter_mut().zip(&est) {
+                    let (median, ws) = balancer::weights(est, (t * 1e6) as i64);
+                    for (i, l) in snap_loads(snap, &w.ids).enumerate() {
+                        l.weight = ws[i];
+                        l.service_s = median.unwrap_or(cfg.service_ms * 1000.0) / 1e6;
+                        l.forecast_rate = f[i];
+                        l.forecast_trust = if cfg.forecast { 1.0 } else { 0.0 };
+                    }
                 }
                 push(&mut heap, t + cfg.weights_every_ms / 1000.0, Ev::Refresh);
             }
@@ -339,39 +354,43 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
                     continue;
                 }
                 let e = w.entity(t, &mut rng);
+                let g = rng.random_range(0..g_count);
                 let shard = w.entity_shard[e];
                 route_seq += 1;
-                let d = router::route_with(policy, route_seq, shard, &w.replicas[shard as usize], &snap, &[]);
+                let d = router::route_with(policy, route_seq, shard, &w.replicas[shard as usize], &snaps[g], &[]);
                 let Some(p) = d.choice else { continue };
                 let pi = index_of(&p);
                 let service = -service_rng.random::<f64>().max(1e-12).ln() * cfg.service_ms / 1000.0 * slow(pi, t);
-                let l = snap.get_mut(p).expect("a known pipeline");
                 started[pi] += 1;
-                if l.in_flight < l.slots {
-                    l.in_flight += 1;
-                    next_done_id += 1;
-                    running[pi].push((next_done_id, t, service));
-                    push(&mut heap, t + service, Ev::Done { pipeline: pi as u32, id: next_done_id });
+                next_id += 1;
+                let view = snaps[g].get_mut(p).expect("a known pipeline");
+                if running[pi].len() < cfg.slots as usize {
+                    view.in_flight += 1;
+                    running[pi].push((next_id, t, service, g));
+                    push(&mut heap, t + service, Ev::Done { pipeline: pi as u32, id: next_id });
                 } else {
-                    l.queued += 1;
-                    queues[pi].push_back((t, service));
+                    view.queued += 1;
+                    queues[pi].push_back((next_id, t, service, g));
                 }
             }
             Ev::Done { pipeline, id } => {
                 let pi = pipeline as usize;
                 let at = running[pi].iter().position(|r| r.0 == id).expect("a running fragment");
-                let (_, arrived, service) = running[pi].swap_remove(at);
+                let (_, arrived, service, g) = running[pi].swap_remove(at);
                 latencies.push(((t - arrived) * 1000.0) as f32);
-                est[pi].observe(service * 1e6, (t * 1e6) as i64);
+                // One gateway sees its own pipelines' service time (slot to end); with
+                // several, every pipeline is another node's and the gateway sees the
+                // round trip, queueing included (as `RemotePipeline` measures it).
+                let seen = if g_count == 1 { service } else { t - arrived };
+                est[g][pi].observe(seen * 1e6, (t * 1e6) as i64);
                 let p = w.ids[pi];
-                let l = snap.get_mut(p).expect("a known pipeline");
-                l.in_flight -= 1;
-                if let Some((arr, svc)) = queues[pi].pop_front() {
-                    l.queued -= 1;
-                    l.in_flight += 1;
-                    next_done_id += 1;
-                    running[pi].push((next_done_id, arr, svc));
-                    push(&mut heap, t + svc, Ev::Done { pipeline, id: next_done_id });
+                snaps[g].get_mut(p).expect("a known pipeline").in_flight -= 1;
+                if let Some(job) = queues[pi].pop_front() {
+                    let view = snaps[job.3].get_mut(p).expect("a known pipeline");
+                    view.queued -= 1;
+                    view.in_flight += 1;
+                    push(&mut heap, t + job.2, Ev::Done { pipeline, id: job.0 });
+                    running[pi].push(job);
                 }
             }
         }
@@ -408,8 +427,8 @@ fn summarize(policy: Policy, mut lat: Vec<f32>, started: &[u64], cfg: &SimConfig
 pub fn compare(cfg: &SimConfig) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{} pipelines x {} slots, {} shards x {} replicas, {} entities (Zipf {}), service {} ms (exponential), peak utilization {}, {} s simulated, objective {} ms\n",
-        cfg.pipelines, cfg.slots, cfg.shards, cfg.replicas, cfg.entities, cfg.zipf_exponent, cfg.service_ms, cfg.peak_utilization, cfg.duration_s, cfg.slo_ms
+        "{} pipelines x {} slots, {} shards x {} replicas (more for hot shards), {} entities (Zipf {}), service {} ms (exponential), peak utilization {}, {} s simulated, objective {} ms, {} gateway(s)\n",
+        cfg.pipelines, cfg.slots, cfg.shards, cfg.replicas, cfg.entities, cfg.zipf_exponent, cfg.service_ms, cfg.peak_utilization, cfg.duration_s, cfg.slo_ms, cfg.gateways
     ));
     for scenario in Scenario::ALL {
         let w = Workload::new(cfg, scenario);
