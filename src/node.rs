@@ -259,9 +259,18 @@ impl Node {
     /// A task context for running a plan built already (a reused plan): the node's
     /// settings plus `extension`, its runtime, and no function registry (a built plan
     /// holds its functions), so that nothing big is copied per execution.
-    pub fn task_context<T: Send + Sync + 'static>(&self, extension: Arc<T>) -> Arc<datafusion::execution::TaskContext> {
+    pub fn task_context<T: Send + Sync + 'static>(
+        &self,
+        extension: Arc<T>,
+        routing_policy: Option<crate::router::Policy>,
+    ) -> Arc<datafusion::execution::TaskContext> {
         let mut config = self.ctx.copied_config();
         config.set_extension(extension);
+        if let Some(policy) = routing_policy {
+            if let Some(o) = config.options_mut().extensions.get_mut::<crate::planner::fragment::TidemarkOptions>() {
+                o.routing_policy = policy.as_str().to_string();
+            }
+        }
         Arc::new(datafusion::execution::TaskContext::new(
             None,
             self.ctx.session_id(),

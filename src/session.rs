@@ -309,7 +309,7 @@ impl Session {
             };
             if let Some(reused) = reused {
                 counters.reused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let stream = execute_stream(Arc::clone(&reused.plan), self.node.task_context(Arc::clone(&tracker.report)))?;
+                let stream = execute_stream(Arc::clone(&reused.plan), self.node.task_context(Arc::clone(&tracker.report), self.info.routing_policy))?;
                 tracing::debug!(reuse_us = started.elapsed().as_micros() as u64, "reused physical plan");
                 let schema = stream.schema();
                 // The plan goes back to its statement when the stream is dropped.

@@ -363,8 +363,12 @@ async fn a_session_chooses_its_routing_policy() {
     let e = c.batch_execute("SET tidemark.routing_policy = 'fastest'").await.unwrap_err();
     assert_eq!(sqlstate(&e), "22023", "{e}");
     // Queries of this session are routed by its policy, and say so.
-    // (Simple protocol: a reused prepared plan still routes by the node's policy.)
+    // Both protocols, a reused prepared plan included.
     c.simple_query("SELECT sum(quantity) FROM usage").await.unwrap();
+    let prepared = c.prepare("SELECT sum(quantity) FROM usage WHERE event_time >= $1").await.unwrap();
+    for _ in 0..3 {
+        c.query(&prepared, &[&chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap().and_hms_opt(0, 0, 0).unwrap()]).await.unwrap();
+    }
     let rows = c
         .query("SELECT DISTINCT policy FROM system.routing_decisions WHERE reason <> 'only replica' AND shard IS NOT NULL", &[])
         .await
