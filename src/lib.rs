@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and the code map.
 
+pub mod autoscale;
 pub mod balancer;
 pub mod catalog;
 pub mod clock;
