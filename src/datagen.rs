@@ -52,7 +52,7 @@ pub const SERVICES: &[(&str, &[(&str, &[&str])])] = &[
 pub const REGIONS: &[&str] = &["us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2", "sa-east-1"];
 
 /// Relative activity per hour of day (UTC): quiet nights, busy afternoons.
-const HOURLY: [f64; 24] = [
+pub const HOURLY: [f64; 24] = [
     0.35, 0.3, 0.28, 0.27, 0.3, 0.4, 0.55, 0.75, 0.95, 1.1, 1.2, 1.3, 1.35, 1.45, 1.55, 1.6, 1.55, 1.45, 1.3, 1.1,
     0.9, 0.7, 0.55, 0.45,
 ];

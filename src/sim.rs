@@ -89,16 +89,19 @@ pub enum Scenario {
     HotEntity,
     /// (c) One pipeline runs ten times slower from half-way through the run.
     SlowPipeline,
+    /// (d) The daily cycle alone, with the fleet sized by an autoscaler.
+    Scaling,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::AnnouncedSurge, Scenario::HotEntity, Scenario::SlowPipeline];
+    pub const ROUTING: [Scenario; 3] = [Scenario::AnnouncedSurge, Scenario::HotEntity, Scenario::SlowPipeline];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Scenario::AnnouncedSurge => "(a) daily cycle + announced surge",
             Scenario::HotEntity => "(b) unannounced hot entity",
             Scenario::SlowPipeline => "(c) one pipeline 10x slower from mid-run",
+            Scenario::Scaling => "(d) scaling over the daily cycle",
         }
     }
 }
@@ -126,6 +129,8 @@ pub struct Workload {
     /// Each shard's replicas: the shard map's, plus more for shards whose base load
     /// needs them (as hot-shard replication will place them).
     replicas: Vec<Vec<PipelineId>>,
+    /// Each shard's share of the base load.
+    shard_share: Vec<f64>,
     ids: Vec<PipelineId>,
     /// Cumulative Zipf weights of the entities (rank order).
     cdf: Vec<f64>,
@@ -153,31 +158,11 @@ impl Workload {
             *c /= acc;
         }
         let entity_shard: Vec<u32> = (0..cfg.entities).map(|r| shard_of(&format!("acct-{r:07}"), cfg.shards)).collect();
-        // A shard whose share of the peak load needs more than its replicas' slots at
-        // half utilization gets more replicas (the next pipelines by rendezvous rank):
-        // without them one Zipf-hot shard would exceed its pipelines' capacity whatever
-        // the router did.
         let mut shard_share = vec![0.0; cfg.shards as usize];
         for (r, s) in entity_shard.iter().enumerate() {
             shard_share[*s as usize] += cdf[r] - if r == 0 { 0.0 } else { cdf[r - 1] };
         }
-        let per_pipeline = cfg.peak_utilization / cfg.pipelines as f64;
-        let replicas: Vec<Vec<PipelineId>> = (0..cfg.shards)
-            .map(|s| {
-                let mut reps = map.replicas_of(s).to_vec();
-                let need = ((shard_share[s as usize] / per_pipeline) * 2.0).ceil() as usize;
-                if need > reps.len() {
-                    let mut ranked: Vec<(u64, PipelineId)> = ids
-                        .iter()
-                        .filter(|p| !reps.contains(p))
-                        .map(|p| (crate::shard_map::key_hash(&format!("{s}/{p}")), *p))
-                        .collect();
-                    ranked.sort_unstable();
-                    reps.extend(ranked.into_iter().take(need.min(ids.len()) - reps.len()).map(|(_, p)| p));
-                }
-                reps
-            })
-            .collect();
+        let replicas = placement(&map, &ids, &shard_share, cfg.peak_utilization);
         let capacity = cfg.pipelines as f64 * cfg.slots as f64 / (cfg.service_ms / 1000.0);
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
         let surge: Vec<usize> = (0..20).map(|_| rng.random_range(10..2000)).collect();
@@ -187,6 +172,7 @@ impl Workload {
             cfg: cfg.clone(),
             scenario,
             replicas,
+            shard_share,
             ids,
             cdf,
             entity_shard,
@@ -198,10 +184,15 @@ impl Workload {
         }
     }
 
-    /// The daily cycle: half the peak at night, the peak at mid-run.
+    /// The daily cycle of the data generator (`datagen::HOURLY`, quiet nights and busy
+    /// afternoons) compressed into the run and scaled so that its busiest hour is 1,
+    /// linearly interpolated between hours.
     fn cycle(&self, t: f64) -> f64 {
-        let x = (std::f64::consts::PI * t / self.cfg.duration_s).sin();
-        0.5 + 0.5 * x * x
+        let peak = crate::datagen::HOURLY.iter().copied().fold(0.0, f64::max);
+        let h = (t / self.cfg.duration_s).clamp(0.0, 1.0) * 24.0;
+        let (i, frac) = ((h.floor() as usize).min(23), h - h.floor());
+        let (a, b) = (crate::datagen::HOURLY[i], crate::datagen::HOURLY[(i + 1) % 24]);
+        (a + (b - a) * frac) / peak
     }
 
     fn surge_on(&self, t: f64) -> bool {
@@ -280,6 +271,31 @@ impl Workload {
     }
 }
 
+/// Each shard's replicas over `active` pipelines: the shard map's, plus more for a shard
+/// whose share of the load needs more than its replicas' slots at half the target
+/// utilization (the next pipelines by rendezvous rank), as hot-shard replication will
+/// place them: without them one Zipf-hot shard would exceed its pipelines' capacity
+/// whatever the router did.
+fn placement(map: &ShardMap, active: &[PipelineId], shard_share: &[f64], utilization: f64) -> Vec<Vec<PipelineId>> {
+    let per_pipeline = utilization / active.len().max(1) as f64;
+    (0..shard_share.len() as u32)
+        .map(|s| {
+            let mut reps = map.replicas_of(s).to_vec();
+            let need = ((shard_share[s as usize] / per_pipeline) * 2.0).ceil() as usize;
+            if need > reps.len() {
+                let mut ranked: Vec<(u64, PipelineId)> = active
+                    .iter()
+                    .filter(|p| !reps.contains(p))
+                    .map(|p| (crate::shard_map::key_hash(&format!("{s}/{p}")), *p))
+                    .collect();
+                ranked.sort_unstable();
+                reps.extend(ranked.into_iter().take(need.min(active.len()).saturating_sub(reps.len())).map(|(_, p)| p));
+            }
+            reps
+        })
+        .collect()
+}
+
 fn index_of(p: &PipelineId) -> usize {
     ((p.node - 1) * 8 + p.index as u64) as usize
 }
@@ -289,14 +305,54 @@ enum Ev {
     Arrival,
     Done { pipeline: u32, id: u64 },
     Refresh,
+    Scale,
+    Joined,
 }
 
 /// A fragment waiting for or holding a slot: (id, arrival, service, gateway).
 type Job = (u64, f64, f64, usize);
 
-/// Runs one policy over `w`.
+/// Runs one policy over `w` with the whole fleet.
 pub fn run(w: &Workload, policy: Policy) -> SimResult {
+    run_scaled(w, policy, None)
+}
+
+/// The autoscaler's settings in the simulation: a pipeline's capacity from its slots
+/// and mean service time, the fleet's peak utilization as the target (the fixed fleet
+/// runs at it in its busiest hour), a warm-up of 1% of the run (about 15 minutes of the
+/// compressed day) and a decision every 2.5%.
+pub fn scale_settings(cfg: &SimConfig) -> crate::autoscale::ScaleSettings {
+    crate::autoscale::ScaleSettings {
+        capacity: cfg.slots as f64 / (cfg.service_ms / 1000.0),
+        target_utilization: cfg.peak_utilization,
+        warmup_us: (cfg.duration_s * 0.01 * 1e6) as i64,
+        interval_us: (cfg.duration_s * 0.025 * 1e6) as i64,
+        min: cfg.replicas as usize,
+        max: cfg.pipelines,
+        down_after: 3,
+    }
+}
+
+/// Runs one policy over `w`, the fleet sized by `scaling` (None: the whole fleet).
+pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode>) -> SimResult {
+    use crate::autoscale::{Autoscaler, ForecastBucket};
     let cfg = &w.cfg;
+    let settings = scale_settings(cfg);
+    let mut scaler = scaling.map(|m| Autoscaler::new(settings, m));
+    let mut active = match scaling {
+        None => w.ids.len(),
+        Some(crate::autoscale::Mode::Fixed(k)) => k.min(w.ids.len()),
+        Some(_) => settings.needed(w.rate(0.0)),
+    };
+    let mut replicas = if active == w.ids.len() {
+        w.replicas.clone()
+    } else {
+        placement(&ShardMap::build(cfg.shards, cfg.replicas, &w.ids[..active]), &w.ids[..active], &w.shard_share, cfg.peak_utilization)
+    };
+    let mut warming: Vec<f64> = Vec::new();
+    let mut pipeline_seconds = 0.0;
+    let mut last_scale_t = 0.0;
+    let mut arrivals_since = 0u64;
     let n = w.ids.len();
     let g_count = cfg.gateways.max(1);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -318,6 +374,9 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
         heap.push(Reverse((ns(t), seq, e)));
     };
     push(&mut heap, 0.0, Ev::Refresh);
+    if scaler.is_some() {
+        push(&mut heap, 0.0, Ev::Scale);
+    }
     let first = -rng.random::<f64>().max(1e-12).ln() / max_rate;
     push(&mut heap, first, Ev::Arrival);
     let mut latencies: Vec<f32> = Vec::new();
@@ -357,7 +416,8 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
                 let g = rng.random_range(0..g_count);
                 let shard = w.entity_shard[e];
                 route_seq += 1;
-                let d = router::route_with(policy, route_seq, shard, &w.replicas[shard as usize], &snaps[g], &[]);
+                arrivals_since += 1;
+                let d = router::route_with(policy, route_seq, shard, &replicas[shard as usize], &snaps[g], &[]);
                 let Some(p) = d.choice else { continue };
                 let pi = index_of(&p);
                 let service = -service_rng.random::<f64>().max(1e-12).ln() * cfg.service_ms / 1000.0 * slow(pi, t);
@@ -371,6 +431,66 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
                 } else {
                     view.queued += 1;
                     queues[pi].push_back((next_id, t, service, g));
+                }
+            }
+            Ev::Scale => {
+                let Some(sc) = scaler.as_mut() else { continue };
+                pipeline_seconds += (active + warming.len()) as f64 * (t - last_scale_t);
+                let measured = arrivals_since as f64 / (t - last_scale_t).max(1e-9);
+                last_scale_t = t;
+                arrivals_since = 0;
+                if t > cfg.duration_s {
+                    continue;
+                }
+                // The forecast: the workload's known rate per 1% of the run, with a
+                // 10% upper band (an 80% interval's width on a good forecast).
+                let step = cfg.duration_s * 0.01;
+                let forecast: Vec<ForecastBucket> = (0..10)
+                    .map(|i| {
+                        let (a, b) = (t + i as f64 * step, t + (i + 1) as f64 * step);
+                        ForecastBucket {
+                            start_us: (a * 1e6) as i64,
+                            end_us: (b * 1e6) as i64,
+                            upper_rate: 1.1 * w.rate(a).max(w.rate(b)).max(w.rate((a + b) / 2.0)),
+                        }
+                    })
+                    .collect();
+                let d = sc.decide((t * 1e6) as i64, active + warming.len(), &forecast, measured);
+                let have = active + warming.len();
+                if d.target > have {
+                    for _ in have..d.target {
+                        warming.push(t + settings.warmup_us as f64 / 1e6);
+                    }
+                    push(&mut heap, t + settings.warmup_us as f64 / 1e6, Ev::Joined);
+                } else if d.target < have {
+                    let mut stop = have - d.target;
+                    while stop > 0 && !warming.is_empty() {
+                        warming.pop();
+                        stop -= 1;
+                    }
+                    if stop > 0 {
+                        active -= stop.min(active - 1);
+                        replicas = placement(
+                            &ShardMap::build(cfg.shards, cfg.replicas, &w.ids[..active]),
+                            &w.ids[..active],
+                            &w.shard_share,
+                            cfg.peak_utilization,
+                        );
+                    }
+                }
+                push(&mut heap, t + settings.interval_us as f64 / 1e6, Ev::Scale);
+            }
+            Ev::Joined => {
+                let ready = warming.iter().filter(|r| **r <= t + 1e-9).count();
+                if ready > 0 {
+                    warming.retain(|r| *r > t + 1e-9);
+                    active = (active + ready).min(w.ids.len());
+                    replicas = placement(
+                        &ShardMap::build(cfg.shards, cfg.replicas, &w.ids[..active]),
+                        &w.ids[..active],
+                        &w.shard_share,
+                        cfg.peak_utilization,
+                    );
                 }
             }
             Ev::Done { pipeline, id } => {
@@ -395,7 +515,11 @@ pub fn run(w: &Workload, policy: Policy) -> SimResult {
             }
         }
     }
-    summarize(policy, latencies, &started, cfg)
+    let mut r = summarize(policy, latencies, &started, cfg);
+    if scaler.is_some() {
+        r.pipeline_seconds = pipeline_seconds;
+    }
+    r
 }
 
 /// The snapshot's loads, in the order of the workload's pipeline ids (both sorted).
@@ -430,7 +554,7 @@ pub fn compare(cfg: &SimConfig) -> String {
         "{} pipelines x {} slots, {} shards x {} replicas (more for hot shards), {} entities (Zipf {}), service {} ms (exponential), peak utilization {}, {} s simulated, objective {} ms, {} gateway(s)\n",
         cfg.pipelines, cfg.slots, cfg.shards, cfg.replicas, cfg.entities, cfg.zipf_exponent, cfg.service_ms, cfg.peak_utilization, cfg.duration_s, cfg.slo_ms, cfg.gateways
     ));
-    for scenario in Scenario::ALL {
+    for scenario in Scenario::ROUTING {
         let w = Workload::new(cfg, scenario);
         out.push_str(&format!("\n{}\n", scenario.as_str()));
         out.push_str("policy           queries    p50 ms   p99 ms  p99.9 ms  over objective  load max/mean  load CV  pipeline-s\n");
@@ -455,6 +579,42 @@ pub fn compare(cfg: &SimConfig) -> String {
             "predictive vs least_in_flight: over-objective share {:+.0}%; p99 vs round_robin: {:.2}x better\n",
             if lif.over_slo > 0.0 { (pred.over_slo / lif.over_slo - 1.0) * 100.0 } else { 0.0 },
             rr.p99_ms / pred.p99_ms.max(1e-9)
+        ));
+    }
+    out.push_str(&scaling_table(cfg));
+    out
+}
+
+/// (d): a fixed fleet sized for the peak against reactive and predictive scaling, all
+/// routed by least_in_flight.
+pub fn scaling_table(cfg: &SimConfig) -> String {
+    use crate::autoscale::Mode;
+    let w = Workload::new(cfg, Scenario::Scaling);
+    let s = scale_settings(cfg);
+    let mut out = format!(
+        "\n{} (warm-up {} ms, a decision every {} ms, target utilization {}, routed by least_in_flight)\n",
+        Scenario::Scaling.as_str(),
+        s.warmup_us / 1000,
+        s.interval_us / 1000,
+        s.target_utilization
+    );
+    out.push_str("scaling          queries    p50 ms   p99 ms  p99.9 ms  over objective  pipeline-s  of fixed\n");
+    let runs: Vec<(&str, SimResult)> = [("fixed (peak)", Mode::Fixed(cfg.pipelines)), ("reactive", Mode::Reactive), ("predictive", Mode::Predictive)]
+        .into_iter()
+        .map(|(name, m)| (name, run_scaled(&w, Policy::LeastInFlight, Some(m))))
+        .collect();
+    let fixed = runs[0].1.pipeline_seconds.max(1e-9);
+    for (name, r) in &runs {
+        out.push_str(&format!(
+            "{:<16} {:>8} {:>8.1} {:>8.1} {:>9.1} {:>14.3}% {:>11.0} {:>8.2}\n",
+            name,
+            r.queries,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.over_slo * 100.0,
+            r.pipeline_seconds,
+            r.pipeline_seconds / fixed
         ));
     }
     out
@@ -488,5 +648,22 @@ mod tests {
         let rr = run(&w, Policy::RoundRobin);
         let pred = run(&w, Policy::Predictive);
         assert!(pred.p999_ms < rr.p999_ms, "predictive p99.9 {} vs round robin {}", pred.p999_ms, rr.p999_ms);
+    }
+}
+
+#[cfg(test)]
+mod scaling_tests {
+    use super::*;
+    use crate::autoscale::Mode;
+
+    #[test]
+    fn scaling_follows_the_daily_cycle() {
+        let cfg = SimConfig { pipelines: 40, shards: 128, entities: 20_000, duration_s: 4.0, ..SimConfig::default() };
+        let w = Workload::new(&cfg, Scenario::Scaling);
+        let fixed = run_scaled(&w, Policy::LeastInFlight, Some(Mode::Fixed(cfg.pipelines)));
+        let pred = run_scaled(&w, Policy::LeastInFlight, Some(Mode::Predictive));
+        assert_eq!(fixed.queries, pred.queries, "the same arrivals");
+        // Quiet nights need far fewer pipelines than the peak.
+        assert!(pred.pipeline_seconds < 0.9 * fixed.pipeline_seconds, "{} vs {}", pred.pipeline_seconds, fixed.pipeline_seconds);
     }
 }
