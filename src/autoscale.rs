@@ -163,18 +163,13 @@ mod tests {
     /// START_MS-END_MS=RATE ...`, `decide AT_MS CURRENT MEASURED => TARGET`.
     #[test]
     fn autoscale_fixture() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/autoscale.txt")).unwrap();
         let mut scaler: Option<Autoscaler> = None;
         let mut settings = None;
         let mut forecast = Vec::new();
         let mut checked = 0;
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (lhs, want) = line.split_once("=>").map(|(a, b)| (a.trim(), Some(b.trim()))).unwrap_or((line, None));
-            let w: Vec<&str> = lhs.split_whitespace().collect();
+        for d in crate::fixture::directives("autoscale.txt") {
+            let (n, line, want) = (d.line - 1, d.text.as_str(), d.want.as_deref());
+            let w: Vec<&str> = d.words.iter().map(String::as_str).collect();
             let kv = |k: &str| -> f64 {
                 w.iter().find_map(|x| x.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("line {}: {k}", n + 1)).parse().unwrap()
             };

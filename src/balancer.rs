@@ -103,16 +103,11 @@ mod tests {
     /// checks every weight (to 2 decimals); `median AT => US`.
     #[test]
     fn balancer_fixture() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/balancer.txt")).unwrap();
         let mut est: Vec<ServiceEstimate> = Vec::new();
         let mut checked = 0;
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (lhs, want) = line.split_once("=>").map(|(a, b)| (a.trim(), Some(b.trim()))).unwrap_or((line, None));
-            let w: Vec<&str> = lhs.split_whitespace().collect();
+        for d in crate::fixture::directives("balancer.txt") {
+            let (n, line, want) = (d.line - 1, d.text.as_str(), d.want.as_deref());
+            let w: Vec<&str> = d.words.iter().map(String::as_str).collect();
             match w[0] {
                 "pipelines" => est = vec![ServiceEstimate::default(); w[1].parse().unwrap()],
                 "observe" => {

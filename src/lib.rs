@@ -14,6 +14,8 @@ pub mod error;
 pub mod export;
 pub mod frontend;
 
+#[cfg(test)]
+pub(crate) mod fixture;
 pub mod forecast;
 pub mod forecaster;
 pub mod fsutil;
