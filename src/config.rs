@@ -37,6 +37,22 @@ pub struct Config {
     /// `predictive`, `power_of_two` or `round_robin`; a session may choose another
     /// with `SET tidemark.routing_policy`.
     pub routing_policy: String,
+    /// Pipelines sized ahead of the load: `off` (default), `predictive` (from the
+    /// forecast's upper bound) or `reactive` (from the measured rate); see `autoscale`.
+    pub autoscale: String,
+    /// How often the autoscaler decides, in milliseconds.
+    pub autoscale_interval_ms: u64,
+    /// In-process pipelines the autoscaler keeps at least / at most (0 = twice
+    /// `pipelines`, or the core count).
+    pub autoscale_pipelines_min: u32,
+    pub autoscale_pipelines_max: u32,
+    /// The fleet's utilization the autoscaler sizes for.
+    pub autoscale_target_utilization: f64,
+    /// On a node with peers, the commands run (with `sh -c`, the target in
+    /// `TIDEMARK_SCALE_TARGET` and the current count in `TIDEMARK_SCALE_CURRENT`) to add
+    /// or remove capacity, for example to start or stop a container.
+    pub scale_up_command: Option<String>,
+    pub scale_down_command: Option<String>,
     /// Largest COPY FROM payload (STDIN or a server-side file) accepted in one statement.
     pub copy_bytes_max: u64,
     /// Directories that `COPY ... FROM 'path'` and `COPY ... TO 'path'` may read and
@@ -153,6 +169,13 @@ impl Default for Config {
             connections_max: 256,
             statement_timeout_ms: 0,
             routing_policy: "least_in_flight".into(),
+            autoscale: "off".into(),
+            autoscale_interval_ms: 10_000,
+            autoscale_pipelines_min: 1,
+            autoscale_pipelines_max: 0,
+            autoscale_target_utilization: 0.7,
+            scale_up_command: None,
+            scale_down_command: None,
             copy_bytes_max: 1 << 30,
             copy_dirs: Vec::new(),
             copy_overwrite: false,
@@ -276,6 +299,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if !matches!(self.autoscale.as_str(), "off" | "predictive" | "reactive") {
+            return Err(Error::Config(format!("autoscale must be off, predictive or reactive; got {:?}", self.autoscale)));
+        }
+        if !(self.autoscale_target_utilization > 0.0 && self.autoscale_target_utilization <= 1.0) {
+            return Err(Error::Config("autoscale_target_utilization must be in (0, 1]".into()));
+        }
         if crate::router::Policy::parse(&self.routing_policy).is_none() {
             return Err(Error::Config(format!(
                 "routing_policy must be one of round_robin, least_in_flight, power_of_two, predictive; got {:?}",

@@ -31,6 +31,7 @@ pub mod planner;
 pub mod query_log;
 pub mod replay;
 pub mod router;
+pub mod scaler;
 pub mod session;
 pub mod shard_map;
 pub mod sim;

@@ -105,7 +105,7 @@ impl Node {
         crate::copy_in::clear_spool_dir(&crate::copy_in::spool_dir(&config.data_dir));
         let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
-        let cluster = build_cluster(&config, &catalog, &storage, &clock)?;
+        let (cluster, pipeline_factory) = build_cluster(&config, &catalog, &storage, &clock)?;
         let forecaster = Arc::new(
             Forecaster::new(ForecastSettings {
             bucket_secs: config.forecast_bucket_secs,
@@ -188,6 +188,16 @@ impl Node {
                         cluster.set_pipeline_forecasts(pipeline_forecasts(&f, clock.now_us(), bucket_secs));
                     }
                 }));
+            }
+            if let Some(scaler) = crate::scaler::Scaler::new(
+                &node.config,
+                Arc::clone(&node.cluster),
+                Arc::clone(&node.forecaster),
+                Arc::clone(&node.storage),
+                node.clock.clone(),
+                pipeline_factory.clone(),
+            )? {
+                bg.push(scaler.spawn());
             }
             if node.config.compaction_interval_ms > 0 {
                 bg.push(storage::spawn_compactor(
@@ -314,7 +324,33 @@ impl Drop for Node {
 }
 
 /// This node's pipelines and its view of the others, with the epoch-1 shard map.
-fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &Clock) -> Result<Arc<Cluster>> {
+/// Builds this node's in-process pipelines, alike (at start and when the autoscaler
+/// adds one): each with its share of the segment and hot caches.
+#[derive(Clone)]
+pub struct LocalPipelineFactory {
+    pub node_id: u64,
+    pub slots: u32,
+    pub queue_max: u32,
+    pub store: Arc<dyn object_store::ObjectStore>,
+    pub cache_bytes_max: u64,
+    pub hot_bytes_max: u64,
+    pub leading_sort_column: std::collections::HashMap<String, String>,
+}
+
+impl LocalPipelineFactory {
+    pub fn build(&self, index: u32) -> Result<LocalPipeline> {
+        LocalPipeline::new(
+            PipelineId::new(self.node_id, index),
+            self.slots,
+            self.queue_max,
+            Arc::clone(&self.store),
+            self.cache_bytes_max,
+            Arc::new(HotCache::new(self.hot_bytes_max, self.leading_sort_column.clone())),
+        )
+    }
+}
+
+fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &Clock) -> Result<(Arc<Cluster>, LocalPipelineFactory)> {
     let local = config.local_pipelines();
     let cache_each = config.segment_cache_bytes_max / u64::from(local.max(1));
     let hot_each = config.hot_cache_bytes_max / u64::from(local.max(1));
@@ -331,15 +367,17 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
             )?));
         }
     }
+    let factory = LocalPipelineFactory {
+        node_id: config.node_id,
+        slots: config.pipeline_slots,
+        queue_max: config.pipeline_queue_max,
+        store: storage.object_store(),
+        cache_bytes_max: cache_each,
+        hot_bytes_max: hot_each,
+        leading_sort_column,
+    };
     for i in 0..local {
-        pipelines.push(Arc::new(LocalPipeline::new(
-            PipelineId::new(config.node_id, i),
-            config.pipeline_slots,
-            config.pipeline_queue_max,
-            storage.object_store(),
-            cache_each,
-            Arc::new(HotCache::new(hot_each, leading_sort_column.clone())),
-        )?));
+        pipelines.push(Arc::new(factory.build(i)?));
     }
     // Every table is split into the same number of shards in practice; the map covers
     // the largest so that any table's shard has a placement.
@@ -351,7 +389,7 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
         .unwrap_or(config.shard_count);
     let cluster = Cluster::new(config.node_id, clock.clone(), shard_count, config.shard_replicas, pipelines, config.routing_log_rows_max);
     cluster.set_policy(crate::router::Policy::parse(&config.routing_policy).unwrap_or_default());
-    Ok(Arc::new(cluster))
+    Ok((Arc::new(cluster), factory))
 }
 
 /// Each pipeline's forecast for the bucket holding `now_us`, as fragments per second,

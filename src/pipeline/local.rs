@@ -74,6 +74,24 @@ impl LocalPipeline {
         })
     }
 
+    /// Reads `paths` (segment files) through this pipeline's segment cache, until the
+    /// cache is full: the warm-up of a pipeline that is about to hold their shards.
+    /// Returns the bytes read.
+    pub async fn prefetch(&self, paths: &[String]) -> Result<u64> {
+        use object_store::ObjectStoreExt;
+        let Some(cache) = &self.cache else { return Ok(0) };
+        let budget = cache.stats().bytes_max;
+        let mut read = 0u64;
+        for p in paths {
+            if read >= budget {
+                break;
+            }
+            let got = self.store.get(&object_store::path::Path::from(p.as_str())).await?;
+            read += got.bytes().await?.len() as u64;
+        }
+        Ok(read)
+    }
+
     /// `ctx` with this pipeline's runtime (object stores, segment cache) in place of
     /// the caller's, keeping the caller's session settings, functions and memory pool
     /// (the query's budget).

@@ -250,7 +250,33 @@ pub struct Cluster {
     /// The forecaster's view of each pipeline now: predicted fragments per second and
     /// whether its forecasts beat seasonal naive (published after each forecast cycle).
     forecasts: RwLock<Arc<BTreeMap<PipelineId, PipelineForecast>>>,
+    /// Pipelines taken out of the shard map but still reachable, since a query that
+    /// pinned an earlier epoch may still send them a fragment: (when, id).
+    retiring: Mutex<Vec<(Instant, PipelineId)>>,
+    /// The autoscaler's decisions (bounded like the routing log).
+    scaling_log: Mutex<VecDeque<ScalingRecord>>,
 }
+
+/// One autoscaler decision, as `system.scaling_decisions` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingRecord {
+    pub time_us: i64,
+    pub mode: &'static str,
+    pub current: u32,
+    pub target: u32,
+    /// The rate (fragments per second) the target was sized for.
+    pub sized_for_rate: f64,
+    /// One pipeline's capacity (fragments per second) and warm-up, as measured.
+    pub capacity: f64,
+    pub warmup_ms: f64,
+    pub reason: String,
+    /// What was done: pipelines started or stopped, a command run, or nothing.
+    pub action: String,
+    pub epoch: u64,
+}
+
+/// How long a retired pipeline stays reachable for queries of earlier epochs.
+pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the forecaster expects of one pipeline now.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -294,7 +320,73 @@ impl Cluster {
             policy: RwLock::new(Policy::default()),
             route_seq: AtomicU64::new(0),
             forecasts: RwLock::new(Arc::default()),
+            retiring: Mutex::new(Vec::new()),
+            scaling_log: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Adds a pipeline and places shards on it: the shard map moves to the next epoch
+    /// (the fewest copies move; see `shard_map`). Queries that pinned the previous
+    /// epoch keep routing by it. Returns the new epoch.
+    pub fn add_pipeline(&self, p: Arc<dyn Pipeline>) -> u64 {
+        let mut pipelines = self.pipelines.write();
+        let id = p.id();
+        pipelines.insert(id, p);
+        self.retiring.lock().retain(|(_, r)| *r != id);
+        self.remap(&pipelines)
+    }
+
+    /// Takes a pipeline out of the shard map (next epoch): no new query routes to it,
+    /// while queries of earlier epochs may still reach it until [`Cluster::reap`]
+    /// removes it, once idle and past [`RETIRE_GRACE`]. Returns the new epoch.
+    pub fn retire_pipeline(&self, id: PipelineId) -> u64 {
+        // Lock order: pipelines, then retiring, then the map.
+        let pipelines = self.pipelines.read();
+        {
+            let mut retiring = self.retiring.lock();
+            if !retiring.iter().any(|(_, r)| *r == id) {
+                retiring.push((Instant::now(), id));
+            }
+        }
+        self.remap(&pipelines)
+    }
+
+    /// Removes retired pipelines that are idle and past the grace period; returns them.
+    pub fn reap(&self) -> Vec<PipelineId> {
+        let mut pipelines = self.pipelines.write();
+        let mut retiring = self.retiring.lock();
+        let mut gone = Vec::new();
+        retiring.retain(|(since, id)| {
+            let idle = pipelines.get(id).is_none_or(|p| {
+                let s = p.stats();
+                s.in_flight.load(Ordering::Relaxed) + s.queued.load(Ordering::Relaxed) == 0
+            });
+            if idle && since.elapsed() >= RETIRE_GRACE {
+                pipelines.remove(id);
+                gone.push(*id);
+                false
+            } else {
+                true
+            }
+        });
+        gone
+    }
+
+    /// Pipelines in the shard map (not retiring).
+    pub fn placed_pipelines(&self) -> Vec<PipelineId> {
+        let pipelines = self.pipelines.read();
+        let retiring: Vec<PipelineId> = self.retiring.lock().iter().map(|(_, id)| *id).collect();
+        pipelines.keys().copied().filter(|id| !retiring.contains(id)).collect()
+    }
+
+    fn remap(&self, pipelines: &BTreeMap<PipelineId, Arc<dyn Pipeline>>) -> u64 {
+        let retiring: Vec<PipelineId> = self.retiring.lock().iter().map(|(_, id)| *id).collect();
+        let placed: Vec<PipelineId> = pipelines.keys().copied().filter(|id| !retiring.contains(id)).collect();
+        let mut map = self.map.write();
+        let next = map.with_pipelines(&placed);
+        let epoch = next.epoch;
+        *map = Arc::new(next);
+        epoch
     }
 
     /// The node's routing policy.
@@ -385,6 +477,18 @@ impl Cluster {
             self.routing_dropped.fetch_add(1, Ordering::Relaxed);
         }
         log.push_back(r);
+    }
+
+    pub fn record_scaling(&self, r: ScalingRecord) {
+        let mut log = self.scaling_log.lock();
+        if log.len() >= self.routing_log_max {
+            log.pop_front();
+        }
+        log.push_back(r);
+    }
+
+    pub fn scaling_log(&self) -> Vec<ScalingRecord> {
+        self.scaling_log.lock().iter().cloned().collect()
     }
 
     pub fn routing_log(&self) -> Vec<RoutingRecord> {

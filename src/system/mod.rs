@@ -71,6 +71,11 @@ impl SystemSchema {
             "query_patterns",
             Arc::new(SnapshotTable { schema: patterns_schema(), rows: Box::new(move || patterns_batch(&f)) }),
         );
+        let c = Arc::clone(&cluster);
+        tables.insert(
+            "scaling_decisions",
+            Arc::new(SnapshotTable { schema: scaling_schema(), rows: Box::new(move || scaling_batch(&c)) }),
+        );
         let c = cluster;
         tables.insert(
             "routing_decisions",
@@ -378,6 +383,38 @@ fn routing_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
         Arc::new(UInt32Array::from(r.iter().map(|x| x.attempt).collect::<Vec<_>>())),
     ];
     Ok(RecordBatch::try_new(routing_schema(), cols)?)
+}
+
+fn scaling_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, None), false),
+        Field::new("mode", DataType::Utf8, false),
+        Field::new("current", DataType::UInt32, false),
+        Field::new("target", DataType::UInt32, false),
+        Field::new("sized_for_rate", DataType::Float64, false),
+        Field::new("pipeline_capacity", DataType::Float64, false),
+        Field::new("warmup_ms", DataType::Float64, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("action", DataType::Utf8, false),
+        Field::new("epoch", DataType::UInt64, false),
+    ]))
+}
+
+fn scaling_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
+    let r = cluster.scaling_log();
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(TimestampMicrosecondArray::from(r.iter().map(|x| x.time_us).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.mode).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(r.iter().map(|x| x.current).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(r.iter().map(|x| x.target).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(r.iter().map(|x| x.sized_for_rate).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(r.iter().map(|x| x.capacity).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(r.iter().map(|x| x.warmup_ms).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.reason.as_str()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(r.iter().map(|x| x.action.as_str()).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(r.iter().map(|x| x.epoch).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(scaling_schema(), cols)?)
 }
 
 fn forecasts_schema() -> SchemaRef {

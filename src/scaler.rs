@@ -1,0 +1,284 @@
+//! The autoscale loop: the IO shell around [`crate::autoscale::Autoscaler`].
+//!
+//! Owns: every `autoscale_interval_ms`, reading the inputs (the forecast's upper bound
+//! of fragments per bucket summed over this node's pipelines, the fragments completed
+//! since the last decision, one pipeline's capacity from its slots and the balancer's
+//! median service time, and the warm-up time measured on this node), asking the core
+//! for a target, acting on it, and recording the decision in
+//! `system.scaling_decisions`. On a node without peers it starts and stops in-process
+//! pipelines: a new pipeline first reads the segments of the shards it will hold
+//! through its segment cache (that read is its warm-up, timed: the core starts
+//! pipelines that much ahead of the load), then joins the shard map at the next epoch;
+//! a stopped one leaves the map at once and is removed when idle (queries that pinned
+//! an earlier epoch may still reach it meanwhile, so none fails). On a node with peers
+//! it runs `scale_up_command` / `scale_down_command` instead.
+//!
+//! Must never: decide on a guessed capacity (without a measured service time it holds
+//! and says so), remove a pipeline a running query may still reach, or run a command
+//! without a time limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::autoscale::{Autoscaler, ForecastBucket, Mode, ScaleSettings};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::Result;
+use crate::forecaster::Forecaster;
+use crate::node::LocalPipelineFactory;
+use crate::pipeline::{Cluster, Pipeline, ScalingRecord};
+use crate::shard_map::PipelineId;
+use crate::storage::Storage;
+
+/// A scale command may run this long.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Decisions that want fewer pipelines before the fleet shrinks.
+const DOWN_AFTER: u32 = 3;
+
+pub struct Scaler {
+    cluster: Arc<Cluster>,
+    forecaster: Arc<Forecaster>,
+    storage: Arc<Storage>,
+    clock: Clock,
+    factory: LocalPipelineFactory,
+    core: Autoscaler,
+    interval: Duration,
+    bucket_secs: u64,
+    min: usize,
+    max: usize,
+    has_peers: bool,
+    up_command: Option<String>,
+    down_command: Option<String>,
+    /// Measured warm-up of a new pipeline (smoothed), in milliseconds.
+    warmup_ms: Option<f64>,
+    completed_before: u64,
+    last: Instant,
+}
+
+impl Scaler {
+    pub fn new(
+        config: &Config,
+        cluster: Arc<Cluster>,
+        forecaster: Arc<Forecaster>,
+        storage: Arc<Storage>,
+        clock: Clock,
+        factory: LocalPipelineFactory,
+    ) -> Result<Option<Scaler>> {
+        let mode = match config.autoscale.as_str() {
+            "predictive" => Mode::Predictive,
+            "reactive" => Mode::Reactive,
+            _ => return Ok(None),
+        };
+        let local = config.local_pipelines() as usize;
+        let max = match config.autoscale_pipelines_max {
+            0 => (2 * local).max(1),
+            m => m as usize,
+        };
+        let min = (config.autoscale_pipelines_min as usize).clamp(1, max);
+        let interval = Duration::from_millis(config.autoscale_interval_ms.max(10));
+        let settings = ScaleSettings {
+            capacity: 0.0,
+            target_utilization: config.autoscale_target_utilization,
+            warmup_us: 0,
+            interval_us: interval.as_micros() as i64,
+            min,
+            max,
+            down_after: DOWN_AFTER,
+        };
+        let completed_before = local_completed(&cluster);
+        Ok(Some(Scaler {
+            cluster,
+            forecaster,
+            storage,
+            clock,
+            factory,
+            core: Autoscaler::new(settings, mode),
+            interval,
+            bucket_secs: config.forecast_bucket_secs.max(1),
+            min,
+            max,
+            has_peers: !config.parsed_peers()?.is_empty(),
+            up_command: config.scale_up_command.clone(),
+            down_command: config.scale_down_command.clone(),
+            warmup_ms: None,
+            completed_before,
+            last: Instant::now(),
+        }))
+    }
+
+    /// Runs forever, one decision per interval.
+    pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = self.tick().await {
+                    tracing::warn!(error = %e, "autoscale decision failed");
+                }
+            }
+        })
+    }
+
+    /// One decision, acted on and recorded.
+    pub async fn tick(&mut self) -> Result<ScalingRecord> {
+        for id in self.cluster.reap() {
+            tracing::info!(pipeline = %id, "retired pipeline removed");
+        }
+        let now_us = self.clock.now_us();
+        let elapsed = self.last.elapsed().as_secs_f64().max(1e-3);
+        self.last = Instant::now();
+        let completed = local_completed(&self.cluster);
+        let measured = completed.saturating_sub(self.completed_before) as f64 / elapsed;
+        self.completed_before = completed;
+        let placed = self.placed_local();
+        let current = placed.len();
+        let snapshot = self.cluster.load_snapshot();
+        let service_s = snapshot.loads().iter().map(|l| l.service_s).fold(0.0, f64::max);
+        let capacity = if service_s > 0.0 { self.factory.slots as f64 / service_s } else { 0.0 };
+        if self.warmup_ms.is_none() {
+            self.warmup_ms = Some(self.measure_warmup().await?);
+        }
+        let warmup_ms = self.warmup_ms.unwrap_or(0.0);
+        let mut record = ScalingRecord {
+            time_us: now_us,
+            mode: self.core.mode.as_str(),
+            current: current as u32,
+            target: current as u32,
+            sized_for_rate: measured,
+            capacity,
+            warmup_ms,
+            reason: String::new(),
+            action: "none".into(),
+            epoch: self.cluster.shard_map().epoch,
+        };
+        if capacity <= 0.0 {
+            record.reason = "no fragment has run yet: capacity unknown, holding".into();
+            self.cluster.record_scaling(record.clone());
+            return Ok(record);
+        }
+        self.core.settings.capacity = capacity;
+        self.core.settings.warmup_us = (warmup_ms * 1000.0) as i64;
+        let forecast = self.forecast_buckets();
+        let d = self.core.decide(now_us, current, &forecast, measured);
+        let target = d.target.clamp(self.min, self.max);
+        record.target = target as u32;
+        record.sized_for_rate = d.sized_for_rate;
+        record.reason = d.reason;
+        if target != current {
+            record.action = if self.has_peers {
+                self.run_command(target, current).await
+            } else if target > current {
+                self.start(target - current, &placed).await?
+            } else {
+                self.stop(current - target, &placed)
+            };
+        }
+        record.epoch = self.cluster.shard_map().epoch;
+        self.cluster.record_scaling(record.clone());
+        Ok(record)
+    }
+
+    /// This node's pipelines in the shard map, by id.
+    fn placed_local(&self) -> Vec<PipelineId> {
+        self.cluster.placed_pipelines().into_iter().filter(|id| id.node == self.factory.node_id).collect()
+    }
+
+    /// The forecast's upper bound of fragments per second per coming bucket, summed over
+    /// this node's pipelines.
+    fn forecast_buckets(&self) -> Vec<ForecastBucket> {
+        let f = self.forecaster.adjusted();
+        let bucket_us = self.bucket_secs as i64 * 1_000_000;
+        let mut by_bucket: std::collections::BTreeMap<i64, f64> = std::collections::BTreeMap::new();
+        for r in f.rows.iter().filter(|r| r.scope == "pipeline") {
+            if r.key.parse::<PipelineId>().is_ok_and(|p| p.node == self.factory.node_id) {
+                *by_bucket.entry(r.bucket_start_us).or_default() += r.upper80.max(0.0);
+            }
+        }
+        by_bucket
+            .into_iter()
+            .map(|(start, upper)| ForecastBucket { start_us: start, end_us: start + bucket_us, upper_rate: upper / self.bucket_secs as f64 })
+            .collect()
+    }
+
+    /// The warm-up of one new pipeline, measured: build one (not placed) and read the
+    /// segments of as many shards as one pipeline holds through its cache.
+    async fn measure_warmup(&self) -> Result<f64> {
+        let started = Instant::now();
+        let probe = self.factory.build(u32::MAX)?;
+        let map = self.cluster.shard_map();
+        let per_pipeline = map.loads().values().copied().max().unwrap_or(0);
+        let shards: Vec<u32> = (0..per_pipeline as u32).collect();
+        probe.prefetch(&self.segment_paths(&shards)).await?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    fn segment_paths(&self, shards: &[u32]) -> Vec<String> {
+        self.storage.snapshot().segments.iter().filter(|s| shards.contains(&s.shard)).map(|s| s.path.clone()).collect()
+    }
+
+    /// Starts `n` in-process pipelines: each reads the segments of the shards it will
+    /// hold (its warm-up, timed), then joins the shard map.
+    async fn start(&mut self, n: usize, placed: &[PipelineId]) -> Result<String> {
+        let mut started = Vec::new();
+        let mut all: Vec<PipelineId> = self.cluster.placed_pipelines();
+        for _ in 0..n {
+            let index = (0..u32::MAX - 1)
+                .find(|i| !placed.contains(&PipelineId::new(self.factory.node_id, *i)) && !started.contains(i))
+                .unwrap_or(0);
+            let t0 = Instant::now();
+            let pipeline = self.factory.build(index)?;
+            let id = pipeline.id();
+            all.push(id);
+            let next = self.cluster.shard_map().with_pipelines(&all);
+            let shards: Vec<u32> = (0..next.shard_count).filter(|s| next.replicas_of(*s).contains(&id)).collect();
+            let bytes = pipeline.prefetch(&self.segment_paths(&shards)).await?;
+            let took = t0.elapsed().as_secs_f64() * 1000.0;
+            self.warmup_ms = Some(self.warmup_ms.map_or(took, |w| 0.7 * w + 0.3 * took));
+            let epoch = self.cluster.add_pipeline(Arc::new(pipeline) as Arc<dyn Pipeline>);
+            tracing::info!(pipeline = %id, epoch, warmup_ms = took, bytes, "pipeline started");
+            started.push(index);
+        }
+        Ok(format!("started {n} in-process pipeline(s)"))
+    }
+
+    /// Takes the `n` highest-numbered in-process pipelines out of the shard map.
+    fn stop(&mut self, n: usize, placed: &[PipelineId]) -> String {
+        let mut ids = placed.to_vec();
+        ids.sort();
+        let doomed: Vec<PipelineId> = ids.into_iter().rev().take(n).collect();
+        for id in &doomed {
+            let epoch = self.cluster.retire_pipeline(*id);
+            tracing::info!(pipeline = %id, epoch, "pipeline retired");
+        }
+        format!("retired {}", doomed.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))
+    }
+
+    async fn run_command(&self, target: usize, current: usize) -> String {
+        let Some(cmd) = (if target > current { &self.up_command } else { &self.down_command }) else {
+            return "recorded (no scale command configured)".into();
+        };
+        let child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("TIDEMARK_SCALE_TARGET", target.to_string())
+            .env("TIDEMARK_SCALE_CURRENT", current.to_string())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(COMMAND_TIMEOUT, child).await {
+            Ok(Ok(out)) if out.status.success() => "ran scale command: ok".into(),
+            Ok(Ok(out)) => format!("ran scale command: exit {}", out.status),
+            Ok(Err(e)) => format!("scale command failed to start: {e}"),
+            Err(_) => format!("scale command timed out after {} s", COMMAND_TIMEOUT.as_secs()),
+        }
+    }
+}
+
+fn local_completed(cluster: &Cluster) -> u64 {
+    cluster
+        .local_pipelines()
+        .iter()
+        .map(|p| p.stats().completed.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}
