@@ -53,6 +53,12 @@ pub struct Config {
     /// or remove capacity, for example to start or stop a container.
     pub scale_up_command: Option<String>,
     pub scale_down_command: Option<String>,
+    /// A fault for routing experiments: the in-process pipeline with this id (`n1.p1`)
+    /// holds each fragment's slot `fault_slow_ms` longer, starting
+    /// `fault_slow_after_secs` after start. Off when unset.
+    pub fault_slow_pipeline: Option<String>,
+    pub fault_slow_ms: u64,
+    pub fault_slow_after_secs: u64,
     /// Largest COPY FROM payload (STDIN or a server-side file) accepted in one statement.
     pub copy_bytes_max: u64,
     /// Directories that `COPY ... FROM 'path'` and `COPY ... TO 'path'` may read and
@@ -176,6 +182,9 @@ impl Default for Config {
             autoscale_target_utilization: 0.7,
             scale_up_command: None,
             scale_down_command: None,
+            fault_slow_pipeline: None,
+            fault_slow_ms: 0,
+            fault_slow_after_secs: 0,
             copy_bytes_max: 1 << 30,
             copy_dirs: Vec::new(),
             copy_overwrite: false,
@@ -231,6 +240,10 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_CONNECTIONS_MAX",
     "TIDEMARK_STATEMENT_TIMEOUT_MS",
     "TIDEMARK_ROUTING_POLICY",
+    "TIDEMARK_AUTOSCALE",
+    "TIDEMARK_FAULT_SLOW_PIPELINE",
+    "TIDEMARK_FAULT_SLOW_MS",
+    "TIDEMARK_FAULT_SLOW_AFTER_SECS",
     "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX",
     "TIDEMARK_COMPACTION_INTERVAL_MS",
     "TIDEMARK_WRITE_BUFFER_ROWS_MAX",
@@ -279,6 +292,10 @@ impl Config {
             "TIDEMARK_CONNECTIONS_MAX" => self.connections_max = num(key, value)?,
             "TIDEMARK_STATEMENT_TIMEOUT_MS" => self.statement_timeout_ms = num(key, value)?,
             "TIDEMARK_ROUTING_POLICY" => self.routing_policy = value.to_string(),
+            "TIDEMARK_AUTOSCALE" => self.autoscale = value.to_string(),
+            "TIDEMARK_FAULT_SLOW_PIPELINE" => self.fault_slow_pipeline = Some(value.to_string()),
+            "TIDEMARK_FAULT_SLOW_MS" => self.fault_slow_ms = num(key, value)?,
+            "TIDEMARK_FAULT_SLOW_AFTER_SECS" => self.fault_slow_after_secs = num(key, value)?,
             "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX" => self.query_log_memory_rows_max = num(key, value)?,
             "TIDEMARK_COMPACTION_INTERVAL_MS" => self.compaction_interval_ms = num(key, value)?,
             "TIDEMARK_WRITE_BUFFER_ROWS_MAX" => self.write_buffer_rows_max = num(key, value)?,

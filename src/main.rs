@@ -84,6 +84,36 @@ enum Command {
         /// Connections (queries in flight at most).
         #[arg(long, default_value_t = 8)]
         clients: usize,
+        /// Routing policy of the replay's sessions (`SET tidemark.routing_policy`).
+        #[arg(long)]
+        routing_policy: Option<String>,
+        /// Latency objective: the share of queries over it is reported.
+        #[arg(long, default_value_t = 50.0)]
+        slo_ms: f64,
+    },
+    /// Write a query-arrival trace (CSV) for `tidemark replay`: the generator's daily
+    /// cycle, Zipf-popular entities of the demo's data, and an optional scenario.
+    GenTrace {
+        #[arg(long)]
+        out: PathBuf,
+        /// Trace seconds (one compressed day).
+        #[arg(long, default_value_t = 60.0)]
+        duration_s: f64,
+        /// Queries per second at the daily peak.
+        #[arg(long, default_value_t = 200.0)]
+        peak_rate: f64,
+        /// Entities to draw from (`acct-00000` ...), as in the demo's data.
+        #[arg(long, default_value_t = 10_000)]
+        entities: u32,
+        /// `none`, `surge` (20 popular entities x30 from 45% to 65%) or `hot` (one
+        /// entity at a tenth of the peak from 40% to 70%).
+        #[arg(long, default_value = "none")]
+        scenario: String,
+        /// Start of the trace (RFC 3339); default: an hour before now.
+        #[arg(long)]
+        start: Option<String>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// Write generated usage data to a Parquet file (for benchmarks and tests).
     Gen {
@@ -263,7 +293,19 @@ fn main() -> anyhow::Result<()> {
                 println!("(simulated in {:.1} s)", started.elapsed().as_secs_f64());
                 Ok(())
             }
-            Command::Replay { trace, url, time_scale, clients } => replay(&trace, &url, time_scale, clients).await,
+            Command::Replay { trace, url, time_scale, clients, routing_policy, slo_ms } => {
+                replay(&trace, &url, time_scale, clients, routing_policy.as_deref(), slo_ms).await
+            }
+            Command::GenTrace { out, duration_s, peak_rate, entities, scenario, start, seed } => {
+                let start_us = match start {
+                    Some(s) => chrono::DateTime::parse_from_rfc3339(&s)?.timestamp_micros(),
+                    None => chrono::Utc::now().timestamp_micros() - 3_600_000_000,
+                };
+                let spec = tidemark::replay::TraceSpec { duration_s, peak_rate, entities, scenario, start_us, seed };
+                let n = tidemark::replay::write_trace(&out, &spec)?;
+                println!("wrote {n} arrivals to {}", out.display());
+                Ok(())
+            }
             Command::ForecastEval { csv, column, bucket_secs, history_days } => {
                 forecast_eval(&csv, column, bucket_secs, history_days)
             }
@@ -516,7 +558,7 @@ fn forecast_eval(csv: &Path, column: usize, bucket_secs: u64, history_days: usiz
     Ok(())
 }
 
-async fn replay(trace: &Path, url: &str, scale: f64, clients: usize) -> anyhow::Result<()> {
+async fn replay(trace: &Path, url: &str, scale: f64, clients: usize, policy: Option<&str>, slo_ms: f64) -> anyhow::Result<()> {
     let arrivals = tidemark::replay::read_trace(trace)?;
     let span_s = match (arrivals.first(), arrivals.last()) {
         (Some(a), Some(b)) => (b.time_us - a.time_us) as f64 / 1e6,
@@ -525,10 +567,13 @@ async fn replay(trace: &Path, url: &str, scale: f64, clients: usize) -> anyhow::
     eprintln!("Replaying {} queries spanning {:.0} s of trace time at {}x ({:.1} s).", arrivals.len(), span_s, scale, span_s / scale);
     let pb = bar(arrivals.len() as u64, "replaying");
     let p = pb.clone();
-    let s = tidemark::replay::run(url, &arrivals, scale, clients, move |n| p.set_position(n)).await?;
+    let setup = policy.map(|p| format!("SET tidemark.routing_policy = '{}'", p.replace('\'', "''")));
+    let s = tidemark::replay::run(url, &arrivals, scale, clients, setup.as_deref(), move |n| p.set_position(n)).await?;
     pb.finish_and_clear();
     let ms = |p: f64| s.percentile_us(p).map(|v| format!("{:.2} ms", v as f64 / 1e3)).unwrap_or_else(|| "-".into());
     println!("sent {}, ok {}, failed {}, unknown {}", s.sent, s.ok, s.failed, s.unknown);
-    println!("latency p50 {}, p95 {}, p99 {}, max {}; largest start lag {:.1} ms", ms(0.5), ms(0.95), ms(0.99), ms(1.0), s.lag_max.as_secs_f64() * 1e3);
+    println!("latency p50 {}, p95 {}, p99 {}, p99.9 {}, max {}; largest start lag {:.1} ms", ms(0.5), ms(0.95), ms(0.99), ms(0.999), ms(1.0), s.lag_max.as_secs_f64() * 1e3);
+    let over = s.latency_us.iter().filter(|l| **l as f64 > slo_ms * 1000.0).count();
+    println!("over {slo_ms} ms: {over} of {} ({:.3}%)", s.latency_us.len(), 100.0 * over as f64 / s.latency_us.len().max(1) as f64);
     Ok(())
 }

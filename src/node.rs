@@ -376,8 +376,19 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
         hot_bytes_max: hot_each,
         leading_sort_column,
     };
+    let slow: Option<PipelineId> = config.fault_slow_pipeline.as_deref().map(|s| {
+        s.parse::<PipelineId>().map_err(|_| Error::Config(format!("fault_slow_pipeline: not a pipeline id: {s:?}")))
+    }).transpose()?;
     for i in 0..local {
-        pipelines.push(Arc::new(factory.build(i)?));
+        let mut p = factory.build(i)?;
+        if slow == Some(p.id()) && config.fault_slow_ms > 0 {
+            p = p.with_slowdown(crate::pipeline::local::Slowdown {
+                delay: Duration::from_millis(config.fault_slow_ms),
+                from: std::time::Instant::now() + Duration::from_secs(config.fault_slow_after_secs),
+            });
+            tracing::warn!(pipeline = %p.id(), ms = config.fault_slow_ms, after_secs = config.fault_slow_after_secs, "fault injection: slow pipeline");
+        }
+        pipelines.push(Arc::new(p));
     }
     // Every table is split into the same number of shards in practice; the map covers
     // the largest so that any table's shard has a placement.

@@ -194,7 +194,7 @@ async fn replayed_trace_drives_the_forecast() {
     let node = Node::open(cfg, clock.clone()).await.unwrap();
     let server = Server::start(Arc::clone(&node), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let url = format!("postgres://tidemark@127.0.0.1:{}/tidemark", server.local_addr.port());
-    let summary = tidemark::replay::run(&url, &arrivals, scale, 4, |_| {}).await.unwrap();
+    let summary = tidemark::replay::run(&url, &arrivals, scale, 4, None, |_| {}).await.unwrap();
     assert_eq!(summary.sent, arrivals.len() as u64);
     assert_eq!(summary.ok, arrivals.len() as u64, "{summary:?}");
     eprintln!("replay: largest start lag {:?}", summary.lag_max);

@@ -39,6 +39,16 @@ pub struct LocalPipeline {
     /// Decoded columns of hot segments; fragments' segment scans read through it.
     hot: Arc<HotCache>,
     store: Arc<dyn ObjectStore>,
+    /// A fault for experiments (`fault_slow_pipeline`): each fragment holds its slot
+    /// this much longer, from `from` on.
+    slowdown: Option<Slowdown>,
+}
+
+/// An injected delay per fragment, active from an instant on.
+#[derive(Debug, Clone, Copy)]
+pub struct Slowdown {
+    pub delay: std::time::Duration,
+    pub from: std::time::Instant,
 }
 
 impl LocalPipeline {
@@ -71,7 +81,14 @@ impl LocalPipeline {
             cache,
             hot,
             store,
+            slowdown: None,
         })
+    }
+
+    /// This pipeline with an injected delay per fragment (a fault for experiments).
+    pub fn with_slowdown(mut self, s: Slowdown) -> LocalPipeline {
+        self.slowdown = Some(s);
+        self
     }
 
     /// Reads `paths` (segment files) through this pipeline's segment cache, until the
@@ -151,6 +168,10 @@ impl Pipeline for LocalPipeline {
             }
         };
         let flight = InFlight::start(&self.stats);
+        if let Some(s) = self.slowdown.filter(|s| s.from.elapsed() > std::time::Duration::ZERO) {
+            // Holding the slot, as a pipeline on a slow disk or a busy host would.
+            tokio::time::sleep(s.delay).await;
+        }
         let plan = self.hot.rewrite(fragment.plan, &self.store)?;
         let schema = plan.schema();
         let partitions = plan.properties().partitioning.partition_count();
