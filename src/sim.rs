@@ -9,7 +9,11 @@
 //!
 //! What is simulated and what is not:
 //! - each query is one fragment on one shard (a point query), routed among the shard's
-//!   replicas in the shard map built by `shard_map::ShardMap::build`;
+//!   replicas, placed by rendezvous hashing with the shard map's own affinity
+//!   (`shard_map::affinity`) but without `ShardMap::build`'s load balancing, whose cost
+//!   grows too fast with the fleet (about 18 s for 4,096 shards on 100 pipelines
+//!   across this run's rebuilds; minutes at 1,000): at 1,000 pipelines rendezvous
+//!   placement is within a few percent of even anyway;
 //! - service times are exponential with mean `service_ms` (times a scenario's slowdown);
 //! - the router's snapshot is exact for in-flight and queued counts (one gateway), and
 //!   the balancer's weights are recomputed every `weights_every_ms` of simulated time
@@ -29,7 +33,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::balancer::{self, ServiceEstimate};
 use crate::router::{self, LoadSnapshot, PipelineLoad, Policy};
-use crate::shard_map::{shard_of, PipelineId, ShardMap};
+use crate::shard_map::{shard_of, PipelineId};
 
 /// One simulated fleet and workload.
 #[derive(Clone, Debug)]
@@ -147,7 +151,6 @@ impl Workload {
     pub fn new(cfg: &SimConfig, scenario: Scenario) -> Workload {
         let ids: Vec<PipelineId> =
             (0..cfg.pipelines).map(|i| PipelineId::new(1 + (i / 8) as u64, (i % 8) as u32)).collect();
-        let map = ShardMap::build(cfg.shards, cfg.replicas, &ids);
         let mut cdf = Vec::with_capacity(cfg.entities);
         let mut acc = 0.0;
         for r in 0..cfg.entities {
@@ -162,7 +165,7 @@ impl Workload {
         for (r, s) in entity_shard.iter().enumerate() {
             shard_share[*s as usize] += cdf[r] - if r == 0 { 0.0 } else { cdf[r - 1] };
         }
-        let replicas = placement(&map, &ids, &shard_share, cfg.peak_utilization);
+        let replicas = placement(cfg.replicas, &ids, &shard_share, cfg.peak_utilization);
         let capacity = cfg.pipelines as f64 * cfg.slots as f64 / (cfg.service_ms / 1000.0);
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
         let surge: Vec<usize> = (0..20).map(|_| rng.random_range(10..2000)).collect();
@@ -276,22 +279,20 @@ impl Workload {
 /// utilization (the next pipelines by rendezvous rank), as hot-shard replication will
 /// place them: without them one Zipf-hot shard would exceed its pipelines' capacity
 /// whatever the router did.
-fn placement(map: &ShardMap, active: &[PipelineId], shard_share: &[f64], utilization: f64) -> Vec<Vec<PipelineId>> {
+fn placement(replicas: u32, active: &[PipelineId], shard_share: &[f64], utilization: f64) -> Vec<Vec<PipelineId>> {
     let per_pipeline = utilization / active.len().max(1) as f64;
     (0..shard_share.len() as u32)
         .map(|s| {
-            let mut reps = map.replicas_of(s).to_vec();
-            let need = ((shard_share[s as usize] / per_pipeline) * 2.0).ceil() as usize;
-            if need > reps.len() {
-                let mut ranked: Vec<(u64, PipelineId)> = active
-                    .iter()
-                    .filter(|p| !reps.contains(p))
-                    .map(|p| (crate::shard_map::key_hash(&format!("{s}/{p}")), *p))
-                    .collect();
-                ranked.sort_unstable();
-                reps.extend(ranked.into_iter().take(need.min(active.len()).saturating_sub(reps.len())).map(|(_, p)| p));
+            let need = (((shard_share[s as usize] / per_pipeline) * 2.0).ceil() as usize).max(replicas as usize).min(active.len());
+            // The `need` pipelines of highest affinity, in preference order.
+            let mut ranked: Vec<(std::cmp::Reverse<u64>, PipelineId)> =
+                active.iter().map(|p| (std::cmp::Reverse(crate::shard_map::affinity(s, *p)), *p)).collect();
+            if need < ranked.len() {
+                ranked.select_nth_unstable(need);
+                ranked.truncate(need);
             }
-            reps
+            ranked.sort_unstable();
+            ranked.into_iter().map(|(_, p)| p).collect()
         })
         .collect()
 }
@@ -347,7 +348,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
     let mut replicas = if active == w.ids.len() {
         w.replicas.clone()
     } else {
-        placement(&ShardMap::build(cfg.shards, cfg.replicas, &w.ids[..active]), &w.ids[..active], &w.shard_share, cfg.peak_utilization)
+        placement(cfg.replicas, &w.ids[..active], &w.shard_share, cfg.peak_utilization)
     };
     let mut warming: Vec<f64> = Vec::new();
     let mut pipeline_seconds = 0.0;
@@ -471,7 +472,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                     if stop > 0 {
                         active -= stop.min(active - 1);
                         replicas = placement(
-                            &ShardMap::build(cfg.shards, cfg.replicas, &w.ids[..active]),
+                            cfg.replicas,
                             &w.ids[..active],
                             &w.shard_share,
                             cfg.peak_utilization,
@@ -486,7 +487,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                     warming.retain(|r| *r > t + 1e-9);
                     active = (active + ready).min(w.ids.len());
                     replicas = placement(
-                        &ShardMap::build(cfg.shards, cfg.replicas, &w.ids[..active]),
+                        cfg.replicas,
                         &w.ids[..active],
                         &w.shard_share,
                         cfg.peak_utilization,
@@ -555,10 +556,20 @@ pub fn compare(cfg: &SimConfig) -> String {
         cfg.pipelines, cfg.slots, cfg.shards, cfg.replicas, cfg.entities, cfg.zipf_exponent, cfg.service_ms, cfg.peak_utilization, cfg.duration_s, cfg.slo_ms, cfg.gateways
     ));
     for scenario in Scenario::ROUTING {
+        let t0 = std::time::Instant::now();
         let w = Workload::new(cfg, scenario);
+        tracing::info!(scenario = scenario.as_str(), secs = t0.elapsed().as_secs_f64(), "workload built");
         out.push_str(&format!("\n{}\n", scenario.as_str()));
         out.push_str("policy           queries    p50 ms   p99 ms  p99.9 ms  over objective  load max/mean  load CV  pipeline-s\n");
-        let results: Vec<SimResult> = Policy::ALL.iter().map(|p| run(&w, *p)).collect();
+        let results: Vec<SimResult> = Policy::ALL
+            .iter()
+            .map(|p| {
+                let t0 = std::time::Instant::now();
+                let r = run(&w, *p);
+                tracing::info!(policy = p.as_str(), queries = r.queries, secs = t0.elapsed().as_secs_f64(), "simulated");
+                r
+            })
+            .collect();
         for r in &results {
             out.push_str(&format!(
                 "{:<16} {:>8} {:>8.1} {:>8.1} {:>9.1} {:>14.3}% {:>14.2} {:>8.3} {:>11.0}\n",

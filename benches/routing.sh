@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Routing policies on one real node, release build: replays generated traces
+# (`tidemark gen-trace`) once per policy and prints, per scenario and policy, the
+# replay's latency percentiles, the share over the objective, the spread of fragments
+# over pipelines (max/mean and coefficient of variation, from system.pipelines) and the
+# pipeline-seconds used. Scenarios: (a) daily cycle with a surge, (b) a hot entity,
+# (c) one pipeline slowed by 20 ms per fragment from 10 s on (fault_slow_pipeline).
+# Then the same comparison in simulation at 1,000 pipelines (`tidemark simulate`).
+# Not part of the tests.
+#
+#   bash benches/routing.sh                       # 1M rows, 40 s traces
+#   ROWS=300000 TRACE_S=20 bash benches/routing.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS=${ROWS:-1000000}
+TRACE_S=${TRACE_S:-40}
+PEAK=${PEAK:-400}
+CLIENTS=${CLIENTS:-16}
+SLO_MS=${SLO_MS:-20}
+PIPELINES=${PIPELINES:-4}
+WORK=${WORK:-/tmp/tidemark-bench-routing}
+PORT=${PORT:-56530}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tidemark/target}"
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN="$CARGO_TARGET_DIR/release/tidemark"
+fi
+PID=""
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null || true; }
+trap cleanup EXIT
+rm -rf "$WORK" && mkdir -p "$WORK"
+URL="postgres://tidemark@127.0.0.1:$PORT/tidemark"
+wait_pg() { for _ in $(seq 1 300); do psql -X -h 127.0.0.1 -p "$PORT" -U tidemark tidemark -c 'SELECT 1' >/dev/null 2>&1 && return; sleep 0.2; done; echo "node did not start"; exit 1; }
+psql_q() { psql -X -q -A -t -F ' ' -h 127.0.0.1 -p "$PORT" -U tidemark tidemark -c "$1"; }
+start() { # extra env assignments...
+  env "$@" TIDEMARK_PIPELINES="$PIPELINES" "$BIN" serve --data-dir "$WORK/node" --listen "127.0.0.1:$PORT" >"$WORK/node.log" 2>&1 &
+  PID=$!
+  wait_pg
+}
+stop() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; PID=""; }
+
+echo "== $ROWS generated rows, $PIPELINES pipelines, traces of $TRACE_S s peaking at $PEAK q/s, $CLIENTS clients, objective $SLO_MS ms"
+"$BIN" gen --out "$WORK/usage.parquet" --rows "$ROWS" --end 2026-01-31T00:00:00Z --seed 42 2>&1 | tail -1
+start
+"$BIN" ingest --url "$URL" "$WORK/usage.parquet" 2>&1 | tail -1
+stop
+for s in surge hot none; do
+  "$BIN" gen-trace --out "$WORK/$s.csv" --duration-s "$TRACE_S" --peak-rate "$PEAK" --scenario "$s" --start 2026-01-20T00:00:00Z --seed 7 | tail -1
+done
+
+run() { # scenario-label trace policy [env...]
+  local label=$1 trace=$2 policy=$3; shift 3
+  start "$@"
+  local before; before=$(psql_q "SELECT string_agg(completed::text, ',' ORDER BY pipeline) FROM system.pipelines")
+  local out; out=$("$BIN" replay --trace "$WORK/$trace.csv" --url "$URL" --clients "$CLIENTS" --routing-policy "$policy" --slo-ms "$SLO_MS" 2>/dev/null)
+  local after; after=$(psql_q "SELECT string_agg(completed::text, ',' ORDER BY pipeline) FROM system.pipelines")
+  stop
+  python3 - "$label" "$policy" "$before" "$after" "$PIPELINES" "$TRACE_S" "$out" <<'PY'
+import re, statistics, sys
+label, policy, before, after, pipes, secs, out = sys.argv[1:]
+b = [int(x) for x in before.split(',')]; a = [int(x) for x in after.split(',')]
+d = [y - x for x, y in zip(b, a)]
+mean = statistics.mean(d) if d else 0
+cv = statistics.pstdev(d) / mean if mean else 0
+lat = dict(re.findall(r'(p50|p99\.9|p99) ([\d.]+) ms', out))
+over = re.search(r'\(([\d.]+)%\)', out).group(1)
+sent = re.search(r'sent (\d+), ok (\d+), failed (\d+), unknown (\d+)', out).groups()
+print(f"{label:<22} {policy:<16} {sent[1]:>7} ok {sent[2]:>3} failed {lat.get('p50','-'):>7} {lat.get('p99','-'):>8} {lat.get('p99.9','-'):>8} {over:>8}% {max(d)/mean if mean else 0:>6.2f} {cv:>6.3f} {int(pipes)*float(secs):>6.0f}")
+PY
+}
+echo
+echo "scenario               policy                ok   failed  p50 ms   p99 ms  p99.9 ms  over obj  max/mean  CV  pipeline-s"
+for policy in round_robin least_in_flight power_of_two predictive; do run "(a) surge" surge "$policy"; done
+for policy in round_robin least_in_flight power_of_two predictive; do run "(b) hot entity" hot "$policy"; done
+for policy in round_robin least_in_flight power_of_two predictive; do
+  run "(c) slow pipeline" none "$policy" TIDEMARK_FAULT_SLOW_PIPELINE=n1.p1 TIDEMARK_FAULT_SLOW_MS=20 TIDEMARK_FAULT_SLOW_AFTER_SECS=10
+done
+
+echo
+echo "== simulation: 1,000 pipelines, 1 million entities"
+"$BIN" simulate
+echo
+echo "== simulation: the same with 8 gateways (each sees only its own requests)"
+"$BIN" simulate --gateways 8
