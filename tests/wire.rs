@@ -378,6 +378,20 @@ async fn a_session_chooses_its_routing_policy() {
     // Another connection keeps the node's policy.
     let other = n.client().await;
     assert_eq!(policy(other.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "least_in_flight");
+    // Under predictive, EXPLAIN shows each candidate's score with its parts.
+    c.batch_execute("SET tidemark.routing_policy = 'predictive'").await.unwrap();
+    let plan: Vec<String> = c
+        .simple_query("EXPLAIN SELECT sum(quantity) FROM usage")
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).filter_map(|i| r.get(i)).collect::<Vec<_>>().join(" ")),
+            _ => None,
+        })
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("live=") && plan.contains("weight="), "{plan}");
     c.batch_execute("SET tidemark.routing_policy TO DEFAULT").await.unwrap();
     assert_eq!(policy(c.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "least_in_flight");
     // system.pipelines shows the balancer's view.

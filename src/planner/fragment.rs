@@ -512,9 +512,8 @@ impl DisplayAs for DistributeExec {
                 Some(s) => write!(f, "shard {s} ({} segments)", x.segments)?,
                 None => write!(f, "write buffer")?,
             }
-            let cands: Vec<String> = x.decision.candidates.iter().map(|c| format!("{}={}", c.id, c.score)).collect();
             match x.decision.choice {
-                Some(c) => write!(f, " -> {c} ({}; candidates {})", x.decision.reason.as_str(), cands.join(" "))?,
+                Some(c) => write!(f, " -> {c} ({}; candidates {})", x.decision.reason.as_str(), x.decision.candidates_text())?,
                 None if x.shard.is_none() => write!(f, " -> gateway")?,
                 None => write!(f, " -> none ({})", x.decision.reason.as_str())?,
             }
