@@ -85,7 +85,7 @@ impl Scaler {
             max,
             down_after: DOWN_AFTER,
         };
-        let completed_before = local_completed(&cluster);
+        let completed_before = cluster.local_completed();
         Ok(Some(Scaler {
             cluster,
             forecaster,
@@ -129,7 +129,7 @@ impl Scaler {
         let now_us = self.clock.now_us();
         let elapsed = self.last.elapsed().as_secs_f64().max(1e-3);
         self.last = Instant::now();
-        let completed = local_completed(&self.cluster);
+        let completed = self.cluster.local_completed();
         let measured = completed.saturating_sub(self.completed_before) as f64 / elapsed;
         self.completed_before = completed;
         let placed = self.placed_local();
@@ -273,12 +273,4 @@ impl Scaler {
             Err(_) => format!("scale command timed out after {} s", COMMAND_TIMEOUT.as_secs()),
         }
     }
-}
-
-fn local_completed(cluster: &Cluster) -> u64 {
-    cluster
-        .local_pipelines()
-        .iter()
-        .map(|p| p.stats().completed.load(std::sync::atomic::Ordering::Relaxed))
-        .sum()
 }

@@ -255,6 +255,9 @@ pub struct Cluster {
     retiring: Mutex<Vec<(Instant, PipelineId)>>,
     /// The autoscaler's decisions (bounded like the routing log).
     scaling_log: Mutex<VecDeque<ScalingRecord>>,
+    /// Fragments completed by in-process pipelines that have since been removed, so
+    /// that a node's total does not drop when one goes.
+    reaped_completed: AtomicU64,
 }
 
 /// One autoscaler decision, as `system.scaling_decisions` shows it.
@@ -322,6 +325,7 @@ impl Cluster {
             forecasts: RwLock::new(Arc::default()),
             retiring: Mutex::new(Vec::new()),
             scaling_log: Mutex::new(VecDeque::new()),
+            reaped_completed: AtomicU64::new(0),
         }
     }
 
@@ -362,7 +366,9 @@ impl Cluster {
                 s.in_flight.load(Ordering::Relaxed) + s.queued.load(Ordering::Relaxed) == 0
             });
             if idle && since.elapsed() >= RETIRE_GRACE {
-                pipelines.remove(id);
+                if let Some(p) = pipelines.remove(id).filter(|p| p.is_local()) {
+                    self.reaped_completed.fetch_add(p.stats().completed.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
                 gone.push(*id);
                 false
             } else {
@@ -370,6 +376,18 @@ impl Cluster {
             }
         });
         gone
+    }
+
+    /// Fragments completed by this process's pipelines since start, removed ones included.
+    pub fn local_completed(&self) -> u64 {
+        let live: u64 = self
+            .pipelines
+            .read()
+            .values()
+            .filter(|p| p.is_local())
+            .map(|p| p.stats().completed.load(Ordering::Relaxed))
+            .sum();
+        live + self.reaped_completed.load(Ordering::Relaxed)
     }
 
     /// Pipelines in the shard map (not retiring).
