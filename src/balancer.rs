@@ -11,7 +11,7 @@
 //!   the other node included) updates the pipeline's estimate `e ← e + α (x − e)` with
 //!   `α = 0.05` (the first sample sets it): an exponentially weighted mean over about
 //!   the last twenty fragments. A pipeline that became ten times slower is weighted
-//!   three times after five fragments and eight times after about twenty, which at the
+//!   three times after five fragments and about seven times after twenty, which at the
 //!   rates a pipeline serves is well under a second. (With `α = 0.2` the estimate's own
 //!   noise on exponential service times, about a third, made predictive routing lose
 //!   to least-in-flight in `tidemark simulate`; see the README.)

@@ -277,9 +277,7 @@ impl Node {
         let mut config = self.ctx.copied_config();
         config.set_extension(extension);
         if let Some(policy) = routing_policy {
-            if let Some(o) = config.options_mut().extensions.get_mut::<crate::planner::fragment::TidemarkOptions>() {
-                o.routing_policy = policy.as_str().to_string();
-            }
+            crate::planner::fragment::TidemarkOptions::set_routing_policy(config.options_mut(), policy);
         }
         Arc::new(datafusion::execution::TaskContext::new(
             None,

@@ -44,8 +44,6 @@ pub struct Scaler {
     core: Autoscaler,
     interval: Duration,
     bucket_secs: u64,
-    min: usize,
-    max: usize,
     has_peers: bool,
     up_command: Option<String>,
     down_command: Option<String>,
@@ -95,8 +93,6 @@ impl Scaler {
             core: Autoscaler::new(settings, mode),
             interval,
             bucket_secs: config.forecast_bucket_secs.max(1),
-            min,
-            max,
             has_peers: !config.parsed_peers()?.is_empty(),
             up_command: config.scale_up_command.clone(),
             down_command: config.scale_down_command.clone(),
@@ -162,7 +158,7 @@ impl Scaler {
         self.core.settings.warmup_us = (warmup_ms * 1000.0) as i64;
         let forecast = self.forecast_buckets();
         let d = self.core.decide(now_us, current, &forecast, measured);
-        let target = d.target.clamp(self.min, self.max);
+        let target = d.target.clamp(self.core.settings.min, self.core.settings.max);
         record.target = target as u32;
         record.sized_for_rate = d.sized_for_rate;
         record.reason = d.reason;

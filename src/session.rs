@@ -402,9 +402,7 @@ impl Session {
         let mut state = self.node.state();
         state.config_mut().set_extension(Arc::clone(&tracker.report));
         if let Some(policy) = self.info.routing_policy {
-            if let Some(o) = state.config_mut().options_mut().extensions.get_mut::<crate::planner::fragment::TidemarkOptions>() {
-                o.routing_policy = policy.as_str().to_string();
-            }
+            crate::planner::fragment::TidemarkOptions::set_routing_policy(state.config_mut().options_mut(), policy);
         }
         if let Some(stage) = &self.stage {
             state.config_mut().set_extension(Arc::clone(stage));

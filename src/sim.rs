@@ -187,6 +187,11 @@ impl Workload {
         }
     }
 
+    /// Each shard's replicas over the first `active` pipelines of the fleet.
+    fn placement_over(&self, active: usize) -> Vec<Vec<PipelineId>> {
+        placement(self.cfg.replicas, &self.ids[..active], &self.shard_share, self.cfg.peak_utilization)
+    }
+
     /// The daily cycle of the data generator (`datagen::HOURLY`, quiet nights and busy
     /// afternoons) compressed into the run and scaled so that its busiest hour is 1,
     /// linearly interpolated between hours.
@@ -348,7 +353,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
     let mut replicas = if active == w.ids.len() {
         w.replicas.clone()
     } else {
-        placement(cfg.replicas, &w.ids[..active], &w.shard_share, cfg.peak_utilization)
+        w.placement_over(active)
     };
     let mut warming: Vec<f64> = Vec::new();
     let mut pipeline_seconds = 0.0;
@@ -471,12 +476,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                     }
                     if stop > 0 {
                         active -= stop.min(active - 1);
-                        replicas = placement(
-                            cfg.replicas,
-                            &w.ids[..active],
-                            &w.shard_share,
-                            cfg.peak_utilization,
-                        );
+                        replicas = w.placement_over(active);
                     }
                 }
                 push(&mut heap, t + settings.interval_us as f64 / 1e6, Ev::Scale);
@@ -486,12 +486,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                 if ready > 0 {
                     warming.retain(|r| *r > t + 1e-9);
                     active = (active + ready).min(w.ids.len());
-                    replicas = placement(
-                        cfg.replicas,
-                        &w.ids[..active],
-                        &w.shard_share,
-                        cfg.peak_utilization,
-                    );
+                    replicas = w.placement_over(active);
                 }
             }
             Ev::Done { pipeline, id } => {

@@ -84,10 +84,16 @@ pub struct PipelineStats {
     pub queued: AtomicU32,
     pub completed: AtomicU64,
     pub failed: AtomicU64,
+    /// Latencies and the service estimate, updated together once per fragment.
+    samples: Mutex<Samples>,
+}
+
+#[derive(Debug, Default)]
+struct Samples {
     /// The most recent fragment latencies in microseconds (bounded).
-    latencies_us: Mutex<VecDeque<u64>>,
+    latencies_us: VecDeque<u64>,
     /// The balancer's estimate of one fragment's service time here.
-    service: Mutex<ServiceEstimate>,
+    service: ServiceEstimate,
 }
 
 /// Microseconds of a monotonic clock, for the balancer's estimates.
@@ -109,7 +115,7 @@ pub struct StatsSnapshot {
 
 impl PipelineStats {
     pub fn snapshot(&self) -> StatsSnapshot {
-        let mut l: Vec<u64> = self.latencies_us.lock().iter().copied().collect();
+        let mut l: Vec<u64> = self.samples.lock().latencies_us.iter().copied().collect();
         l.sort_unstable();
         let pct = |p: f64| (!l.is_empty()).then(|| l[((l.len() - 1) as f64 * p).round() as usize]);
         StatsSnapshot {
@@ -125,26 +131,26 @@ impl PipelineStats {
 
     /// The balancer's estimate of one fragment's service time here.
     pub fn service(&self) -> ServiceEstimate {
-        *self.service.lock()
+        self.samples.lock().service
     }
 
     fn finish(&self, started: Instant, ok: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let took_us = started.elapsed().as_micros() as u64;
         if ok {
-            // Failed fragments say nothing about service time (they may end at once).
-            self.service.lock().observe(took_us as f64, monotonic_us());
-        }
-        if ok {
             self.completed.fetch_add(1, Ordering::Relaxed);
         } else {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let mut l = self.latencies_us.lock();
-        if l.len() == LATENCY_SAMPLES_MAX {
-            l.pop_front();
+        let mut s = self.samples.lock();
+        if ok {
+            // Failed fragments say nothing about service time (they may end at once).
+            s.service.observe(took_us as f64, monotonic_us());
         }
-        l.push_back(took_us);
+        if s.latencies_us.len() == LATENCY_SAMPLES_MAX {
+            s.latencies_us.pop_front();
+        }
+        s.latencies_us.push_back(took_us);
     }
 }
 

@@ -69,6 +69,15 @@ impl datafusion::common::config::ConfigExtension for TidemarkOptions {
     const PREFIX: &'static str = "tidemark";
 }
 
+impl TidemarkOptions {
+    /// Sets the routing policy that statements planned or run with `options` use.
+    pub fn set_routing_policy(options: &mut ConfigOptions, policy: Policy) {
+        if let Some(o) = options.extensions.get_mut::<TidemarkOptions>() {
+            o.routing_policy = policy.as_str().to_string();
+        }
+    }
+}
+
 /// The routing policy a statement runs under: its session's, else the node's.
 pub fn routing_policy(config: &ConfigOptions, cluster: &Cluster) -> Policy {
     config
