@@ -25,111 +25,17 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-const COLUMNS: &[&str] = &["record_id", "entity_id", "service", "operation", "usage_type", "region", "quantity", "event_time", "ingest_time"];
-const TABLES: &[&str] = &["usage", "system.query_log", "system.pipelines", "system.segments", "system.shards", "system.forecasts", "generate_series(1, 1000) g(x)"];
+#[path = "../fuzz/grammar.rs"]
+mod grammar;
 
-fn literal(r: &mut StdRng) -> String {
-    match r.random_range(0..9) {
-        0 => r.random_range(-1000i64..1000).to_string(),
-        1 => format!("{}.{}", r.random_range(-100..100), r.random_range(0..999)),
-        2 => format!("'acct-{:05}'", r.random_range(0..100)),
-        3 => "NULL".into(),
-        4 => "'2026-01-05 10:00:00'::timestamp".into(),
-        5 => "interval '1 day'".into(),
-        6 => ["true", "false", "0.0", "1e308", "-0", "''", "'\\x00'", "chr(0)"][r.random_range(0..8)].into(),
-        7 => format!("'{}'", "x".repeat(r.random_range(0..200))),
-        _ => "now()".into(),
-    }
-}
+use grammar::{statement, Choose};
 
-fn expr(r: &mut StdRng, depth: u32, cols: &[&str]) -> String {
-    if depth == 0 || r.random_bool(0.3) {
-        return if !cols.is_empty() && r.random_bool(0.6) { cols[r.random_range(0..cols.len())].to_string() } else { literal(r) };
-    }
-    let a = expr(r, depth - 1, cols);
-    let b = expr(r, depth - 1, cols);
-    match r.random_range(0..14) {
-        0 => format!("({a} + {b})"),
-        1 => format!("({a} / {b})"),
-        2 => format!("({a} = {b})"),
-        3 => format!("({a} AND {b})"),
-        4 => format!("({a} OR {b})"),
-        5 => format!("NOT ({a})"),
-        6 => format!("CAST({a} AS {})", ["bigint", "text", "timestamp", "decimal(38,6)", "double", "date"][r.random_range(0..6)]),
-        7 => format!("CASE WHEN {a} THEN {b} ELSE {} END", literal(r)),
-        8 => format!("{}({a})", ["sum", "count", "min", "max", "avg", "length", "upper", "abs", "date_trunc('hour', "][r.random_range(0..8)]),
-        9 => format!("{a} IN ({}, {}, {})", literal(r), literal(r), literal(r)),
-        10 => format!("{a} BETWEEN {b} AND {}", literal(r)),
-        11 => format!("coalesce({a}, {b})"),
-        12 => format!("({a} || {b})"),
-        _ => format!("{a} IS NULL"),
-    }
-}
+/// The seeded source of the grammar's choices.
+struct Seeded(StdRng);
 
-/// A long flat chain: the shape that overflowed stacks before.
-fn chain(r: &mut StdRng) -> String {
-    let n = [10, 100, 1000, 3000, 20_000][r.random_range(0..5)];
-    let op = [" + ", " OR ", " AND ", " || ", "::text::bigint + "][r.random_range(0..5)];
-    let terms: Vec<String> = (0..n).map(|_| literal(r)).collect();
-    terms.join(op)
-}
-
-fn statement(r: &mut StdRng) -> String {
-    let table = TABLES[r.random_range(0..TABLES.len())];
-    let cols: &[&str] = match table {
-        "usage" => COLUMNS,
-        t if t.starts_with("generate_series") => &["x"],
-        "system.query_log" => &["query_id", "query", "status", "duration_us", "start_time"],
-        "system.pipelines" => &["pipeline", "in_flight", "queued", "slots"],
-        _ => &[],
-    };
-    match r.random_range(0..12) {
-        0..=4 => {
-            let width = r.random_range(1..4);
-            let items: Vec<String> = (0..width)
-                .map(|_| {
-                    let d = r.random_range(0..5);
-                    expr(r, d, cols)
-                })
-                .collect();
-            let mut s = format!("SELECT {} FROM {table}", items.join(", "));
-            if r.random_bool(0.6) {
-                let d = r.random_range(1..6);
-                s += &format!(" WHERE {}", expr(r, d, cols));
-            }
-            if r.random_bool(0.3) {
-                s += " GROUP BY 1";
-            }
-            if r.random_bool(0.3) {
-                s += " ORDER BY 1";
-            }
-            if r.random_bool(0.3) {
-                s += &format!(" LIMIT {}", r.random_range(0..100));
-            }
-            s
-        }
-        5 => format!("SELECT {}", chain(r)),
-        6 => format!(
-            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES ({}, {}, 'storage', 'Get', 'Requests', {}, {})",
-            literal(r),
-            literal(r),
-            literal(r),
-            literal(r)
-        ),
-        7 => ["COPY usage FROM '/etc/passwd'", "COPY usage FROM 'import/../x'", "COPY (SELECT 1) TO '/tmp/fuzz-out'", "COPY usage FROM 'import/none.parquet'", "COPY (SELECT 1) TO 'export/../../x.csv'"]
-            [r.random_range(0..5)]
-            .to_string(),
-        8 => format!("EXPLAIN SELECT count(*) FROM usage WHERE {}", expr(r, 3, COLUMNS)),
-        9 => ["SET statement_timeout = 50", "SET statement_timeout = 0", "SHOW statement_timeout", "BEGIN", "COMMIT", "ROLLBACK", "SET datafusion.execution.batch_size = 1", "DISCARD ALL"][r.random_range(0..8)].to_string(),
-        10 => format!("{}; {}", statement(r), statement(r)),
-        _ => {
-            // Mangled text: random cuts and splices of a valid statement.
-            let base = format!("SELECT {} FROM {table} WHERE {}", expr(r, 3, cols), expr(r, 3, cols));
-            let cut = r.random_range(0..=base.len());
-            let mut s: String = base.chars().take(cut).collect();
-            s.push_str([")", "(", "'", "$1", ";", "\"", "--", "/*"][r.random_range(0..8)]);
-            s
-        }
+impl Choose for Seeded {
+    fn pick(&mut self, n: usize) -> usize {
+        self.0.random_range(0..n)
     }
 }
 
@@ -148,7 +54,7 @@ async fn generated_statements_never_break_the_node() {
     // Generated statements may be endless (a cross join, a huge series).
     cfg.statement_timeout_ms = 5_000;
     let n = TestNode::start_with(dir, cfg).await;
-    let mut r = StdRng::seed_from_u64(seed);
+    let mut r = Seeded(StdRng::seed_from_u64(seed));
     let regressions = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/fuzz_regressions.txt")).unwrap();
     let kept: Vec<String> = regressions.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(String::from).collect();
     let mut c = n.client().await;

@@ -231,6 +231,62 @@ fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
     body.split(|b| *b == 0).find(|f| f.first() == Some(&b'C')).map(|f| String::from_utf8_lossy(&f[1..]).to_string())
 }
 
+impl Raw {
+    /// Every message until the server closes the connection.
+    async fn until_closed(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            let mut head = [0u8; 5];
+            match tokio::time::timeout(Duration::from_secs(20), self.0.read_exact(&mut head)).await.expect("closed in time") {
+                Ok(_) => {}
+                Err(_) => return out,
+            }
+            let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+            let mut body = vec![0u8; len];
+            self.0.read_exact(&mut body).await.unwrap();
+            out.push((head[0], body));
+        }
+    }
+}
+
+/// Messages whose fields do not fit their length (pgwire's decoders would panic on
+/// them or read the next message's bytes as their fields) get PostgreSQL's answer,
+/// FATAL 08P01, and the connection ends; what came before them in the same packet is
+/// answered, a write after them is not run, and the server serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_fatal_08p01() {
+    let n = TestNode::start().await;
+    let frame = |tag: u8, len: i32, body: &[u8]| {
+        let mut m = vec![tag];
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let insert_after = frame(b'Q', (insert("after-bad").len() + 5) as i32, &[insert("after-bad").as_bytes(), b"\0"].concat());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a CopyData shorter than its header", frame(b'd', 2, b"")),
+        ("a Bind whose value runs past its end", frame(b'B', 14, b"\0\0\x00\x00\x00\x01\x00\x00\x7f\xff")),
+        ("a Bind cut short", frame(b'B', 6, b"\0\0")),
+        ("a Query without its terminator", frame(b'Q', 12, b"select 1")),
+        ("a Sync with a body", frame(b'S', 5, b"x")),
+        ("a Describe of an unknown kind", frame(b'D', 6, b"X\0")),
+    ];
+    for (what, bad) in cases {
+        let mut raw = Raw::connect(n.server.local_addr).await;
+        let mut packet = frame(b'Q', 18, b"select 1::int\0");
+        packet.extend(&bad);
+        packet.extend(&insert_after);
+        raw.0.write_all(&packet).await.unwrap();
+        let got = raw.until_closed().await;
+        assert!(got.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"1")), "{what}: the query before it was not answered: {got:?}");
+        let (_, err) = got.iter().rev().find(|(t, _)| *t == b'E').unwrap_or_else(|| panic!("{what}: no error: {got:?}"));
+        let fields: Vec<&[u8]> = err.split(|b| *b == 0).collect();
+        assert!(fields.contains(&&b"C08P01"[..]) && fields.contains(&&b"SFATAL"[..]), "{what}: {}", String::from_utf8_lossy(err));
+    }
+    let c = n.client().await;
+    assert_eq!(count(&c).await, 0, "a write after a malformed message was run");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_conformance() {
     let n = TestNode::start().await;

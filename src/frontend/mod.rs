@@ -14,6 +14,7 @@
 
 mod admission;
 pub mod settings;
+pub mod framing;
 mod wire;
 
 pub use wire::invalid_utf8_marker;
