@@ -359,6 +359,10 @@ async fn protocol_conformance() {
     assert_eq!(sqlstate(&e), "54000");
     let s = c.prepare(&format!("SELECT count(*) FROM usage WHERE entity_id IN ({})", params.join(", "))).await.unwrap();
     assert_eq!(s.params().len(), 65_535);
+    // ... and run: a Bind carries 65,535 values (its counts are unsigned).
+    let values: Vec<String> = (0..65_535).map(|i| format!("acct-{i}")).collect();
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values.iter().map(|v| v as _).collect();
+    assert_eq!(c.query_one(&s, &refs).await.unwrap().get::<_, i64>(0), 0);
     assert_eq!(c.query_one("SELECT 1::bigint", &[]).await.unwrap().get::<_, i64>(0), 1);
 }
 

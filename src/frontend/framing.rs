@@ -152,15 +152,13 @@ impl<'a> Fields<'a> {
         self.at += n;
         Ok(b)
     }
-    fn i16(&mut self) -> Result<i16, Malformed> {
-        Ok((&self.bytes(2)?[..]).get_i16())
-    }
     fn i32(&mut self) -> Result<i32, Malformed> {
         Ok((&self.bytes(4)?[..]).get_i32())
     }
+    /// A count of what follows: unsigned, as PostgreSQL reads it (a Bind may carry
+    /// 65,535 values).
     fn count(&mut self) -> Result<usize, Malformed> {
-        let n = self.i16()?;
-        usize::try_from(n).map_err(|_| Malformed(format!("invalid count {n} in message")))
+        Ok((&self.bytes(2)?[..]).get_u16() as usize)
     }
     fn end(&self) -> Result<(), Malformed> {
         if self.at == self.body.len() {
@@ -386,6 +384,11 @@ mod tests {
         all.extend(msg(b'P', b"s1\0select $1\0\x00\x01\x00\x00\x00\x17"));
         all.extend(msg(b'B', b"\0s1\0\x00\x01\x00\x00\x00\x01\x00\x00\x00\x011\x00\x00"));
         all.extend(msg(b'B', b"\0s1\0\x00\x00\x00\x01\xff\xff\xff\xff\x00\x01\x00\x01"));
+        // The protocol's largest count: 65,535 values (counts are unsigned).
+        let mut wide = b"\0s1\0\x00\x00\xff\xff".to_vec();
+        wide.extend(std::iter::repeat_n([0xff_u8; 4], 65_535).flatten());
+        wide.extend(b"\x00\x00");
+        all.extend(msg(b'B', &wide));
         all.extend(msg(b'D', b"P\0"));
         all.extend(msg(b'E', b"\0\x00\x00\x00\x00"));
         all.extend(msg(b'C', b"Ss1\0"));
@@ -420,7 +423,7 @@ mod tests {
             (msg(b'Q', b"select 1"), "invalid string in message"),
             (msg(b'Q', b"select 1\0junk"), "invalid message format"),
             (msg(b'P', b"\0select 1\0\x00\x02\x00\x00\x00\x17"), "insufficient data left in message"),
-            (msg(b'P', b"\0select 1\0\xff\xff"), "invalid count -1 in message"),
+            (msg(b'P', b"\0select 1\0\xff\xff"), "insufficient data left in message"),
             (msg(b'B', b"\0\0\x00\x00\x00\x01\x00\x00\x00\x09ab\x00\x00"), "insufficient data left in message"),
             (msg(b'B', b"\0\0\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00"), "insufficient data left in message"),
             (msg(b'B', b"\0\0\x00\x00\x00\x00"), "insufficient data left in message"),
