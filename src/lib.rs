@@ -29,6 +29,7 @@ pub mod pg_functions;
 pub mod pipeline;
 pub mod planner;
 pub mod query_log;
+pub mod raft;
 pub mod replay;
 pub mod router;
 pub mod scaler;
