@@ -392,6 +392,7 @@ async fn a_session_chooses_its_routing_policy() {
         .collect();
     let plan = plan.join("\n");
     assert!(plan.contains("live=") && plan.contains("weight="), "{plan}");
+    assert!(plan.contains(" by predictive; candidates"), "EXPLAIN names the policy: {plan}");
     c.batch_execute("SET tidemark.routing_policy TO DEFAULT").await.unwrap();
     assert_eq!(policy(c.simple_query("SHOW tidemark.routing_policy").await.unwrap()), "least_in_flight");
     // system.pipelines shows the balancer's view.

@@ -522,7 +522,13 @@ impl DisplayAs for DistributeExec {
                 None => write!(f, "write buffer")?,
             }
             match x.decision.choice {
-                Some(c) => write!(f, " -> {c} ({}; candidates {})", x.decision.reason.as_str(), x.decision.candidates_text())?,
+                Some(c) => write!(
+                    f,
+                    " -> {c} ({} by {}; candidates {})",
+                    x.decision.reason.as_str(),
+                    x.decision.policy.as_str(),
+                    x.decision.candidates_text()
+                )?,
                 None if x.shard.is_none() => write!(f, " -> gateway")?,
                 None => write!(f, " -> none ({})", x.decision.reason.as_str())?,
             }
