@@ -3,7 +3,8 @@
 //! query to a node served on loopback in this process. The node must answer with
 //! rows or an error: a lost connection, no answer within a minute, or a panic anywhere
 //! in the process (libFuzzer's panic hook aborts) is a finding. Internal errors
-//! (XX000) are printed, not failed: they are answers, if poor ones.
+//! (XX000) are printed, not failed: they are answers, if poor ones. `FUZZ_PRINT_SQL=1`
+//! prints each input's statements (run the binary on one file to see what it sends).
 #![no_main]
 
 #[path = "../grammar.rs"]
@@ -70,6 +71,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // A session may not turn its timeout off here: an endless statement would look
     // like a hang. (The seeded test in `tests/fuzz.rs` does generate it.)
     let sql = sql.join("; ").replace("statement_timeout = 0", "statement_timeout = 1500");
+    if std::env::var_os("FUZZ_PRINT_SQL").is_some() {
+        eprintln!("sql: {sql}");
+    }
     let answer = h.rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), h.client.simple_query(&sql)).await });
     match answer {
         Err(_) => panic!("no answer in 60 s:\n{sql}"),
