@@ -63,11 +63,6 @@ impl Framer {
         self.input.extend_from_slice(bytes);
     }
 
-    /// Bytes pushed but not yet passed on.
-    pub fn pending(&self) -> usize {
-        self.input.len()
-    }
-
     /// Moves whatever is ready into `out`: Ok(false) if more input is needed first.
     pub fn next_into(&mut self, out: &mut BytesMut) -> Result<bool, Malformed> {
         if self.passing > 0 {
