@@ -5,8 +5,10 @@
 # over pipelines (max/mean and coefficient of variation, from system.pipelines) and the
 # pipeline-seconds used. Scenarios: (a) daily cycle with a surge, (b) a hot entity,
 # (c) one pipeline slowed by 20 ms per fragment from 10 s on (fault_slow_pipeline).
-# Then the same comparison in simulation at 1,000 pipelines (`tidemark simulate`).
-# Not part of the tests.
+# Then the same comparison in simulation at 1,000 pipelines (`tidemark simulate`):
+# once with its defaults, once with the service time measured in the real runs above
+# (the balancer's estimate in system.pipelines, median over the fault-free runs) and
+# their objective, and once with 8 gateways. Not part of the tests.
 #
 #   bash benches/routing.sh                       # 1M rows, 40 s traces
 #   ROWS=300000 TRACE_S=20 bash benches/routing.sh
@@ -54,6 +56,9 @@ run() { # scenario-label trace policy [env...]
   local before; before=$(psql_q "SELECT string_agg(completed::text, ',' ORDER BY pipeline) FROM system.pipelines")
   local out; out=$("$BIN" replay --trace "$WORK/$trace.csv" --url "$URL" --clients "$CLIENTS" --routing-policy "$policy" --slo-ms "$SLO_MS" 2>/dev/null)
   local after; after=$(psql_q "SELECT string_agg(completed::text, ',' ORDER BY pipeline) FROM system.pipelines")
+  if [ $# -eq 0 ]; then
+    psql_q "SELECT median(service_us) FROM system.pipelines WHERE local AND service_us IS NOT NULL" >>"$WORK/service_us.txt"
+  fi
   stop
   python3 - "$label" "$policy" "$before" "$after" "$PIPELINES" "$TRACE_S" "$out" <<'PY'
 import re, statistics, sys
@@ -79,6 +84,10 @@ done
 echo
 echo "== simulation: 1,000 pipelines, 1 million entities"
 "$BIN" simulate
+SERVICE_MS=$(python3 -c 'import statistics,sys; v=[float(x) for x in open(sys.argv[1]).read().split() if x.strip()]; print(round(statistics.median(v)/1000, 3))' "$WORK/service_us.txt")
+echo
+echo "== simulation calibrated from the real runs: service time $SERVICE_MS ms (median of the balancer's estimates), objective $SLO_MS ms"
+"$BIN" simulate --service-ms "$SERVICE_MS" --slo-ms "$SLO_MS"
 echo
 echo "== simulation: the same with 8 gateways (each sees only its own requests)"
 "$BIN" simulate --gateways 8

@@ -48,6 +48,11 @@ pub struct Config {
     pub autoscale_pipelines_max: u32,
     /// The fleet's utilization the autoscaler sizes for.
     pub autoscale_target_utilization: f64,
+    /// Extra replicas for hot shards: `off` (default), `predictive` (ahead of the
+    /// forecast's upper bound per shard, never below the measured rate) or `reactive`
+    /// (from the rate measured per shard); decided every `autoscale_interval_ms` for
+    /// the `autoscale_target_utilization`; see `hot_shards`.
+    pub hot_shards: String,
     /// On a node with peers, the commands run (with `sh -c`, the target in
     /// `TIDEMARK_SCALE_TARGET` and the current count in `TIDEMARK_SCALE_CURRENT`) to add
     /// or remove capacity, for example to start or stop a container.
@@ -180,6 +185,7 @@ impl Default for Config {
             autoscale_pipelines_min: 1,
             autoscale_pipelines_max: 0,
             autoscale_target_utilization: 0.7,
+            hot_shards: "off".into(),
             scale_up_command: None,
             scale_down_command: None,
             fault_slow_pipeline: None,
@@ -241,6 +247,7 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_STATEMENT_TIMEOUT_MS",
     "TIDEMARK_ROUTING_POLICY",
     "TIDEMARK_AUTOSCALE",
+    "TIDEMARK_HOT_SHARDS",
     "TIDEMARK_FAULT_SLOW_PIPELINE",
     "TIDEMARK_FAULT_SLOW_MS",
     "TIDEMARK_FAULT_SLOW_AFTER_SECS",
@@ -293,6 +300,7 @@ impl Config {
             "TIDEMARK_STATEMENT_TIMEOUT_MS" => self.statement_timeout_ms = num(key, value)?,
             "TIDEMARK_ROUTING_POLICY" => self.routing_policy = value.to_string(),
             "TIDEMARK_AUTOSCALE" => self.autoscale = value.to_string(),
+            "TIDEMARK_HOT_SHARDS" => self.hot_shards = value.to_string(),
             "TIDEMARK_FAULT_SLOW_PIPELINE" => self.fault_slow_pipeline = Some(value.to_string()),
             "TIDEMARK_FAULT_SLOW_MS" => self.fault_slow_ms = num(key, value)?,
             "TIDEMARK_FAULT_SLOW_AFTER_SECS" => self.fault_slow_after_secs = num(key, value)?,
@@ -318,6 +326,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.autoscale.as_str(), "off" | "predictive" | "reactive") {
             return Err(Error::Config(format!("autoscale must be off, predictive or reactive; got {:?}", self.autoscale)));
+        }
+        if !matches!(self.hot_shards.as_str(), "off" | "predictive" | "reactive") {
+            return Err(Error::Config(format!("hot_shards must be off, predictive or reactive; got {:?}", self.hot_shards)));
         }
         if !(self.autoscale_target_utilization > 0.0 && self.autoscale_target_utilization <= 1.0) {
             return Err(Error::Config("autoscale_target_utilization must be in (0, 1]".into()));

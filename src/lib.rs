@@ -19,6 +19,7 @@ pub(crate) mod fixture;
 pub mod forecast;
 pub mod forecaster;
 pub mod fsutil;
+pub mod hot_shards;
 pub mod ingest;
 pub mod interrupt;
 pub mod limits;

@@ -23,11 +23,12 @@
 //! learned service-time weight `w` (its recent service time over the fleet's median,
 //! from `balancer`), a forecast arrival rate `λ` (fragments per second the forecaster
 //! expects at `p` in the current bucket) and the fragment's expected service time `S`
-//! (seconds, the fleet's median service time times `w`):
+//! (seconds, the fleet's median service time times `w`), of which a share `u` arrives
+//! where this gateway's live counts do not show it:
 //!
 //! ```text
-//! live     = n                     requests already there
-//! forecast = t · λ · S             requests expected to arrive while this one runs
+//! live     = n                     requests already there (as this gateway sees them)
+//! forecast = t · u · λ · S         requests expected while this one runs, unseen here
 //! score    = w · (1 + (live + forecast) / c)
 //! ```
 //!
@@ -38,9 +39,17 @@
 //! the pipeline's own service time, so a pipeline that runs slower (a noisy neighbour,
 //! a cold cache, a slow disk) is given less in proportion, as C3 does with its
 //! service-time estimate. The forecast term adds the load that will arrive during the
-//! fragment and is not yet visible in `n`: a pipeline about to receive a predicted
-//! surge (for example because it holds the only replica of a shard with an announced
-//! campaign) is avoided by fragments that have a choice, before its queue grows.
+//! fragment and that this gateway cannot see: other gateways' fragments (a node's live
+//! counts of a peer's pipeline are its own requests only). What passes through the
+//! gateway is left out (`u = 0` for a pipeline of this node, whose counters every
+//! gateway's fragments move, and for a single gateway), because the router sees it in
+//! `n`; counting it again is a static bias against busy pipelines. Two other ways were
+//! tried in `tidemark simulate` and lost to `least_in_flight`: the whole forecast
+//! (`u = 1`, the bias) and the forecast beyond the gateway's own measured rate (a
+//! pipeline that got less than its forecast share looked busier, got less still: a
+//! positive feedback). With `g` gateways `u = (g−1)/g` of the total forecast (the
+//! simulation), or on a node, for a peer's pipeline, the number of peers times this
+//! node's own forecast there (other gateways assumed alike).
 //!
 //! `t` is the trust in that pipeline's forecast: 1 when `system.forecast_accuracy`
 //! shows its next-bucket forecasts beating weekly seasonal naive, 0 otherwise (no
@@ -91,6 +100,11 @@ pub struct PipelineLoad {
     pub forecast_rate: f64,
     /// Trust in that forecast: 1 when it beats seasonal naive, else 0.
     pub forecast_trust: f64,
+    /// How much of the forecast arrives where this gateway's live counts do not show
+    /// it: 0 when every request to the pipeline passes through here (one gateway, or
+    /// a pipeline of this node), `(g−1)/g` when `g` gateways share the forecast load
+    /// and each sees its own; 1 (the default) counts the whole forecast.
+    pub unseen: f64,
     /// Learned service-time weight (this pipeline's service time over the fleet's
     /// median); 1.0 = nominal.
     pub weight: f64,
@@ -109,6 +123,7 @@ impl PipelineLoad {
             queued: 0,
             forecast_rate: 0.0,
             forecast_trust: 0.0,
+            unseen: 1.0,
             weight: 1.0,
             service_s: 0.0,
             available: true,
@@ -120,10 +135,10 @@ impl PipelineLoad {
         (self.in_flight + self.queued) as f64
     }
 
-    /// Requests expected to arrive while one more fragment runs here (trusted
-    /// forecasts only).
+    /// Requests expected to arrive while one more fragment runs here and that this
+    /// gateway does not see (trusted forecasts only).
     pub fn forecast_part(&self) -> f64 {
-        self.forecast_trust * self.forecast_rate.max(0.0) * self.service_s.max(0.0) * self.weight
+        self.forecast_trust * self.unseen.max(0.0) * self.forecast_rate.max(0.0) * self.service_s.max(0.0) * self.weight
     }
 
     /// The predictive score (see the module docs): expected completion time in units of
@@ -367,6 +382,10 @@ mod tests {
                     if rest.ends_with('!') {
                         l.available = false;
                         rest.pop();
+                    }
+                    if let Some(i) = rest.find('@') {
+                        l.unseen = rest[i + 1..].parse().unwrap();
+                        rest.truncate(i);
                     }
                     if let Some(i) = rest.find(['~', '?']) {
                         l.forecast_trust = if rest[i..].starts_with('~') { 1.0 } else { 0.0 };

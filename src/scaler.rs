@@ -1,4 +1,5 @@
-//! The autoscale loop: the IO shell around [`crate::autoscale::Autoscaler`].
+//! The autoscale loop: the IO shell around [`crate::autoscale::Autoscaler`] (how many
+//! pipelines) and [`crate::hot_shards::HotShards`] (how many replicas each hot shard).
 //!
 //! Owns: every `autoscale_interval_ms`, reading the inputs (the forecast's upper bound
 //! of fragments per bucket summed over this node's pipelines, the fragments completed
@@ -13,6 +14,15 @@
 //! an earlier epoch may still reach it meanwhile, so none fails). On a node with peers
 //! it runs `scale_up_command` / `scale_down_command` instead.
 //!
+//! Hot shards (`hot_shards = predictive / reactive`), in the same loop: the inputs are
+//! the fragments routed per shard since the last decision and the forecast's upper
+//! bound per shard (the `shard` scope); a shard that gains copies first has its
+//! segments read by each pipeline that takes it (timed: that is a copy's warm-up),
+//! then the shard map moves to an epoch with the copies (`ShardMap::with_hot`);
+//! dropped copies leave at once (queries that pinned an earlier epoch still reach
+//! them, and the pipelines stay). Every change is a row of `system.scaling_decisions`
+//! with its shard.
+//!
 //! Must never: decide on a guessed capacity (without a measured service time it holds
 //! and says so), remove a pipeline a running query may still reach, or run a command
 //! without a time limit.
@@ -20,20 +30,26 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use crate::autoscale::{Autoscaler, ForecastBucket, Mode, ScaleSettings};
+use crate::hot_shards::{HotSettings, HotShards};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Result;
 use crate::forecaster::Forecaster;
 use crate::node::LocalPipelineFactory;
 use crate::pipeline::{Cluster, Pipeline, ScalingRecord};
-use crate::shard_map::PipelineId;
+use crate::shard_map::{PipelineId, ShardId};
 use crate::storage::Storage;
 
 /// A scale command may run this long.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-/// Decisions that want fewer pipelines before the fleet shrinks.
+/// Decisions that want fewer pipelines (or copies) before the fleet (or shard) shrinks.
 const DOWN_AFTER: u32 = 3;
+/// Share of a replica's capacity one hot shard may use (its replicas serve other
+/// shards too).
+const HOT_SHARE: f64 = 0.5;
 
 pub struct Scaler {
     cluster: Arc<Cluster>,
@@ -41,7 +57,12 @@ pub struct Scaler {
     storage: Arc<Storage>,
     clock: Clock,
     factory: LocalPipelineFactory,
-    core: Autoscaler,
+    /// The fleet's size, when `autoscale` is on.
+    core: Option<Autoscaler>,
+    /// Hot shards' copies, when `hot_shards` is on.
+    hot: Option<HotShards>,
+    /// Measured warm-up of one shard's new copy (smoothed), in milliseconds.
+    copy_warmup_ms: Option<f64>,
     interval: Duration,
     bucket_secs: u64,
     has_peers: bool,
@@ -62,11 +83,15 @@ impl Scaler {
         clock: Clock,
         factory: LocalPipelineFactory,
     ) -> Result<Option<Scaler>> {
-        let mode = match config.autoscale.as_str() {
-            "predictive" => Mode::Predictive,
-            "reactive" => Mode::Reactive,
-            _ => return Ok(None),
+        let parse = |m: &str| match m {
+            "predictive" => Some(Mode::Predictive),
+            "reactive" => Some(Mode::Reactive),
+            _ => None,
         };
+        let (mode, hot_mode) = (parse(&config.autoscale), parse(&config.hot_shards));
+        if mode.is_none() && hot_mode.is_none() {
+            return Ok(None);
+        }
         let local = config.local_pipelines() as usize;
         let max = match config.autoscale_pipelines_max {
             0 => (2 * local).max(1),
@@ -83,6 +108,21 @@ impl Scaler {
             max,
             down_after: DOWN_AFTER,
         };
+        let hot = hot_mode.map(|m| {
+            HotShards::new(
+                HotSettings {
+                    capacity: 0.0,
+                    target_utilization: config.autoscale_target_utilization,
+                    share: HOT_SHARE,
+                    warmup_us: 0,
+                    interval_us: interval.as_micros() as i64,
+                    base: 1,
+                    max: 1,
+                    down_after: DOWN_AFTER,
+                },
+                m,
+            )
+        });
         let completed_before = cluster.local_completed();
         Ok(Some(Scaler {
             cluster,
@@ -90,7 +130,9 @@ impl Scaler {
             storage,
             clock,
             factory,
-            core: Autoscaler::new(settings, mode),
+            core: mode.map(|m| Autoscaler::new(settings, m)),
+            hot,
+            copy_warmup_ms: None,
             interval,
             bucket_secs: config.forecast_bucket_secs.max(1),
             has_peers: !config.parsed_peers()?.is_empty(),
@@ -117,8 +159,9 @@ impl Scaler {
         })
     }
 
-    /// One decision, acted on and recorded.
-    pub async fn tick(&mut self) -> Result<ScalingRecord> {
+    /// One round of decisions (the fleet's, then the hot shards'), acted on and
+    /// recorded; returns what was recorded.
+    pub async fn tick(&mut self) -> Result<Vec<ScalingRecord>> {
         for id in self.cluster.reap() {
             tracing::info!(pipeline = %id, "retired pipeline removed");
         }
@@ -137,9 +180,24 @@ impl Scaler {
             self.warmup_ms = Some(self.measure_warmup().await?);
         }
         let warmup_ms = self.warmup_ms.unwrap_or(0.0);
+        let mut out = Vec::new();
+        if self.core.is_some() {
+            out.push(self.fleet(now_us, current, &placed, measured, capacity, warmup_ms).await?);
+        }
+        if self.hot.is_some() {
+            let span = elapsed;
+            out.extend(self.hot_shards(now_us, span, capacity, warmup_ms).await?);
+        }
+        Ok(out)
+    }
+
+    /// The fleet's decision.
+    async fn fleet(&mut self, now_us: i64, current: usize, placed: &[PipelineId], measured: f64, capacity: f64, warmup_ms: f64) -> Result<ScalingRecord> {
+        let core = self.core.as_mut().expect("autoscale is on");
         let mut record = ScalingRecord {
             time_us: now_us,
-            mode: self.core.mode.as_str(),
+            mode: core.mode.as_str(),
+            shard: None,
             current: current as u32,
             target: current as u32,
             sized_for_rate: measured,
@@ -154,11 +212,12 @@ impl Scaler {
             self.cluster.record_scaling(record.clone());
             return Ok(record);
         }
-        self.core.settings.capacity = capacity;
-        self.core.settings.warmup_us = (warmup_ms * 1000.0) as i64;
+        core.settings.capacity = capacity;
+        core.settings.warmup_us = (warmup_ms * 1000.0) as i64;
         let forecast = self.forecast_buckets();
-        let d = self.core.decide(now_us, current, &forecast, measured);
-        let target = d.target.clamp(self.core.settings.min, self.core.settings.max);
+        let core = self.core.as_mut().expect("autoscale is on");
+        let d = core.decide(now_us, current, &forecast, measured);
+        let target = d.target.clamp(core.settings.min, core.settings.max);
         record.target = target as u32;
         record.sized_for_rate = d.sized_for_rate;
         record.reason = d.reason;
@@ -166,14 +225,102 @@ impl Scaler {
             record.action = if self.has_peers {
                 self.run_command(target, current).await
             } else if target > current {
-                self.start(target - current, &placed).await?
+                self.start(target - current, placed).await?
             } else {
-                self.stop(current - target, &placed)
+                self.stop(current - target, placed)
             };
         }
         record.epoch = self.cluster.shard_map().epoch;
         self.cluster.record_scaling(record.clone());
         Ok(record)
+    }
+
+    /// The hot shards' decisions: shards that gain copies are warmed on the pipelines
+    /// that take them, then the map moves to the next epoch.
+    async fn hot_shards(&mut self, now_us: i64, span_s: f64, capacity: f64, fleet_warmup_ms: f64) -> Result<Vec<ScalingRecord>> {
+        let measured: BTreeMap<ShardId, f64> =
+            self.cluster.take_shard_fragments().into_iter().map(|(s, n)| (s, n as f64 / span_s)).collect();
+        if capacity <= 0.0 {
+            return Ok(Vec::new());
+        }
+        let map = self.cluster.shard_map();
+        let forecast = self.shard_forecast_buckets();
+        // Until a copy's warm-up has been measured, the fleet's (a whole pipeline's
+        // shards) bounds it from above: copies start early rather than late.
+        let warmup_ms = self.copy_warmup_ms.unwrap_or(fleet_warmup_ms);
+        let hot = self.hot.as_mut().expect("hot_shards is on");
+        hot.settings.capacity = capacity;
+        hot.settings.warmup_us = (warmup_ms * 1000.0) as i64;
+        hot.settings.base = map.base_copies().max(1);
+        hot.settings.max = map.pipelines.len().max(1);
+        let mode = hot.mode.as_str();
+        let changes = hot.decide(now_us, &forecast, &measured);
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let targets: BTreeMap<ShardId, u32> = hot.targets().into_iter().map(|(s, n)| (s, n as u32)).collect();
+        let next = map.with_hot(&targets);
+        let mut records = Vec::new();
+        for c in &changes {
+            let before = map.replicas_of(c.shard);
+            let after = next.replicas_of(c.shard);
+            let mut warm_ms = 0.0;
+            if after.len() > before.len() {
+                let t0 = Instant::now();
+                let paths = self.segment_paths(&[c.shard]);
+                for p in after.iter().filter(|p| !before.contains(p)) {
+                    if let Some(pipeline) = self.cluster.pipeline(*p) {
+                        pipeline.warm(&paths).await?;
+                    }
+                }
+                warm_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                self.copy_warmup_ms = Some(self.copy_warmup_ms.map_or(warm_ms, |w| 0.7 * w + 0.3 * warm_ms));
+            }
+            let added: Vec<String> = after.iter().filter(|p| !before.contains(p)).map(|p| p.to_string()).collect();
+            let dropped: Vec<String> = before.iter().filter(|p| !after.contains(p)).map(|p| p.to_string()).collect();
+            let action = match (added.is_empty(), dropped.is_empty()) {
+                (false, _) => format!("copied to {} (warmed in {warm_ms:.1} ms)", added.join(", ")),
+                (true, false) => format!("dropped copies on {}", dropped.join(", ")),
+                (true, true) => "none (no pipeline left to take a copy)".into(),
+            };
+            records.push(ScalingRecord {
+                time_us: now_us,
+                mode,
+                shard: Some(c.shard),
+                current: before.len() as u32,
+                target: c.target as u32,
+                sized_for_rate: c.sized_for_rate,
+                capacity,
+                warmup_ms: if added.is_empty() { warmup_ms } else { warm_ms },
+                reason: c.reason.clone(),
+                action,
+                epoch: 0,
+            });
+        }
+        let epoch = self.cluster.set_hot(&targets);
+        for r in &mut records {
+            r.epoch = epoch;
+            tracing::info!(shard = r.shard, current = r.current, target = r.target, epoch, reason = %r.reason, action = %r.action, "hot shard");
+            self.cluster.record_scaling(r.clone());
+        }
+        Ok(records)
+    }
+
+    /// The forecast's upper bound of fragments per second per coming bucket, per shard.
+    fn shard_forecast_buckets(&self) -> BTreeMap<ShardId, Vec<ForecastBucket>> {
+        let f = self.forecaster.adjusted();
+        let bucket_us = self.bucket_secs as i64 * 1_000_000;
+        let mut out: BTreeMap<ShardId, Vec<ForecastBucket>> = BTreeMap::new();
+        for r in f.rows.iter().filter(|r| r.scope == "shard") {
+            if let Ok(shard) = r.key.parse::<ShardId>() {
+                out.entry(shard).or_default().push(ForecastBucket {
+                    start_us: r.bucket_start_us,
+                    end_us: r.bucket_start_us + bucket_us,
+                    upper_rate: r.upper80.max(0.0) / self.bucket_secs as f64,
+                });
+            }
+        }
+        out
     }
 
     /// This node's pipelines in the shard map, by id.

@@ -106,6 +106,20 @@ pub fn affinity(shard: ShardId, pipeline: PipelineId) -> u64 {
     XxHash3_64::oneshot(&bytes)
 }
 
+/// The `n` pipelines of `pipelines` not in `holding` that prefer `shard` most (highest
+/// affinity first): where a hot shard's extra copies go, in the shard map and in the
+/// simulation alike.
+pub fn extra_replicas(shard: ShardId, holding: &[PipelineId], pipelines: &[PipelineId], n: usize) -> Vec<PipelineId> {
+    let mut ranked: Vec<(std::cmp::Reverse<u64>, PipelineId)> =
+        pipelines.iter().filter(|p| !holding.contains(p)).map(|p| (std::cmp::Reverse(affinity(shard, *p)), *p)).collect();
+    if n < ranked.len() {
+        ranked.select_nth_unstable(n);
+        ranked.truncate(n);
+    }
+    ranked.sort_unstable();
+    ranked.into_iter().map(|(_, p)| p).collect()
+}
+
 /// Shards placed on pipelines at one epoch: `replicas[shard]` lists the pipelines that
 /// hold the shard, in preference order (highest affinity first).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -115,7 +129,12 @@ pub struct ShardMap {
     pub replication: u32,
     /// Sorted, without duplicates.
     pub pipelines: Vec<PipelineId>,
+    /// Each shard's base copies (`replication` of them, most preferred first), then its
+    /// hot copies, if any (most preferred first).
     pub replicas: Vec<Vec<PipelineId>>,
+    /// Copies wanted for hot shards, above `replication` (see [`ShardMap::with_hot`]).
+    #[serde(default)]
+    pub hot: BTreeMap<ShardId, u32>,
 }
 
 /// Copies that need a pipeline, as an assignment in progress.
@@ -181,6 +200,7 @@ impl ShardMap {
             replication,
             pipelines: Vec::new(),
             replicas: vec![Vec::new(); shard_count as usize],
+            hot: BTreeMap::new(),
         };
         empty.with_pipelines(pipelines)
     }
@@ -196,10 +216,11 @@ impl ShardMap {
         set.sort();
         set.dedup();
         let copies = (self.replication as usize).min(set.len());
+        let base = self.base_copies();
         let mut replicas: Vec<Vec<PipelineId>> = self
             .replicas
             .iter()
-            .map(|r| r.iter().copied().filter(|p| set.binary_search(p).is_ok()).take(copies).collect())
+            .map(|r| r[..base.min(r.len())].iter().copied().filter(|p| set.binary_search(p).is_ok()).take(copies).collect())
             .collect();
         if !set.is_empty() {
             let total = copies * self.shard_count as usize;
@@ -283,12 +304,56 @@ impl ShardMap {
         for (shard, r) in replicas.iter_mut().enumerate() {
             r.sort_by_key(|p| (std::cmp::Reverse(affinity(shard as ShardId, *p)), *p));
         }
-        ShardMap {
+        let mut next = ShardMap {
             epoch: self.epoch + 1,
             shard_count: self.shard_count,
             replication: self.replication,
             pipelines: set,
             replicas,
+            hot: BTreeMap::new(),
+        };
+        next.place_hot(&self.hot);
+        next
+    }
+
+    /// Copies per shard that balance places: `replication`, or fewer when there are
+    /// fewer pipelines.
+    pub fn base_copies(&self) -> usize {
+        (self.replication as usize).min(self.pipelines.len())
+    }
+
+    /// The next epoch with `hot` copies (in all, base included) for the shards it
+    /// names; every other shard keeps only its base copies. The base placement does
+    /// not change: a hot shard's extra copies go to the pipelines that prefer it most
+    /// among those not holding it ([`extra_replicas`]), so growing a shard's count
+    /// keeps its earlier hot copies and shrinking it drops the least preferred. Hot
+    /// copies are not balanced: they are transient, and the router balances the load
+    /// they carry.
+    pub fn with_hot(&self, hot: &BTreeMap<ShardId, u32>) -> ShardMap {
+        let base = self.base_copies();
+        let mut next = ShardMap {
+            epoch: self.epoch + 1,
+            shard_count: self.shard_count,
+            replication: self.replication,
+            pipelines: self.pipelines.clone(),
+            replicas: self.replicas.iter().map(|r| r[..base.min(r.len())].to_vec()).collect(),
+            hot: BTreeMap::new(),
+        };
+        next.place_hot(hot);
+        next
+    }
+
+    /// Appends hot copies to base-only replica lists.
+    fn place_hot(&mut self, hot: &BTreeMap<ShardId, u32>) {
+        for (shard, want) in hot {
+            let Some(r) = self.replicas.get_mut(*shard as usize) else { continue };
+            let want = (*want as usize).min(self.pipelines.len());
+            if want <= r.len() {
+                continue;
+            }
+            let extra = extra_replicas(*shard, r, &self.pipelines, want - r.len());
+            r.extend(extra);
+            self.hot.insert(*shard, r.len() as u32);
         }
     }
 
@@ -380,6 +445,46 @@ mod tests {
         } else {
             assert_eq!(text, out, "placement changed; rerun with TIDEMARK_UPDATE_FIXTURES=1 only if that is intended");
         }
+    }
+
+    #[test]
+    fn hot_copies_add_to_the_base_and_survive_epochs() {
+        let ps = ids(&[(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]);
+        let m = ShardMap::build(16, 2, &ps);
+        let hot = m.with_hot(&BTreeMap::from([(3, 5), (9, 1)]));
+        assert_eq!(hot.epoch, m.epoch + 1);
+        // Shard 3 keeps its two base copies first, then three more by affinity; shard
+        // 9 asked for fewer than the base and keeps the base.
+        assert_eq!(&hot.replicas_of(3)[..2], m.replicas_of(3));
+        assert_eq!(&hot.replicas_of(3)[2..], extra_replicas(3, m.replicas_of(3), &ps, 3).as_slice());
+        assert_eq!(hot.replicas_of(9), m.replicas_of(9));
+        assert_eq!(hot.hot, BTreeMap::from([(3, 5)]));
+        for s in (0..16).filter(|s| *s != 3) {
+            assert_eq!(hot.replicas_of(s), m.replicas_of(s), "shard {s}");
+        }
+        let mut distinct = hot.replicas_of(3).to_vec();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 5, "copies sit on distinct pipelines");
+        // Growing keeps the earlier hot copies; shrinking drops the least preferred.
+        let more = hot.with_hot(&BTreeMap::from([(3, 7)]));
+        assert_eq!(&more.replicas_of(3)[..5], hot.replicas_of(3));
+        let fewer = more.with_hot(&BTreeMap::from([(3, 4)]));
+        assert_eq!(fewer.replicas_of(3), &more.replicas_of(3)[..4]);
+        // A new epoch of pipelines keeps the count; the base stays balanced.
+        let gone = *hot.replicas_of(3).last().unwrap();
+        let rest: Vec<PipelineId> = ps.iter().copied().filter(|p| *p != gone).collect();
+        let next = hot.with_pipelines(&rest);
+        assert_eq!(next.replicas_of(3).len(), 5);
+        assert!(!next.replicas_of(3).contains(&gone));
+        let base_only = next.with_hot(&BTreeMap::new());
+        assert_balanced(&base_only);
+        assert_eq!(base_only, rest_map_without_hot(&hot, &rest));
+        assert!(base_only.hot.is_empty());
+    }
+
+    fn rest_map_without_hot(m: &ShardMap, rest: &[PipelineId]) -> ShardMap {
+        m.with_hot(&BTreeMap::new()).with_pipelines(rest)
     }
 
     #[test]

@@ -23,7 +23,13 @@
 //!   workload's known rates, announced surges included, split evenly among each
 //!   shard's replicas), refreshed every simulated second, and trusted: a perfect
 //!   forecaster of announced load. Unannounced load (the hot entity) and faults (the
-//!   slow pipeline) are not in it.
+//!   slow pipeline) are not in it;
+//! - hot-shard copies (`hot_shards`, when a run asks for them): every 2.5% of the run
+//!   the planner sees each shard's arrivals since its last decision and, in predictive
+//!   mode, the same perfect forecast per shard with a 10% upper band; a shard's new
+//!   copies serve after the warm-up (1% of the run), on the pipelines
+//!   `shard_map::extra_replicas` names; dropped copies stop taking new fragments at
+//!   once (what they hold finishes).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -114,6 +120,9 @@ impl Scenario {
 #[derive(Clone, Debug)]
 pub struct SimResult {
     pub policy: Policy,
+    /// How hot shards got their copies: `static` (the placement alone), or the
+    /// hot-shard planner's `reactive` or `predictive` mode.
+    pub copies: &'static str,
     pub queries: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -169,7 +178,8 @@ impl Workload {
         let capacity = cfg.pipelines as f64 * cfg.slots as f64 / (cfg.service_ms / 1000.0);
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
         let surge: Vec<usize> = (0..20).map(|_| rng.random_range(10..2000)).collect();
-        let hot = rng.random_range(5000..50_000);
+        // An entity of middling popularity (ranks 5,000 to 50,000 of a million).
+        let hot = rng.random_range((cfg.entities / 200).max(1)..(cfg.entities / 20).max(2));
         let replica_capacity = cfg.replicas as f64 * cfg.slots as f64 / (cfg.service_ms / 1000.0);
         Workload {
             cfg: cfg.clone(),
@@ -257,20 +267,26 @@ impl Workload {
         self.cdf.partition_point(|c| *c < x).min(self.cfg.entities - 1)
     }
 
-    /// The forecaster's view at `t`: each pipeline's expected arrivals per second from
-    /// the announced workload (base and surge), its shards' rates split evenly among
-    /// their replicas.
-    fn forecast(&self, t: f64) -> Vec<f64> {
+    /// The announced arrivals per second of every shard at `t` (base and surge; not
+    /// the hot entity).
+    fn shard_rates(&self, t: f64) -> Vec<f64> {
         let base = self.base_peak_rate * self.cycle(t);
-        let mut shard_rate = vec![base / self.cfg.shards as f64; self.cfg.shards as usize];
+        let mut shard_rate: Vec<f64> = self.shard_share.iter().map(|s| base * s).collect();
         if self.surge_on(t) {
             for e in &self.surge {
                 shard_rate[self.entity_shard[*e] as usize] += base * (self.surge_factor - 1.0) * self.entity_share(*e);
             }
         }
+        shard_rate
+    }
+
+    /// The forecaster's view at `t`: each pipeline's expected arrivals per second from
+    /// the announced workload (base and surge), its shards' rates split evenly among
+    /// their current `replicas`.
+    fn forecast(&self, t: f64, replicas: &[Vec<PipelineId>]) -> Vec<f64> {
         let mut per = vec![0.0; self.ids.len()];
-        for (s, r) in shard_rate.iter().enumerate() {
-            let reps = &self.replicas[s];
+        for (s, r) in self.shard_rates(t).iter().enumerate() {
+            let reps = &replicas[s];
             for p in reps {
                 per[index_of(p)] += r / reps.len() as f64;
             }
@@ -313,6 +329,10 @@ enum Ev {
     Refresh,
     Scale,
     Joined,
+    /// A hot-shard decision.
+    Hot,
+    /// A shard's new copies are warm.
+    HotReady { shard: u32 },
 }
 
 /// A fragment waiting for or holding a slot: (id, arrival, service, gateway).
@@ -321,6 +341,29 @@ type Job = (u64, f64, f64, usize);
 /// Runs one policy over `w` with the whole fleet.
 pub fn run(w: &Workload, policy: Policy) -> SimResult {
     run_scaled(w, policy, None)
+}
+
+/// The hot-shard planner's settings in the simulation: the autoscaler's (capacity,
+/// target utilization, warm-up and interval), one shard using at most half of a
+/// replica's capacity, as the static placement assumes for base load.
+pub fn hot_settings(cfg: &SimConfig) -> crate::hot_shards::HotSettings {
+    let s = scale_settings(cfg);
+    crate::hot_shards::HotSettings {
+        capacity: s.capacity,
+        target_utilization: s.target_utilization,
+        share: 0.5,
+        warmup_us: s.warmup_us,
+        interval_us: s.interval_us,
+        base: cfg.replicas as usize,
+        max: cfg.pipelines,
+        down_after: s.down_after,
+    }
+}
+
+/// Runs one policy over `w` with the whole fleet and hot-shard copies placed by the
+/// planner in `hot` mode (predictive or reactive).
+pub fn run_hot(w: &Workload, policy: Policy, hot: crate::autoscale::Mode) -> SimResult {
+    run_with(w, policy, None, Some(hot))
 }
 
 /// The autoscaler's settings in the simulation: a pipeline's capacity from its slots
@@ -341,8 +384,21 @@ pub fn scale_settings(cfg: &SimConfig) -> crate::autoscale::ScaleSettings {
 
 /// Runs one policy over `w`, the fleet sized by `scaling` (None: the whole fleet).
 pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode>) -> SimResult {
+    run_with(w, policy, scaling, None)
+}
+
+/// Runs one policy over `w`, the fleet sized by `scaling` (None: the whole fleet) and
+/// hot shards copied by the planner in `hot` mode (None: the static placement). Not
+/// both: a fleet change places every shard afresh.
+fn run_with(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode>, hot: Option<crate::autoscale::Mode>) -> SimResult {
     use crate::autoscale::{Autoscaler, ForecastBucket};
+    assert!(scaling.is_none() || hot.is_none(), "the simulation scales the fleet or copies hot shards, not both");
     let cfg = &w.cfg;
+    let hot_s = hot_settings(cfg);
+    let mut planner = hot.map(|m| crate::hot_shards::HotShards::new(hot_s, m));
+    // Arrivals per shard since the last hot-shard decision.
+    let mut shard_arrivals: Vec<u32> = vec![0; cfg.shards as usize];
+    let mut last_hot_t = 0.0;
     let settings = scale_settings(cfg);
     let mut scaler = scaling.map(|m| Autoscaler::new(settings, m));
     let mut active = match scaling {
@@ -383,6 +439,9 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
     if scaler.is_some() {
         push(&mut heap, 0.0, Ev::Scale);
     }
+    if planner.is_some() {
+        push(&mut heap, 0.0, Ev::Hot);
+    }
     let first = -rng.random::<f64>().max(1e-12).ln() / max_rate;
     push(&mut heap, first, Ev::Arrival);
     let mut latencies: Vec<f32> = Vec::new();
@@ -396,7 +455,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                 if t > cfg.duration_s {
                     continue;
                 }
-                let f = w.forecast(t);
+                let f = w.forecast(t, &replicas);
                 for (snap, est) in snaps.iter_mut().zip(&est) {
                     let (median, ws) = balancer::weights(est, (t * 1e6) as i64);
                     for (i, l) in snap_loads(snap, &w.ids).enumerate() {
@@ -404,6 +463,9 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                         l.service_s = median.unwrap_or(cfg.service_ms * 1000.0) / 1e6;
                         l.forecast_rate = f[i];
                         l.forecast_trust = if cfg.forecast { 1.0 } else { 0.0 };
+                        // Each gateway sees its own requests: the others' share of
+                        // the forecast is unseen.
+                        l.unseen = (g_count - 1) as f64 / g_count as f64;
                     }
                 }
                 push(&mut heap, t + cfg.weights_every_ms / 1000.0, Ev::Refresh);
@@ -421,6 +483,7 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                 let e = w.entity(t, &mut rng);
                 let g = rng.random_range(0..g_count);
                 let shard = w.entity_shard[e];
+                shard_arrivals[shard as usize] += 1;
                 route_seq += 1;
                 arrivals_since += 1;
                 let d = router::route_with(policy, route_seq, shard, &replicas[shard as usize], &snaps[g], &[]);
@@ -481,6 +544,59 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
                 }
                 push(&mut heap, t + settings.interval_us as f64 / 1e6, Ev::Scale);
             }
+            Ev::Hot => {
+                let Some(pl) = planner.as_mut() else { continue };
+                if t > cfg.duration_s {
+                    continue;
+                }
+                let span = (t - last_hot_t).max(1e-9);
+                last_hot_t = t;
+                let measured: std::collections::BTreeMap<u32, f64> = shard_arrivals
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(s, n)| (s as u32, std::mem::take(n) as f64 / span))
+                    .collect();
+                // The forecast: the workload's known rate per shard per 1% of the run,
+                // with a 10% upper band, for the shards it names above their base need.
+                let step = cfg.duration_s * 0.01;
+                let mut forecast: std::collections::BTreeMap<u32, Vec<ForecastBucket>> = std::collections::BTreeMap::new();
+                if pl.mode == crate::autoscale::Mode::Predictive {
+                    for i in 0..10 {
+                        let (a, b) = (t + i as f64 * step, t + (i + 1) as f64 * step);
+                        let rates: Vec<Vec<f64>> = [a, (a + b) / 2.0, b].iter().map(|x| w.shard_rates(*x)).collect();
+                        for s in 0..cfg.shards as usize {
+                            let upper = 1.1 * rates.iter().map(|r| r[s]).fold(0.0, f64::max);
+                            if hot_s.needed(upper) > hot_s.base {
+                                forecast.entry(s as u32).or_default().push(ForecastBucket {
+                                    start_us: (a * 1e6) as i64,
+                                    end_us: (b * 1e6) as i64,
+                                    upper_rate: upper,
+                                });
+                            }
+                        }
+                    }
+                }
+                for c in pl.decide((t * 1e6) as i64, &forecast, &measured) {
+                    let s = c.shard as usize;
+                    if c.target > c.current {
+                        push(&mut heap, t + hot_s.warmup_us as f64 / 1e6, Ev::HotReady { shard: c.shard });
+                    } else {
+                        let keep = c.target.max(w.replicas[s].len());
+                        replicas[s].truncate(keep);
+                    }
+                }
+                push(&mut heap, t + hot_s.interval_us as f64 / 1e6, Ev::Hot);
+            }
+            Ev::HotReady { shard } => {
+                let Some(pl) = planner.as_ref() else { continue };
+                let s = shard as usize;
+                let want = pl.targets().get(&shard).copied().unwrap_or(0);
+                if want > replicas[s].len() {
+                    let extra = crate::shard_map::extra_replicas(shard, &replicas[s], &w.ids, want - replicas[s].len());
+                    replicas[s].extend(extra);
+                }
+            }
             Ev::Joined => {
                 let ready = warming.iter().filter(|r| **r <= t + 1e-9).count();
                 if ready > 0 {
@@ -512,6 +628,9 @@ pub fn run_scaled(w: &Workload, policy: Policy, scaling: Option<crate::autoscale
         }
     }
     let mut r = summarize(policy, latencies, &started, cfg);
+    if let Some(m) = hot {
+        r.copies = m.as_str();
+    }
     if scaler.is_some() {
         r.pipeline_seconds = pipeline_seconds;
     }
@@ -532,6 +651,7 @@ fn summarize(policy: Policy, mut lat: Vec<f32>, started: &[u64], cfg: &SimConfig
     let var = started.iter().map(|s| (*s as f64 - mean).powi(2)).sum::<f64>() / started.len().max(1) as f64;
     SimResult {
         policy,
+        copies: "static",
         queries: lat.len() as u64,
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
@@ -555,20 +675,30 @@ pub fn compare(cfg: &SimConfig) -> String {
         let w = Workload::new(cfg, scenario);
         tracing::info!(scenario = scenario.as_str(), secs = t0.elapsed().as_secs_f64(), "workload built");
         out.push_str(&format!("\n{}\n", scenario.as_str()));
-        out.push_str("policy           queries    p50 ms   p99 ms  p99.9 ms  over objective  load max/mean  load CV  pipeline-s\n");
-        let results: Vec<SimResult> = Policy::ALL
+        out.push_str("policy + hot-shard copies      queries    p50 ms   p99 ms  p99.9 ms  over objective  load max/mean  load CV  pipeline-s\n");
+        use crate::autoscale::Mode;
+        let runs: Vec<(Policy, Option<Mode>)> = Policy::ALL
             .iter()
-            .map(|p| {
+            .map(|p| (*p, None))
+            .chain([
+                (Policy::LeastInFlight, Some(Mode::Reactive)),
+                (Policy::LeastInFlight, Some(Mode::Predictive)),
+                (Policy::Predictive, Some(Mode::Predictive)),
+            ])
+            .collect();
+        let results: Vec<SimResult> = runs
+            .iter()
+            .map(|(p, hot)| {
                 let t0 = std::time::Instant::now();
-                let r = run(&w, *p);
-                tracing::info!(policy = p.as_str(), queries = r.queries, secs = t0.elapsed().as_secs_f64(), "simulated");
+                let r = run_with(&w, *p, None, *hot);
+                tracing::info!(policy = p.as_str(), copies = r.copies, queries = r.queries, secs = t0.elapsed().as_secs_f64(), "simulated");
                 r
             })
             .collect();
         for r in &results {
             out.push_str(&format!(
-                "{:<16} {:>8} {:>8.1} {:>8.1} {:>9.1} {:>14.3}% {:>14.2} {:>8.3} {:>11.0}\n",
-                r.policy.as_str(),
+                "{:<29} {:>8} {:>8.1} {:>8.1} {:>9.1} {:>14.3}% {:>14.2} {:>8.3} {:>11.0}\n",
+                format!("{} + {}", r.policy.as_str(), r.copies),
                 r.queries,
                 r.p50_ms,
                 r.p99_ms,
@@ -579,12 +709,17 @@ pub fn compare(cfg: &SimConfig) -> String {
                 r.pipeline_seconds
             ));
         }
-        let by = |p: Policy| results.iter().find(|r| r.policy == p).expect("every policy ran");
-        let (pred, lif, rr) = (by(Policy::Predictive), by(Policy::LeastInFlight), by(Policy::RoundRobin));
+        let by = |p: Policy, c: &str| results.iter().find(|r| r.policy == p && r.copies == c).expect("every policy ran");
+        let (pred, lif, rr) = (by(Policy::Predictive, "static"), by(Policy::LeastInFlight, "static"), by(Policy::RoundRobin, "static"));
+        let (full, lif_reactive) = (by(Policy::Predictive, "predictive"), by(Policy::LeastInFlight, "reactive"));
+        let change = |a: &SimResult, b: &SimResult| if b.over_slo > 0.0 { format!("{:+.0}%", (a.over_slo / b.over_slo - 1.0) * 100.0) } else { "n/a".into() };
         out.push_str(&format!(
-            "predictive vs least_in_flight: over-objective share {:+.0}%; p99 vs round_robin: {:.2}x better\n",
-            if lif.over_slo > 0.0 { (pred.over_slo / lif.over_slo - 1.0) * 100.0 } else { 0.0 },
-            rr.p99_ms / pred.p99_ms.max(1e-9)
+            "over-objective share vs least_in_flight + static: predictive routing {}, predictive routing + predictive copies {} (vs least_in_flight + reactive copies {}); p99 vs round_robin: predictive {:.2}x better, with predictive copies {:.2}x\n",
+            change(pred, lif),
+            change(full, lif),
+            change(full, lif_reactive),
+            rr.p99_ms / pred.p99_ms.max(1e-9),
+            rr.p99_ms / full.p99_ms.max(1e-9)
         ));
     }
     out.push_str(&scaling_table(cfg));
@@ -654,6 +789,26 @@ mod tests {
         let rr = run(&w, Policy::RoundRobin);
         let pred = run(&w, Policy::Predictive);
         assert!(pred.p999_ms < rr.p999_ms, "predictive p99.9 {} vs round robin {}", pred.p999_ms, rr.p999_ms);
+    }
+
+    #[test]
+    fn copies_made_ahead_serve_an_announced_surge() {
+        use crate::autoscale::Mode;
+        // The surge's shards need more replicas than the placement gives them: with
+        // the static placement their queues grow; copies made ahead of the surge
+        // (predictive) serve it, copies made once it is measured (reactive) serve
+        // only its rest.
+        // Large enough that the surge's shards outgrow their replicas (at 40 pipelines
+        // the static placement's margin absorbs it).
+        let cfg = SimConfig { pipelines: 200, shards: 1024, entities: 200_000, duration_s: 4.0, ..SimConfig::default() };
+        let w = Workload::new(&cfg, Scenario::AnnouncedSurge);
+        let fixed = run(&w, Policy::LeastInFlight);
+        let reactive = run_hot(&w, Policy::LeastInFlight, Mode::Reactive);
+        let ahead = run_hot(&w, Policy::LeastInFlight, Mode::Predictive);
+        assert_eq!((fixed.queries, ahead.queries), (reactive.queries, reactive.queries), "the same arrivals");
+        assert_eq!((ahead.copies, reactive.copies, fixed.copies), ("predictive", "reactive", "static"));
+        assert!(ahead.over_slo < 0.5 * fixed.over_slo, "ahead {} vs static {}", ahead.over_slo, fixed.over_slo);
+        assert!(ahead.over_slo < reactive.over_slo, "ahead {} vs reactive {}", ahead.over_slo, reactive.over_slo);
     }
 }
 

@@ -132,6 +132,10 @@ impl Pipeline for LocalPipeline {
         self.id
     }
 
+    async fn warm(&self, paths: &[String]) -> Result<u64> {
+        self.prefetch(paths).await
+    }
+
     fn slots(&self) -> u32 {
         self.slots
     }

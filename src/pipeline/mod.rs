@@ -69,6 +69,12 @@ pub trait Pipeline: Send + Sync + fmt::Debug {
     fn available(&self) -> bool {
         true
     }
+    /// Reads `paths` (segment files) through its caches before it takes the shards
+    /// they belong to: its warm-up. Returns the bytes read (0 where nothing is cached
+    /// on this node's behalf, as for a remote pipeline).
+    async fn warm(&self, _paths: &[String]) -> Result<u64> {
+        Ok(0)
+    }
     /// Starts `fragment` and returns its output. Waits for a slot (in a bounded
     /// queue: a full queue is an error, never a longer wait).
     async fn run(&self, fragment: Fragment, ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream>;
@@ -264,6 +270,9 @@ pub struct Cluster {
     /// Fragments completed by in-process pipelines that have since been removed, so
     /// that a node's total does not drop when one goes.
     reaped_completed: AtomicU64,
+    /// Fragments routed per shard (first tries) since the hot-shard planner last took
+    /// them; at most one entry per shard.
+    shard_fragments: Mutex<BTreeMap<ShardId, u64>>,
 }
 
 /// One autoscaler decision, as `system.scaling_decisions` shows it.
@@ -271,6 +280,9 @@ pub struct Cluster {
 pub struct ScalingRecord {
     pub time_us: i64,
     pub mode: &'static str,
+    /// The shard of a hot-shard decision (`current`/`target` count its replicas);
+    /// None for the fleet (`current`/`target` count pipelines).
+    pub shard: Option<ShardId>,
     pub current: u32,
     pub target: u32,
     /// The rate (fragments per second) the target was sized for.
@@ -290,7 +302,7 @@ pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(30)
 /// What the forecaster expects of one pipeline now.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PipelineForecast {
-    /// Predicted fragments per second in the current bucket.
+    /// Predicted fragments per second (of clock time) in the current bucket.
     pub rate: f64,
     /// Its next-bucket forecasts beat weekly seasonal naive (`system.forecast_accuracy`).
     pub trusted: bool,
@@ -332,6 +344,7 @@ impl Cluster {
             retiring: Mutex::new(Vec::new()),
             scaling_log: Mutex::new(VecDeque::new()),
             reaped_completed: AtomicU64::new(0),
+            shard_fragments: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -413,6 +426,23 @@ impl Cluster {
         epoch
     }
 
+    /// Gives the shards in `hot` that many replicas in all (the others only their base
+    /// copies): the shard map moves to the next epoch (`ShardMap::with_hot`). Queries
+    /// that pinned the previous epoch keep routing by it. Returns the new epoch.
+    pub fn set_hot(&self, hot: &BTreeMap<ShardId, u32>) -> u64 {
+        let _pipelines = self.pipelines.read();
+        let mut map = self.map.write();
+        let next = map.with_hot(hot);
+        let epoch = next.epoch;
+        *map = Arc::new(next);
+        epoch
+    }
+
+    /// Fragments routed per shard since the last call (first tries only).
+    pub fn take_shard_fragments(&self) -> BTreeMap<ShardId, u64> {
+        std::mem::take(&mut *self.shard_fragments.lock())
+    }
+
     /// The node's routing policy.
     pub fn policy(&self) -> Policy {
         *self.policy.read()
@@ -465,6 +495,7 @@ impl Cluster {
         let estimates: Vec<ServiceEstimate> = pipelines.values().map(|p| p.stats().service()).collect();
         let (median_us, weights) = crate::balancer::weights(&estimates, monotonic_us());
         let forecasts = Arc::clone(&self.forecasts.read());
+        let peers = pipelines.keys().map(|id| id.node).filter(|n| *n != self.node_id).collect::<std::collections::BTreeSet<_>>().len();
         LoadSnapshot::new(
             pipelines
                 .values()
@@ -480,6 +511,11 @@ impl Cluster {
                     if let Some(f) = forecasts.get(&p.id()) {
                         l.forecast_rate = f.rate;
                         l.forecast_trust = if f.trusted { 1.0 } else { 0.0 };
+                        // This node's forecast counts its own fragments; a peer's
+                        // pipeline also gets the other nodes' (assumed alike), which
+                        // its counters here do not show. A local pipeline's counters
+                        // show every node's fragments.
+                        l.unseen = if p.is_local() { 0.0 } else { peers as f64 };
                     }
                     l
                 })
@@ -494,6 +530,9 @@ impl Cluster {
     pub fn record_route(&self, r: RoutingRecord) {
         if let Some(o) = self.route_observer.read().as_ref() {
             o(&r);
+        }
+        if let (Some(shard), 1) = (r.shard, r.attempt) {
+            *self.shard_fragments.lock().entry(shard).or_default() += 1;
         }
         let mut log = self.routing_log.lock();
         if log.len() >= self.routing_log_max {

@@ -389,6 +389,7 @@ fn scaling_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, None), false),
         Field::new("mode", DataType::Utf8, false),
+        Field::new("shard", DataType::UInt32, true),
         Field::new("current", DataType::UInt32, false),
         Field::new("target", DataType::UInt32, false),
         Field::new("sized_for_rate", DataType::Float64, false),
@@ -405,6 +406,7 @@ fn scaling_batch(cluster: &Cluster) -> crate::error::Result<RecordBatch> {
     let cols: Vec<ArrayRef> = vec![
         Arc::new(TimestampMicrosecondArray::from(r.iter().map(|x| x.time_us).collect::<Vec<_>>())),
         Arc::new(StringArray::from(r.iter().map(|x| x.mode).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(r.iter().map(|x| x.shard).collect::<Vec<_>>())),
         Arc::new(UInt32Array::from(r.iter().map(|x| x.current).collect::<Vec<_>>())),
         Arc::new(UInt32Array::from(r.iter().map(|x| x.target).collect::<Vec<_>>())),
         Arc::new(Float64Array::from(r.iter().map(|x| x.sized_for_rate).collect::<Vec<_>>())),
