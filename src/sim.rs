@@ -20,9 +20,11 @@
 //!   from each pipeline's service-time estimates, as `Cluster::load_snapshot` does per
 //!   query (per query would cost a sort of 1,000 estimates per decision);
 //! - the forecast each pipeline gets is the expected arrival rate of its shards (the
-//!   workload's known rates, announced surges included, split evenly among each
-//!   shard's replicas), refreshed every simulated second, and trusted: a perfect
-//!   forecaster of announced load. Unannounced load (the hot entity) and faults (the
+//!   workload's known rates by each shard's share of the Zipf load, announced surges
+//!   included, split evenly among each shard's current replicas), refreshed every
+//!   `weights_every_ms`, and trusted: a perfect forecaster of announced load. With `g`
+//!   gateways, `(g−1)/g` of it is what a gateway does not see (`PipelineLoad::unseen`);
+//!   with one, nothing. Unannounced load (the hot entity) and faults (the
 //!   slow pipeline) are not in it;
 //! - hot-shard copies (`hot_shards`, when a run asks for them): every 2.5% of the run
 //!   the planner sees each shard's arrivals since its last decision and, in predictive
@@ -686,15 +688,12 @@ pub fn compare(cfg: &SimConfig) -> String {
                 (Policy::Predictive, Some(Mode::Predictive)),
             ])
             .collect();
-        let results: Vec<SimResult> = runs
-            .iter()
-            .map(|(p, hot)| {
-                let t0 = std::time::Instant::now();
-                let r = run_with(&w, *p, None, *hot);
-                tracing::info!(policy = p.as_str(), copies = r.copies, queries = r.queries, secs = t0.elapsed().as_secs_f64(), "simulated");
-                r
-            })
-            .collect();
+        let results: Vec<SimResult> = par_map(&runs, |(p, hot)| {
+            let t0 = std::time::Instant::now();
+            let r = run_with(&w, *p, None, *hot);
+            tracing::info!(policy = p.as_str(), copies = r.copies, queries = r.queries, secs = t0.elapsed().as_secs_f64(), "simulated");
+            r
+        });
         for r in &results {
             out.push_str(&format!(
                 "{:<29} {:>8} {:>8.1} {:>8.1} {:>9.1} {:>14.3}% {:>14.2} {:>8.3} {:>11.0}\n",
@@ -726,6 +725,31 @@ pub fn compare(cfg: &SimConfig) -> String {
     out
 }
 
+/// `f` over `items` on every core (runs are independent and each is deterministic, so
+/// the results, in `items`' order, do not depend on the thread count).
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, items.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("a simulation run panicked")).collect()
+    });
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
 /// (d): a fixed fleet sized for the peak against reactive and predictive scaling, all
 /// routed by least_in_flight.
 pub fn scaling_table(cfg: &SimConfig) -> String {
@@ -740,10 +764,8 @@ pub fn scaling_table(cfg: &SimConfig) -> String {
         s.target_utilization
     );
     out.push_str("scaling          queries    p50 ms   p99 ms  p99.9 ms  over objective  pipeline-s  of fixed\n");
-    let runs: Vec<(&str, SimResult)> = [("fixed (peak)", Mode::Fixed(cfg.pipelines)), ("reactive", Mode::Reactive), ("predictive", Mode::Predictive)]
-        .into_iter()
-        .map(|(name, m)| (name, run_scaled(&w, Policy::LeastInFlight, Some(m))))
-        .collect();
+    let modes = [("fixed (peak)", Mode::Fixed(cfg.pipelines)), ("reactive", Mode::Reactive), ("predictive", Mode::Predictive)];
+    let runs: Vec<(&str, SimResult)> = par_map(&modes, |(name, m)| (*name, run_scaled(&w, Policy::LeastInFlight, Some(*m))));
     let fixed = runs[0].1.pipeline_seconds.max(1e-9);
     for (name, r) in &runs {
         out.push_str(&format!(
@@ -779,6 +801,13 @@ mod tests {
         // Every policy sees the same arrivals (the same seed and thinning).
         let rr = run(&w, Policy::RoundRobin);
         assert_eq!(rr.queries, a.queries);
+    }
+
+    #[test]
+    fn par_map_keeps_the_order() {
+        let items: Vec<u64> = (0..100).collect();
+        assert_eq!(par_map(&items, |x| x * 2), items.iter().map(|x| x * 2).collect::<Vec<_>>());
+        assert!(par_map(&[] as &[u64], |x| *x).is_empty());
     }
 
     #[test]
