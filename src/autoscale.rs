@@ -57,6 +57,33 @@ pub struct ForecastBucket {
     pub upper_rate: f64,
 }
 
+/// The highest upper bound among `forecast`'s buckets that overlap `[from_us, to_us)`,
+/// or None when none does.
+pub fn peak_within(forecast: &[ForecastBucket], from_us: i64, to_us: i64) -> Option<f64> {
+    forecast
+        .iter()
+        .filter(|b| b.end_us > from_us && b.start_us < to_us)
+        .map(|b| b.upper_rate)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))
+}
+
+/// Grow at once, shrink only after `down_after` consecutive decisions that wanted
+/// fewer: the target for `needed` when `current` runs, with `wanted_fewer` the count of
+/// such decisions so far (updated).
+pub fn hysteresis(needed: usize, current: usize, wanted_fewer: &mut u32, down_after: u32) -> usize {
+    if needed >= current {
+        *wanted_fewer = 0;
+        return needed;
+    }
+    *wanted_fewer += 1;
+    if *wanted_fewer >= down_after {
+        *wanted_fewer = 0;
+        needed
+    } else {
+        current
+    }
+}
+
 /// How the fleet is sized.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
@@ -117,12 +144,7 @@ impl Autoscaler {
             }
             Mode::Predictive => {
                 let horizon = now_us + s.warmup_us + s.interval_us;
-                let peak = forecast
-                    .iter()
-                    .filter(|b| b.end_us > now_us && b.start_us < horizon)
-                    .map(|b| b.upper_rate)
-                    .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-                match peak {
+                match peak_within(forecast, now_us, horizon) {
                     Some(r) => (r, format!("forecast upper bound {r:.0}/s within warm-up + interval ({} ms)", (horizon - now_us) / 1000)),
                     // No forecast for the window: hold what runs, as a reactive
                     // scaler would with no signal.
@@ -132,18 +154,7 @@ impl Autoscaler {
             Mode::Reactive => (measured_rate, format!("measured {measured_rate:.0}/s over the last interval")),
         };
         let needed = s.needed(rate);
-        let target = if needed >= current {
-            self.wanted_fewer = 0;
-            needed
-        } else {
-            self.wanted_fewer += 1;
-            if self.wanted_fewer >= s.down_after {
-                self.wanted_fewer = 0;
-                needed
-            } else {
-                current
-            }
-        };
+        let target = hysteresis(needed, current, &mut self.wanted_fewer, s.down_after);
         let reason = match target.cmp(&current) {
             std::cmp::Ordering::Greater => format!("{why}: needs {needed}, start {}", target - current),
             std::cmp::Ordering::Less => format!("{why}: needs {needed} for {} decisions, stop {}", s.down_after, current - target),
@@ -152,6 +163,14 @@ impl Autoscaler {
         };
         Decision { at_us: now_us, mode: self.mode.as_str(), current, target, sized_for_rate: rate, reason }
     }
+}
+
+/// `START_MS-END_MS=RATE`, as the fixtures write a forecast bucket.
+#[cfg(test)]
+pub(crate) fn fixture_bucket(text: &str) -> ForecastBucket {
+    let (span, rate) = text.split_once('=').expect("START_MS-END_MS=RATE");
+    let (a, z) = span.split_once('-').expect("START_MS-END_MS");
+    ForecastBucket { start_us: a.parse::<i64>().unwrap() * 1000, end_us: z.parse::<i64>().unwrap() * 1000, upper_rate: rate.parse().unwrap() }
 }
 
 #[cfg(test)]
@@ -194,20 +213,7 @@ mod tests {
                     };
                     scaler = Some(Autoscaler::new(settings.expect("settings first"), mode));
                 }
-                "forecast" => {
-                    forecast = w[1..]
-                        .iter()
-                        .map(|b| {
-                            let (span, rate) = b.split_once('=').unwrap();
-                            let (a, z) = span.split_once('-').unwrap();
-                            ForecastBucket {
-                                start_us: a.parse::<i64>().unwrap() * 1000,
-                                end_us: z.parse::<i64>().unwrap() * 1000,
-                                upper_rate: rate.parse().unwrap(),
-                            }
-                        })
-                        .collect()
-                }
+                "forecast" => forecast = w[1..].iter().map(|b| fixture_bucket(b)).collect(),
                 "decide" => {
                     let d = scaler.as_mut().expect("mode first").decide(
                         w[1].parse::<i64>().unwrap() * 1000,

@@ -33,7 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::autoscale::{ForecastBucket, Mode, ScaleSettings};
+use crate::autoscale::{hysteresis, peak_within, ForecastBucket, Mode, ScaleSettings};
 use crate::shard_map::ShardId;
 
 /// The planner's fixed inputs.
@@ -100,6 +100,11 @@ impl HotShards {
         self.hot.iter().map(|(s, (n, _))| (*s, *n)).collect()
     }
 
+    /// Replicas wanted for `shard`, when it is above the base replication.
+    pub fn target(&self, shard: ShardId) -> Option<usize> {
+        self.hot.get(&shard).map(|(n, _)| *n)
+    }
+
     /// One decision at `now_us` from each shard's forecast buckets and the rate measured
     /// per shard over the last interval (shards missing from both are at rest). Returns
     /// the shards whose target changed, by shard id.
@@ -131,14 +136,7 @@ impl HotShards {
             if self.mode == Mode::Reactive {
                 return (now, format!("measured {now:.0}/s"));
             }
-            let peak = forecast
-                .get(&shard)
-                .into_iter()
-                .flatten()
-                .filter(|b| b.end_us > now_us && b.start_us < horizon)
-                .map(|b| b.upper_rate)
-                .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-            match peak {
+            match forecast.get(&shard).and_then(|f| peak_within(f, now_us, horizon)) {
                 Some(p) if p >= now => {
                     (p, format!("forecast upper bound {p:.0}/s within warm-up + interval ({} ms)", (horizon - now_us) / 1000))
                 }
@@ -161,18 +159,7 @@ impl HotShards {
             let (rate, why) = rate_of(shard);
             let needed = s.needed(rate);
             let (current, mut fewer) = self.hot.get(&shard).copied().unwrap_or((s.base, 0));
-            let target = if needed >= current {
-                fewer = 0;
-                needed
-            } else {
-                fewer += 1;
-                if fewer >= s.down_after {
-                    fewer = 0;
-                    needed
-                } else {
-                    current
-                }
-            };
+            let target = hysteresis(needed, current, &mut fewer, s.down_after);
             if target > s.base {
                 self.hot.insert(shard, (target, fewer));
             } else {
@@ -239,20 +226,8 @@ mod tests {
                     }
                 }
                 "forecast" => {
-                    let shard: ShardId = w[1].parse().unwrap();
-                    let buckets: Vec<ForecastBucket> = w[2..]
-                        .iter()
-                        .map(|b| {
-                            let (span, rate) = b.split_once('=').unwrap();
-                            let (a, z) = span.split_once('-').unwrap();
-                            ForecastBucket {
-                                start_us: a.parse::<i64>().unwrap() * 1000,
-                                end_us: z.parse::<i64>().unwrap() * 1000,
-                                upper_rate: rate.parse().unwrap(),
-                            }
-                        })
-                        .collect();
-                    forecast.insert(shard, buckets);
+                    let buckets = w[2..].iter().map(|b| crate::autoscale::fixture_bucket(b)).collect();
+                    forecast.insert(w[1].parse().unwrap(), buckets);
                 }
                 "measured" => {
                     measured = w[1..]

@@ -185,8 +185,7 @@ impl Scaler {
             out.push(self.fleet(now_us, current, &placed, measured, capacity, warmup_ms).await?);
         }
         if self.hot.is_some() {
-            let span = elapsed;
-            out.extend(self.hot_shards(now_us, span, capacity, warmup_ms).await?);
+            out.extend(self.hot_shards(now_us, elapsed, capacity, warmup_ms).await?);
         }
         Ok(out)
     }

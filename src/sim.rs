@@ -593,7 +593,7 @@ fn run_with(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode
             Ev::HotReady { shard } => {
                 let Some(pl) = planner.as_ref() else { continue };
                 let s = shard as usize;
-                let want = pl.targets().get(&shard).copied().unwrap_or(0);
+                let want = pl.target(shard).unwrap_or(0);
                 if want > replicas[s].len() {
                     let extra = crate::shard_map::extra_replicas(shard, &replicas[s], &w.ids, want - replicas[s].len());
                     replicas[s].extend(extra);

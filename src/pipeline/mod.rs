@@ -430,7 +430,6 @@ impl Cluster {
     /// copies): the shard map moves to the next epoch (`ShardMap::with_hot`). Queries
     /// that pinned the previous epoch keep routing by it. Returns the new epoch.
     pub fn set_hot(&self, hot: &BTreeMap<ShardId, u32>) -> u64 {
-        let _pipelines = self.pipelines.read();
         let mut map = self.map.write();
         let next = map.with_hot(hot);
         let epoch = next.epoch;
