@@ -80,6 +80,11 @@ pub enum Error {
     /// A pipeline could not run a fragment (its node is down, unreachable or timed out).
     #[error("pipeline {pipeline} is unavailable: {reason}")]
     PipelineUnavailable { pipeline: String, reason: String },
+    /// A shard's Raft group could not take a write (no leader within the wait, or the
+    /// group stopped). Parts of the statement for other shards may be stored: each
+    /// shard's part is all-or-nothing, and a retry skips what was stored.
+    #[error("shard {shard} cannot take writes now: {reason}")]
+    ShardUnavailable { shard: u32, reason: String },
     #[error("data corrupted: {0}")]
     Corrupt(String),
     #[error("I/O error: {0}")]
@@ -216,6 +221,7 @@ impl Error {
             Error::ResourcesExhausted(_) => "53200",
             Error::SerializationFailure(_) => "40001",
             Error::PipelineUnavailable { .. } => "58000",
+            Error::ShardUnavailable { .. } => "57P03",
             Error::Relayed { sqlstate, .. } => sqlstate,
             Error::Corrupt(_) => "XX001",
             Error::Io(_) => "58030",

@@ -248,7 +248,9 @@ impl DataShape {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| "info".into()))
+        // openraft reports every group's start and election at info: one line per shard
+        // group and event is noise by default (TIDEMARK_LOG=openraft=info shows it).
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIDEMARK_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -48,6 +48,8 @@ pub struct Node {
     cluster: Arc<Cluster>,
     catalog: Arc<Catalog>,
     storage: Arc<Storage>,
+    /// The shard groups, the write path into `storage` (none on a read-only node).
+    groups: Option<Arc<crate::raft::groups::Groups>>,
     query_log: Arc<QueryLog>,
     ctx: SessionContext,
     parser: PostgresCompatibilityParser,
@@ -103,7 +105,13 @@ impl Node {
         let catalog = Arc::new(Catalog::load_or_init(&config.data_dir)?);
         let copy_paths = crate::export::CopyPaths::open(&config.data_dir, &config.copy_dirs(), config.copy_overwrite, config.copy_bytes_max)?;
         crate::copy_in::clear_spool_dir(&crate::copy_in::spool_dir(&config.data_dir));
-        let storage = Storage::open(&config, Arc::clone(&catalog), clock.clone()).await?;
+        // Orphaned files are removed once the shard groups have re-applied their logs
+        // (an entry may name files its apply had not yet committed).
+        let replicated = !config.segment_store_read_only;
+        let storage = Storage::open_with(&config, Arc::clone(&catalog), clock.clone(), !replicated).await?;
+        // Every write goes through the shards' Raft groups (one node: this node is each
+        // group's only voter), except on a node that only reads a shared store.
+        let groups = if replicated { Some(crate::raft::groups::Groups::open(&config, Arc::clone(&storage)).await?) } else { None };
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let (cluster, pipeline_factory) = build_cluster(&config, &catalog, &storage, &clock)?;
         let forecaster = Arc::new(
@@ -153,6 +161,7 @@ impl Node {
             config,
             catalog,
             storage,
+            groups,
             query_log,
             ctx,
             clock,
@@ -199,6 +208,9 @@ impl Node {
             )? {
                 bg.push(scaler.spawn());
             }
+            if let Some(g) = &node.groups {
+                bg.push(g.spawn_snapshotter());
+            }
             if node.config.compaction_interval_ms > 0 {
                 bg.push(storage::spawn_compactor(
                     Arc::clone(&node.storage),
@@ -228,6 +240,10 @@ impl Node {
     }
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
+    }
+    /// The shard groups (none on a node that only reads a shared store).
+    pub fn groups(&self) -> Option<&Arc<crate::raft::groups::Groups>> {
+        self.groups.as_ref()
     }
     /// The bound address of the internal Flight service.
     pub fn internal_addr(&self) -> Option<std::net::SocketAddr> {

@@ -1,6 +1,8 @@
 //! Crash and corruption: kill -9 during ingestion (and background compaction), then
-//! restart and check that every batch is whole or absent, that acknowledged batches are
-//! all there, and that the manifest and the segment files agree. Damaged segment files
+//! restart and check that every batch's part in each shard is whole or absent (a
+//! statement is all-or-nothing per shard, each shard's part committed through its Raft
+//! group), that acknowledged batches are all there, and that the manifest and the
+//! segment files agree. Damaged segment files
 //! give a clear error, not a panic or a dead node.
 
 mod common;
@@ -31,13 +33,27 @@ fn start_node(dir: &Path, port: u16, compact_ms: u32) -> NodeProcess {
         .expect("start tidemark"))
 }
 
+fn entity(i: usize) -> String {
+    format!("acct-{}", i % 37)
+}
+
+/// Rows of one batch in each shard.
+fn rows_per_shard() -> BTreeMap<u32, i64> {
+    let shards = tidemark::config::Config::default().shard_count;
+    let mut out = BTreeMap::new();
+    for i in 0..BATCH_ROWS {
+        *out.entry(tidemark::shard_map::shard_of(&entity(i), shards)).or_default() += 1;
+    }
+    out
+}
+
 fn batch_csv(batch: u32) -> String {
     let mut s = String::from("record_id,entity_id,service,operation,usage_type,quantity,event_time\n");
     for i in 0..BATCH_ROWS {
         // Spread over entities (shards) and three days (segments per batch).
         s.push_str(&format!(
-            "b{batch}-{i},acct-{},storage,GetObject,Requests,1,2026-01-0{} {:02}:00:00\n",
-            i % 37,
+            "b{batch}-{i},{},storage,GetObject,Requests,1,2026-01-0{} {:02}:00:00\n",
+            entity(i),
             5 + i % 3,
             i % 24
         ));
@@ -121,23 +137,30 @@ async fn kill_9_during_ingestion_keeps_whole_batches() {
         let mut child = start_node(dir.path(), port, 0);
         let c = wait_ready(port).await;
         let rows = c
-            .query("SELECT split_part(record_id, '-', 1) AS b, count(*) FROM usage GROUP BY 1", &[])
+            .query("SELECT split_part(record_id, '-', 1) AS b, entity_id, count(*) FROM usage GROUP BY 1, 2", &[])
             .await
             .unwrap();
-        let present: BTreeMap<u32, i64> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0).trim_start_matches('b').parse().unwrap(), r.get::<_, i64>(1)))
-            .collect();
-        for (b, n) in &present {
-            assert_eq!(*n as usize, BATCH_ROWS, "cycle {cycle}: batch {b} is partial ({n} rows)");
+        let shards = tidemark::config::Config::default().shard_count;
+        let mut present: BTreeMap<u32, BTreeMap<u32, i64>> = BTreeMap::new();
+        for r in &rows {
+            let b: u32 = r.get::<_, String>(0).trim_start_matches('b').parse().unwrap();
+            let shard = tidemark::shard_map::shard_of(&r.get::<_, String>(1), shards);
+            *present.entry(b).or_default().entry(shard).or_default() += r.get::<_, i64>(2);
+        }
+        let whole = rows_per_shard();
+        for (b, parts) in &present {
+            for (shard, n) in parts {
+                assert_eq!(Some(n), whole.get(shard), "cycle {cycle}: batch {b}'s part in shard {shard} is partial ({n} rows)");
+            }
             assert!(acked.contains(b) || unknown.contains(b), "cycle {cycle}: batch {b} was never sent");
         }
         for b in &acked {
-            assert!(present.contains_key(b), "cycle {cycle}: acknowledged batch {b} was lost");
+            assert_eq!(present.get(b), Some(&whole), "cycle {cycle}: acknowledged batch {b} was lost or partly lost");
         }
-        // An unknown batch that is present is now known to have committed.
-        for b in present.keys() {
-            if unknown.remove(b) {
+        // An unknown batch that is wholly present is now known to have committed (one
+        // present in some shards only stays unknown: its statement failed midway).
+        for (b, parts) in &present {
+            if parts == &whole && unknown.remove(b) {
                 acked.insert(*b);
             }
         }
@@ -308,7 +331,7 @@ async fn write_buffer_rows_are_visible_then_flushed() {
     assert_eq!(copy_batch(&c, 2).await.unwrap(), 0);
 }
 
-/// Buffered rows survive a crash: the write-ahead log is replayed at the next start.
+/// Buffered rows survive a crash: the shards' Raft logs are re-applied at the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_buffer_survives_a_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -327,9 +350,11 @@ async fn write_buffer_survives_a_crash() {
     let c = n.client().await;
     let row = c.query_one("SELECT count(*), count(DISTINCT record_id) FROM usage", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (2 * BATCH_ROWS as i64, 2 * BATCH_ROWS as i64));
-    // Recovery stored them as segments and started a fresh log.
-    assert!(c.query_one("SELECT count(*) FROM system.segments", &[]).await.unwrap().get::<_, i64>(0) > 0);
+    // Re-applied into the write buffer, still deduplicated, then flushed as usual.
     assert_eq!(copy_batch(&c, 0).await.unwrap(), 0);
+    assert_eq!(n.node.storage().flush_buffer().await.unwrap(), 2 * BATCH_ROWS);
+    assert!(c.query_one("SELECT count(*) FROM system.segments", &[]).await.unwrap().get::<_, i64>(0) > 0);
+    assert_eq!(copy_batch(&c, 1).await.unwrap(), 0);
 }
 
 /// A crash in the middle of a put leaves object_store's staging file (`name#N`) and,

@@ -1,19 +1,29 @@
-//! Replication with openraft (0.9, storage v2): the type configuration of a shard's Raft
-//! group, its durable log store ([`log_store`]) and its state machine
-//! ([`state_machine`]).
+//! Replication with openraft (0.9, storage v2): every shard is a Raft group whose log
+//! carries the shard's writes; its state machine applies them into storage (the write
+//! buffer, then segments), so every replica of a shard stores the same rows.
 //!
-//! Step 1 of replication (issue 12): one shard group's storage, passing openraft's
-//! storage test suite and surviving a reopen. Not yet wired: the Raft nodes themselves,
-//! their network over the internal Flight endpoint, the metadata group, and applying
-//! into the write buffer and segments (the state machine keeps its accepted batches
-//! itself for now, see [`state_machine`]).
+//! - [`log_store`]: the node's groups' logs in one redb file, with group commit;
+//! - [`state_machine`]: one group's apply, its durable state in the segment manifest,
+//!   and its snapshots (the shard's segment list);
+//! - [`network`]: how a group reaches its peers (not yet: one-node groups only);
+//! - [`groups`]: the node's groups, and the write path over them ([`groups::Groups`]
+//!   is the storage's `Replicator`).
+//!
+//! Steps of issue 12 done: storage passing openraft's suite (1) and the one-node
+//! cluster of the same code as the default (2). Not yet: groups spanning nodes (their
+//! network over the internal Flight endpoint, leader forwarding, snapshots of files on
+//! a store that is not shared), the metadata group, read-your-writes tokens.
 //!
 //! Owns: what a shard group's log entries carry ([`Command`]) and answer ([`Applied`]).
 
+pub mod groups;
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 
 use serde::{Deserialize, Serialize};
+
+use crate::storage::manifest::SegmentMeta;
 
 openraft::declare_raft_types!(
     /// The type configuration of a shard's Raft group.
@@ -28,10 +38,24 @@ openraft::declare_raft_types!(
 /// One entry of a shard's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// The rows of one statement that fall in this shard: their record ids, in row
-    /// order, and the rows as an Arrow IPC stream. Which of them are new is decided
+    /// The rows of one statement that fall in this shard, validated and in the table's
+    /// schema, as an Arrow IPC stream. Which of them are new (by record id) is decided
     /// when the entry is applied, in log order, so every replica decides alike.
-    Append { record_ids: Vec<String>, rows: Vec<u8> },
+    Rows {
+        table: String,
+        #[serde(with = "serde_bytes")]
+        rows: Vec<u8>,
+    },
+    /// Segment files of this shard that the leader wrote for a large statement (named by
+    /// no manifest until this entry is applied), and the index keys of their rows
+    /// (16 bytes each, little-endian): applied whole, or refused whole if an earlier
+    /// entry stored one of those records.
+    Adopt {
+        table: String,
+        segments: Vec<SegmentMeta>,
+        #[serde(with = "serde_bytes")]
+        ids: Vec<u8>,
+    },
 }
 
 /// What applying an entry did.
@@ -41,6 +65,8 @@ pub struct Applied {
     pub stored: u64,
     /// Rows whose record id an earlier entry had stored (idempotent re-sends).
     pub duplicates: u64,
+    /// An `Adopt` refused because an earlier entry stored some of its records.
+    pub refused: bool,
 }
 
 pub type StorageError = openraft::StorageError<u64>;
@@ -49,20 +75,93 @@ fn io_error(subject: openraft::ErrorSubject<u64>, verb: openraft::ErrorVerb, e: 
     StorageError::IO { source: openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(&e)) }
 }
 
+/// Index keys as an `Adopt` entry carries them.
+pub fn encode_ids(ids: impl IntoIterator<Item = u128>) -> Vec<u8> {
+    ids.into_iter().flat_map(|h| h.to_le_bytes()).collect()
+}
+
+pub fn decode_ids(bytes: &[u8]) -> Vec<u128> {
+    bytes.chunks_exact(16).map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes"))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::log_store::LogStore;
     use super::state_machine::StateMachine;
     use super::*;
+    use crate::catalog::{Catalog, TableDef};
+    use crate::clock::Clock;
+    use crate::config::Config;
+    use crate::storage::Storage;
+    use datafusion::arrow::array::{Decimal128Array, RecordBatch, StringArray, TimestampMicrosecondArray};
     use openraft::testing::{StoreBuilder, Suite};
+    use std::sync::Arc;
+
+    async fn open_storage(dir: &std::path::Path) -> (Arc<Storage>, Arc<TableDef>) {
+        let cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+        let catalog = Arc::new(Catalog::load_or_init(&cfg.data_dir).unwrap());
+        let table = catalog.get("usage").cloned().unwrap();
+        (Storage::open(&cfg, catalog, Clock::fixed(0)).await.unwrap(), table)
+    }
+
+    /// Rows of one entity (so one shard) with the given record ids.
+    fn rows(table: &TableDef, ids: &[&str]) -> RecordBatch {
+        let n = ids.len();
+        let s = |v: Vec<String>| Arc::new(StringArray::from(v)) as _;
+        let day = 1_767_571_200_000_000i64; // 2026-01-05
+        RecordBatch::try_new(
+            Arc::clone(&table.schema),
+            vec![
+                s(ids.iter().map(|i| i.to_string()).collect()),
+                s(vec!["acct-001".into(); n]),
+                s(vec!["storage".into(); n]),
+                s(vec!["GetObject".into(); n]),
+                s(vec!["Requests".into(); n]),
+                s(vec!["eu".into(); n]),
+                Arc::new(Decimal128Array::from(vec![1_000_000i128; n]).with_precision_and_scale(38, 6).unwrap()),
+                Arc::new(TimestampMicrosecondArray::from((0..n).map(|i| day + i as i64 * 1_000_000).collect::<Vec<_>>())),
+                Arc::new(TimestampMicrosecondArray::from(vec![day; n])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn ipc(batch: &RecordBatch) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &batch.schema()).unwrap();
+        w.write(batch).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        out
+    }
+
+    fn entry(index: u64, table: &TableDef, ids: &[&str]) -> openraft::Entry<ShardGroup> {
+        openraft::Entry {
+            log_id: openraft::testing::log_id(1, 0, index),
+            payload: openraft::EntryPayload::Normal(Command::Rows { table: table.name.clone(), rows: ipc(&rows(table, ids)) }),
+        }
+    }
+
+    fn shard() -> crate::shard_map::ShardId {
+        crate::shard_map::shard_of("acct-001", Config::default().shard_count)
+    }
 
     struct OnDisk;
 
     impl StoreBuilder<ShardGroup, LogStore, StateMachine, tempfile::TempDir> for OnDisk {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().unwrap();
-            let log = LogStore::open(&dir.path().join("log.redb"))?;
-            let sm = StateMachine::open(&dir.path().join("sm"))?;
+            let log = LogStore::open(&dir.path().join("raft/log.redb"))?;
+            // Opened on a thread of its own: the suite wants a future that is Send for
+            // every lifetime, which storage's start-up future is not.
+            let path = dir.path().to_path_buf();
+            let storage = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(open_storage(&path)).0
+            })
+            .join()
+            .unwrap();
+            let sm = StateMachine::open(storage, 0)?;
             Ok((dir, log, sm))
         }
     }
@@ -73,24 +172,15 @@ mod tests {
         Suite::test_all(OnDisk).unwrap();
     }
 
-    fn append(index: u64, ids: &[&str]) -> openraft::Entry<ShardGroup> {
-        openraft::Entry {
-            log_id: openraft::testing::log_id(1, 0, index),
-            payload: openraft::EntryPayload::Normal(Command::Append {
-                record_ids: ids.iter().map(|s| s.to_string()).collect(),
-                rows: format!("rows of {index}").into_bytes(),
-            }),
-        }
-    }
-
     #[tokio::test]
     async fn log_vote_and_committed_survive_a_reopen() {
         use openraft::storage::{RaftLogReader, RaftLogStorage};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.redb");
+        let (_, table) = open_storage(dir.path()).await;
         {
             let mut log = LogStore::open(&path).unwrap();
-            log.write_entries((1..=10).map(|i| append(i, &["x"]))).unwrap();
+            log.write_entries((1..=10).map(|i| entry(i, &table, &["x"]))).await.unwrap();
             log.save_vote(&openraft::Vote::new_committed(1, 0)).await.unwrap();
             log.save_committed(Some(openraft::testing::log_id(1, 0, 7))).await.unwrap();
             log.purge(openraft::testing::log_id(1, 0, 3)).await.unwrap();
@@ -102,26 +192,66 @@ mod tests {
         assert_eq!(state.last_log_id, Some(openraft::testing::log_id(1, 0, 8)));
         let entries = log.try_get_log_entries(0..100).await.unwrap();
         assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (4..=8).collect::<Vec<_>>());
-        assert_eq!(entries[0], append(4, &["x"]));
+        assert_eq!(entries[0], entry(4, &table, &["x"]));
         assert_eq!(log.read_vote().await.unwrap(), Some(openraft::Vote::new_committed(1, 0)));
         assert_eq!(log.read_committed().await.unwrap(), Some(openraft::testing::log_id(1, 0, 7)));
     }
 
+    /// Groups share one database: each sees only its own entries, and concurrent
+    /// appends of many groups all land.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_share_one_log_database() {
+        use openraft::storage::{RaftLogReader, RaftLogStorage};
+        let dir = tempfile::tempdir().unwrap();
+        let (_, table) = open_storage(dir.path()).await;
+        let db = super::log_store::LogDb::open(&dir.path().join("log.redb")).unwrap();
+        let tasks: Vec<_> = (0..8u32)
+            .map(|g| {
+                let log = db.group(g);
+                let table = Arc::clone(&table);
+                tokio::spawn(async move {
+                    for i in 1..=(5 + g as u64) {
+                        log.write_entries([entry(i, &table, &["y"])]).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for g in 0..8u32 {
+            let mut log = db.group(g);
+            let last = log.get_log_state().await.unwrap().last_log_id.map(|l| l.index);
+            assert_eq!(last, Some(5 + g as u64));
+            assert_eq!(log.try_get_log_entries(..).await.unwrap().len(), 5 + g as usize);
+        }
+        db.group(3).truncate(openraft::testing::log_id(1, 0, 2)).await.unwrap();
+        assert_eq!(db.group(3).try_get_log_entries(..).await.unwrap().len(), 1);
+        assert_eq!(db.group(4).try_get_log_entries(..).await.unwrap().len(), 9);
+    }
+
     /// Replicas that apply the same log store the same rows: the first entry carrying
-    /// a record id stores it, later ones count it as a duplicate; a snapshot restores
-    /// the state after a reopen.
+    /// a record id stores it, later ones count it as a duplicate; the applied state
+    /// reaches the manifest with the flush that stores the rows, and a reopened state
+    /// machine starts from there.
     #[tokio::test]
     async fn replicas_decide_duplicates_by_log_order_alike() {
         use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-        let log = vec![append(1, &["a", "b"]), append(2, &["b", "c"]), append(3, &["a"]), append(4, &["d", "d"])];
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let mut answers = Vec::new();
-        let mut states = Vec::new();
-        for d in &dirs {
-            let mut sm = StateMachine::open(d.path()).unwrap();
+        let mut stored = Vec::new();
+        for (k, d) in dirs.iter().enumerate() {
+            let (storage, table) = open_storage(d.path()).await;
+            let log = vec![
+                entry(1, &table, &["a", "b"]),
+                entry(2, &table, &["b", "c"]),
+                entry(3, &table, &["a"]),
+                entry(4, &table, &["d", "d"]),
+            ];
+            let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
             // One replica applies entry by entry, the other in one call.
             let mut a = Vec::new();
-            if answers.is_empty() {
+            if k == 0 {
                 for e in &log {
                     a.extend(sm.apply([e.clone()]).await.unwrap());
                 }
@@ -129,18 +259,65 @@ mod tests {
                 a = sm.apply(log.clone()).await.unwrap();
             }
             answers.push(a);
-            states.push(sm.state());
-            sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            assert_eq!(storage.view().1.rows, 4, "applied rows wait in the write buffer");
+            assert_eq!(storage.group_state(shard()), None, "nothing durable before a flush");
+            let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            assert_eq!(snap.meta.last_log_id, Some(openraft::testing::log_id(1, 0, 4)));
+            let mut ids: Vec<String> = Vec::new();
+            for seg in storage.group_segments(shard()) {
+                for b in storage.read_segment(&seg, Some("record_id")).await.unwrap() {
+                    let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                    ids.extend(col.iter().map(|v| v.unwrap().to_string()));
+                }
+            }
+            ids.sort();
+            stored.push(ids);
+            let reopened = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+            assert_eq!(reopened.state().applied, Some(openraft::testing::log_id(1, 0, 4)));
         }
         assert_eq!(answers[0], answers[1]);
-        assert_eq!(states[0], states[1]);
+        assert_eq!(stored[0], stored[1]);
         let counts: Vec<(u64, u64)> = answers[0].iter().map(|a| (a.stored, a.duplicates)).collect();
         assert_eq!(counts, vec![(2, 0), (1, 1), (0, 1), (1, 1)]);
-        assert_eq!(states[0].record_ids.iter().cloned().collect::<Vec<_>>(), ["a", "b", "c", "d"]);
-        assert_eq!(states[0].batches.iter().map(|b| b.index).collect::<Vec<_>>(), [1, 2, 4]);
-        assert_eq!(states[0].applied, Some(openraft::testing::log_id(1, 0, 4)));
-        let reopened = StateMachine::open(dirs[0].path()).unwrap();
-        assert_eq!(reopened.state(), states[0]);
+        assert_eq!(stored[0], ["a", "b", "c", "d"]);
+        // After a restart of the storage the index still refuses the stored ids.
+        let (storage, table) = open_storage(dirs[0].path()).await;
+        let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+        let again = sm.apply([entry(5, &table, &["c", "e"])]).await.unwrap();
+        assert_eq!((again[0].stored, again[0].duplicates), (1, 1));
+    }
+
+    /// An `Adopt` whose records an earlier entry stored is refused whole, and names no
+    /// file; one that is new names its files in one commit.
+    #[tokio::test]
+    async fn an_adopt_of_stored_records_is_refused_whole() {
+        use openraft::storage::RaftStateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, table) = open_storage(dir.path()).await;
+        let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+        sm.apply([entry(1, &table, &["a"])]).await.unwrap();
+        let write = |ids: &'static [&'static str]| {
+            let (storage, table) = (Arc::clone(&storage), Arc::clone(&table));
+            async move {
+                let batch = rows(&table, ids);
+                let layout = storage.layout(&table.name).unwrap();
+                let mut n = 0;
+                let segs = storage.write_segments(&table, &layout, &batch, &mut n).await.unwrap();
+                let keys = encode_ids(ids.iter().map(|i| crate::storage::id_key(shard(), i)));
+                Command::Adopt { table: table.name.clone(), segments: segs, ids: keys }
+            }
+        };
+        let refused = write(&["a", "z"]).await;
+        let fresh = write(&["x", "y"]).await;
+        let e = |i, c| openraft::Entry { log_id: openraft::testing::log_id(1, 0, i), payload: openraft::EntryPayload::Normal(c) };
+        let out = sm.apply([e(2, refused), e(3, fresh)]).await.unwrap();
+        assert!(out[0].refused && out[0].stored == 0, "{:?}", out[0]);
+        assert_eq!((out[1].refused, out[1].stored), (false, 2));
+        // The buffered row of entry 1 was flushed before the adopted files were named,
+        // so the manifest's state for the group covers every entry up to 3.
+        let m = storage.snapshot();
+        assert_eq!(m.segments.iter().map(|s| s.rows).sum::<u64>(), 3);
+        assert_eq!(StateMachine::open(Arc::clone(&storage), shard()).unwrap().state().applied.map(|l| l.index), Some(3));
     }
 
     const KILL_CHILD: &str = "TIDEMARK_RAFT_KILL_CHILD";
@@ -153,11 +330,13 @@ mod tests {
         use std::io::BufRead;
         if let Ok(path) = std::env::var(KILL_CHILD) {
             // The child: append batches of entries until killed (bounded all the same).
+            let tdir = tempfile::tempdir().unwrap();
+            let (_, table) = open_storage(tdir.path()).await;
             let log = LogStore::open(std::path::Path::new(&path)).unwrap();
             let mut next = 1;
             for _ in 0..100_000 {
                 let n = 1 + next % 7;
-                log.write_entries((next..next + n).map(|i| append(i, &["r"]))).unwrap();
+                log.write_entries((next..next + n).map(|i| entry(i, &table, &["r"]))).await.unwrap();
                 next += n;
                 println!("acked {}", next - 1);
             }

@@ -1,136 +1,141 @@
-//! A shard group's state machine: applies [`Command`]s in log order and keeps the
-//! decision of which rows are new, so that every replica of the shard stores the same
-//! rows whatever was re-sent.
+//! A shard group's state machine: applies [`Command`]s in log order into storage, so
+//! that every replica of the shard stores the same rows whatever was re-sent.
 //!
-//! Owns: the shard's applied state (last applied log id, membership, the record ids
-//! stored, the accepted batches) and its snapshots: the whole state as JSON, written
-//! durably (`snapshot.json`, temp file + rename + fsync) when built or installed.
-//! After a crash the state is the last snapshot's, and openraft re-applies the
-//! committed entries after it from the log (the log store keeps the committed id).
+//! Owns: the group's applied state (last applied log id and membership) and its
+//! snapshots. The applied state travels with the rows: each apply hands it to storage
+//! beside the rows it stored (`Storage::apply_rows`, `adopt`, `note_group`), and the
+//! manifest commit that makes those rows durable (a flush, an adopted file) records it
+//! too. So after a crash the group's state is the manifest's, the write buffer it had
+//! is gone, and openraft re-applies the committed entries after it from the log, which
+//! rebuilds the buffer: the log is the write-ahead log.
+//!
+//! A snapshot is the shard's committed segment list at a flush (taken so that it holds
+//! everything applied), with the state it reflects; installing one on a replica that
+//! shares the segment store adopts those files. Snapshots are kept in memory: after a
+//! restart openraft builds a new one when a peer needs it.
+//!
 //! Must never: decide a record's fate other than by log order (the first entry that
-//! carries a record id stores it; later ones count it as a duplicate).
-//!
-//! Not yet: applying into the node's write buffer and segments (then the state becomes
-//! the segment manifest, and a snapshot the manifest plus its files, sent in chunks).
-//! Until then the accepted batches live here, in memory and in snapshots.
+//! carries a record id stores it; later ones count it as a duplicate), or record an
+//! applied state in the manifest ahead of the rows it covers.
 
-use std::collections::BTreeSet;
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::ipc::reader::StreamReader;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, StoredMembership};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{io_error, Applied, Command, ShardGroup, StorageError};
+use super::{decode_ids, io_error, Applied, Command, ShardGroup, StorageError};
+use crate::shard_map::ShardId;
+use crate::storage::manifest::SegmentMeta;
+use crate::storage::Storage;
 
-/// One accepted Append: its rows as sent, and which of them were stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredBatch {
-    pub index: u64,
-    pub rows: Vec<u8>,
-    pub stored: Vec<bool>,
-}
-
-/// The applied state of a shard group.
+/// The applied state of a shard group, as the manifest keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardState {
+pub struct GroupState {
     pub applied: Option<LogId<u64>>,
     pub membership: StoredMembership<u64, BasicNode>,
-    pub record_ids: BTreeSet<String>,
-    pub batches: Vec<StoredBatch>,
 }
 
-impl ShardState {
-    /// Applies one command at `index`.
-    fn apply(&mut self, index: u64, cmd: &Command) -> Applied {
-        match cmd {
-            Command::Append { record_ids, rows } => {
-                let stored: Vec<bool> = record_ids.iter().map(|id| self.record_ids.insert(id.clone())).collect();
-                let n = stored.iter().filter(|s| **s).count() as u64;
-                let out = Applied { stored: n, duplicates: stored.len() as u64 - n };
-                if n > 0 {
-                    self.batches.push(StoredBatch { index, rows: rows.clone(), stored });
-                }
-                out
-            }
-        }
-    }
-}
-
+/// A snapshot's content.
 #[derive(Debug, Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta<u64, BasicNode>,
-    state: ShardState,
+struct SnapshotData {
+    state: GroupState,
+    segments: Vec<SegmentMeta>,
 }
 
-struct Inner {
-    state: ShardState,
-    dir: PathBuf,
-    current: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
-    built: u64,
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failed(String);
+
+fn sm_error(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    io_error(ErrorSubject::StateMachine, verb, Failed(e.to_string()))
 }
 
 /// The state machine of one shard group. Clones share it (the snapshot builder is one).
 #[derive(Clone)]
 pub struct StateMachine {
-    inner: Arc<Mutex<Inner>>,
-}
-
-fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
-    io_error(ErrorSubject::StateMachine, ErrorVerb::Read, e)
-}
-
-fn snapshot_write(e: impl std::error::Error + 'static) -> StorageError {
-    io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e)
+    storage: Arc<Storage>,
+    group: ShardId,
+    state: Arc<Mutex<GroupState>>,
+    current: Arc<Mutex<Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>>>,
+    built: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
-    /// Opens the state machine kept in `dir`: the state of its last snapshot, if any.
-    pub fn open(dir: &Path) -> Result<StateMachine, StorageError> {
-        std::fs::create_dir_all(dir).map_err(snapshot_write)?;
-        let path = dir.join("snapshot.json");
-        let (state, current) = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let f: SnapshotFile = serde_json::from_slice(&bytes).map_err(sm_read)?;
-                let data = serde_json::to_vec(&f.state).map_err(sm_read)?;
-                (f.state, Some((f.meta, data)))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (ShardState::default(), None),
-            Err(e) => return Err(sm_read(e)),
+    /// The state machine of shard `group`, at the state the committed manifest records.
+    pub fn open(storage: Arc<Storage>, group: ShardId) -> Result<StateMachine, StorageError> {
+        let state = match storage.group_state(group) {
+            Some(v) => serde_json::from_value(v).map_err(|e| sm_error(ErrorVerb::Read, e))?,
+            None => GroupState::default(),
         };
-        Ok(StateMachine { inner: Arc::new(Mutex::new(Inner { state, dir: dir.to_path_buf(), current, built: 0 })) })
+        Ok(StateMachine {
+            storage,
+            group,
+            state: Arc::new(Mutex::new(state)),
+            current: Arc::new(Mutex::new(None)),
+            built: Arc::default(),
+        })
     }
 
     /// A copy of the applied state.
-    pub fn state(&self) -> ShardState {
-        self.inner.lock().state.clone()
+    pub fn state(&self) -> GroupState {
+        self.state.lock().clone()
     }
 
-    /// Makes `state` under `meta` the current snapshot, durably.
-    fn keep(inner: &mut Inner, meta: SnapshotMeta<u64, BasicNode>, state: &ShardState) -> Result<Vec<u8>, StorageError> {
-        let file = SnapshotFile { meta: meta.clone(), state: state.clone() };
-        let bytes = serde_json::to_vec(&file).map_err(snapshot_write)?;
-        crate::fsutil::write_file_durably(&inner.dir.join("snapshot.json"), &bytes).map_err(snapshot_write)?;
-        let data = serde_json::to_vec(state).map_err(snapshot_write)?;
-        inner.current = Some((meta, data.clone()));
-        Ok(data)
+    async fn apply_command(&self, cmd: &Command, state: serde_json::Value) -> Result<Applied, StorageError> {
+        let write = |e: crate::error::Error| sm_error(ErrorVerb::Write, e);
+        match cmd {
+            Command::Rows { table, rows } => {
+                let tdef = self
+                    .storage
+                    .catalog()
+                    .get(table)
+                    .cloned()
+                    .ok_or_else(|| sm_error(ErrorVerb::Read, format!("log entry names unknown table {table}")))?;
+                let reader = StreamReader::try_new(Cursor::new(rows.as_slice()), None).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+                let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| sm_error(ErrorVerb::Read, e))?;
+                let batch = concat_batches(&tdef.schema, &batches).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+                let (stored, duplicates) = self.storage.apply_rows(self.group, state, &tdef, batch).await.map_err(write)?;
+                Ok(Applied { stored, duplicates, refused: false })
+            }
+            Command::Adopt { table, segments, ids } => {
+                let tdef = self
+                    .storage
+                    .catalog()
+                    .get(table)
+                    .cloned()
+                    .ok_or_else(|| sm_error(ErrorVerb::Read, format!("log entry names unknown table {table}")))?;
+                match self.storage.adopt(self.group, state, &tdef, segments, &decode_ids(ids)).await.map_err(write)? {
+                    Some(stored) => Ok(Applied { stored, duplicates: 0, refused: false }),
+                    None => Ok(Applied { stored: 0, duplicates: 0, refused: true }),
+                }
+            }
+        }
     }
 }
 
 impl RaftSnapshotBuilder<ShardGroup> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<ShardGroup>, StorageError> {
-        let mut inner = self.inner.lock();
-        inner.built += 1;
-        let state = inner.state.clone();
+        // The flush makes everything applied so far durable; the manifest it commits
+        // holds the group's state and segments as of that moment.
+        let manifest = self.storage.flush_for_snapshot().await.map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        let state: GroupState = match manifest.groups.get(&self.group) {
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| sm_error(ErrorVerb::Read, e))?,
+            None => GroupState::default(),
+        };
+        let segments: Vec<SegmentMeta> = manifest.segments.iter().filter(|s| s.shard == self.group).cloned().collect();
+        let n = self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = match state.applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, inner.built),
-            None => format!("none-{}", inner.built),
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
+            None => format!("none-{n}"),
         };
         let meta = SnapshotMeta { last_log_id: state.applied, last_membership: state.membership.clone(), snapshot_id: id };
-        let data = Self::keep(&mut inner, meta.clone(), &state)?;
+        let data = serde_json::to_vec(&SnapshotData { state, segments }).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        *self.current.lock() = Some((meta.clone(), data.clone()));
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -139,8 +144,8 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError> {
-        let inner = self.inner.lock();
-        Ok((inner.state.applied, inner.state.membership.clone()))
+        let s = self.state.lock();
+        Ok((s.applied, s.membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
@@ -148,19 +153,27 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
         I: IntoIterator<Item = Entry<ShardGroup>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut inner = self.inner.lock();
         let mut out = Vec::new();
         for e in entries {
             let id = *e.get_log_id();
-            inner.state.applied = Some(id);
-            out.push(match &e.payload {
-                EntryPayload::Blank => Applied::default(),
-                EntryPayload::Normal(cmd) => inner.state.apply(id.index, cmd),
-                EntryPayload::Membership(m) => {
-                    inner.state.membership = StoredMembership::new(Some(id), m.clone());
+            let next = {
+                let mut s = self.state.lock().clone();
+                s.applied = Some(id);
+                if let EntryPayload::Membership(m) = &e.payload {
+                    s.membership = StoredMembership::new(Some(id), m.clone());
+                }
+                s
+            };
+            let value = serde_json::to_value(&next).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+            let applied = match &e.payload {
+                EntryPayload::Normal(cmd) => self.apply_command(cmd, value).await?,
+                EntryPayload::Blank | EntryPayload::Membership(_) => {
+                    self.storage.note_group(self.group, value).await;
                     Applied::default()
                 }
-            });
+            };
+            *self.state.lock() = next;
+            out.push(applied);
         }
         Ok(out)
     }
@@ -175,18 +188,21 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
-        let mut state: ShardState = serde_json::from_slice(snapshot.get_ref())
-            .map_err(|e| io_error(ErrorSubject::Snapshot(sig), ErrorVerb::Read, e))?;
-        state.applied = meta.last_log_id;
-        state.membership = meta.last_membership.clone();
-        let mut inner = self.inner.lock();
-        Self::keep(&mut inner, meta.clone(), &state)?;
-        inner.state = state;
+        let data: SnapshotData = serde_json::from_slice(snapshot.get_ref())
+            .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, Failed(e.to_string())))?;
+        let state = GroupState { applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        let value = serde_json::to_value(&state).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        self.storage
+            .install_group(self.group, value, data.segments)
+            .await
+            .map_err(|e| io_error(ErrorSubject::Snapshot(sig), ErrorVerb::Write, Failed(e.to_string())))?;
+        *self.state.lock() = state;
+        *self.current.lock() = Some((meta.clone(), snapshot.into_inner()));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<ShardGroup>>, StorageError> {
-        let inner = self.inner.lock();
-        Ok(inner.current.as_ref().map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.clone())) }))
+        let cur = self.current.lock();
+        Ok(cur.as_ref().map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.clone())) }))
     }
 }

@@ -22,7 +22,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
 
 use super::manifest::SegmentMeta;
-use super::{AppendOutcome, IdSet, Storage};
+use super::{AppendOutcome, ShardIds, Storage};
 use crate::catalog::TableDef;
 use crate::error::{Error, Result};
 
@@ -34,7 +34,7 @@ pub struct BulkAppend {
     pending: Vec<RecordBatch>,
     pending_bytes: usize,
     /// Ids of the rows kept so far (pending and written).
-    seen: IdSet,
+    seen: ShardIds,
     present: u64,
     /// Files written but not committed.
     written: Vec<SegmentMeta>,
@@ -51,7 +51,7 @@ impl BulkAppend {
             chunk_bytes: chunk_bytes.max(1),
             pending: Vec::new(),
             pending_bytes: 0,
-            seen: IdSet::default(),
+            seen: ShardIds::default(),
             present: 0,
             written: Vec::new(),
         })
@@ -117,11 +117,19 @@ impl BulkAppend {
     async fn commit(&mut self) -> Result<AppendOutcome> {
         self.spill().await?;
         let storage = Arc::clone(&self.storage);
+        if let Some(r) = storage.replicator()? {
+            // Through the shards' logs: from here on the files belong to the log entries
+            // that name them (an entry may commit even if this statement is dropped), so
+            // they are no longer this statement's to delete, except on a refusal.
+            let written = std::mem::take(&mut self.written);
+            let seen = std::mem::take(&mut self.seen);
+            return r.adopt(&self.table, written, seen, self.present).await;
+        }
         let _commit = storage.commit_lock.lock().await;
         if self.table.idempotency_key.is_some() {
             let ids = storage.ids.lock();
             if let Some(stored) = ids.get(&self.table.name) {
-                if let Some(n) = Some(self.seen.iter().filter(|h| stored.contains(h)).count()).filter(|n| *n > 0) {
+                if let Some(n) = Some(self.seen.values().flatten().filter(|h| stored.contains(h)).count()).filter(|n| *n > 0) {
                     return Err(Error::SerializationFailure(format!(
                         "{n} of this statement's records were stored by a concurrent statement; retry it (stored records are skipped)"
                     )));
@@ -143,7 +151,7 @@ impl BulkAppend {
         storage.commit(next)?;
         self.written.clear();
         if self.table.idempotency_key.is_some() {
-            storage.ids.lock().entry(self.table.name.clone()).or_default().extend(self.seen.drain());
+            storage.ids.lock().entry(self.table.name.clone()).or_default().extend(std::mem::take(&mut self.seen).into_values().flatten());
         }
         Ok(outcome)
     }

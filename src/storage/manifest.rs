@@ -5,6 +5,7 @@
 //! file, fsync, rename, fsync the directory). Must never: be edited in place; a commit
 //! produces a new manifest value and a new file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,11 +54,16 @@ pub struct Manifest {
     pub next_segment_id: u64,
     pub tables: Vec<TableLayout>,
     pub segments: Vec<SegmentMeta>,
+    /// Per Raft group (shard), the applied state (opaque here: `raft::state_machine`
+    /// writes it) that these segments reflect: after a restart the group re-applies its
+    /// log from there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<ShardId, serde_json::Value>,
 }
 
 impl Manifest {
     pub fn empty() -> Manifest {
-        Manifest { format: MANIFEST_FORMAT, version: 0, next_segment_id: 1, tables: vec![], segments: vec![] }
+        Manifest { format: MANIFEST_FORMAT, version: 0, next_segment_id: 1, tables: vec![], segments: vec![], groups: BTreeMap::new() }
     }
 
     pub fn layout(&self, table: &str) -> Option<&TableLayout> {

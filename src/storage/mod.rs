@@ -58,7 +58,7 @@ pub const SEGMENT_STORE_URL: &str = "tidemark://segments";
 
 /// Record-id hashes are already uniformly distributed, so the set uses them directly.
 #[derive(Default)]
-struct IdHasher(u64);
+pub struct IdHasher(u64);
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
@@ -74,12 +74,32 @@ impl Hasher for IdHasher {
         self.0 = v as u64;
     }
 }
-type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;
+pub type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;
 
-/// 128-bit XXH3 of a record id: collisions are negligible (about 1e-20 for 1e9 ids),
-/// and 16 bytes per record keeps the index in memory.
-pub fn record_hash(id: &str) -> u128 {
-    twox_hash::XxHash3_128::oneshot(id.as_bytes())
+/// Index keys of new rows, by the shard they belong to.
+pub type ShardIds = BTreeMap<ShardId, IdSet>;
+
+/// The index key of a record id in a shard: 128-bit XXH3 of the id, seeded with the
+/// shard. Collisions are negligible (about 1e-20 for 1e9 ids), 16 bytes per record keep
+/// the index in memory, and idempotency is decided per shard: a shard's replicas decide
+/// from that shard's log alone, so the same record id under two shard keys is two
+/// records.
+pub fn id_key(shard: ShardId, id: &str) -> u128 {
+    twox_hash::XxHash3_128::oneshot_with_seed(shard as u64, id.as_bytes())
+}
+
+/// The write path above storage (the node's Raft groups, `raft::groups`): when one is
+/// installed, [`Storage::append`] and a bulk statement's commit hand their rows to it,
+/// and they come back in log order as [`Storage::apply_rows`] and [`Storage::adopt`].
+/// The trait lives here so that storage does not import the layer above it.
+#[async_trait::async_trait]
+pub trait Replicator: Send + Sync {
+    /// Stores a validated statement's rows (in the table's schema).
+    async fn append(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome>;
+    /// Commits segment files that a large statement wrote (named by no manifest yet),
+    /// with the index keys of their rows by shard; `present` rows were dropped as
+    /// duplicates before the files were written.
+    async fn adopt(&self, table: &TableDef, segments: Vec<SegmentMeta>, ids: ShardIds, present: u64) -> Result<AppendOutcome>;
 }
 
 /// What an append did.
@@ -100,7 +120,9 @@ pub struct Storage {
     manifest_file: ManifestFile,
     current: RwLock<Arc<Manifest>>,
     commit_lock: tokio::sync::Mutex<()>,
+    /// Per table, the [`id_key`]s of the stored rows.
     ids: Mutex<HashMap<String, IdSet>>,
+    replicator: std::sync::OnceLock<std::sync::Weak<dyn Replicator>>,
     catalog: Arc<Catalog>,
     row_group_rows: usize,
     compaction_segments_min: usize,
@@ -127,6 +149,9 @@ pub struct Buffered {
     pub rows: usize,
     /// When the oldest buffered row arrived.
     pub since: Option<Instant>,
+    /// The applied state of each Raft group whose entries changed the buffer (opaque
+    /// here), written into the manifest by the flush that stores those rows.
+    pub groups: BTreeMap<ShardId, serde_json::Value>,
 }
 
 /// Segment files written at once by one append.
@@ -139,6 +164,13 @@ impl Storage {
     /// Opens the store: loads the manifest, records new tables' layouts, removes files
     /// that no manifest names, and rebuilds the record-id index.
     pub async fn open(cfg: &Config, catalog: Arc<Catalog>, clock: Clock) -> Result<Arc<Storage>> {
+        Self::open_with(cfg, catalog, clock, true).await
+    }
+
+    /// [`Storage::open`]; with `remove_orphans` false, files no manifest names are left
+    /// for [`Storage::remove_unnamed_files`] (the Raft groups' start, after they re-applied
+    /// their logs: a committed entry may name files its apply had not yet committed).
+    pub async fn open_with(cfg: &Config, catalog: Arc<Catalog>, clock: Clock, remove_orphans: bool) -> Result<Arc<Storage>> {
         // Reads of segments for queries go through the pipelines' own caches
         // (`pipeline::local`); storage itself writes, compacts and lists uncached.
         let (store, local_root) = open_object_store(cfg)?;
@@ -166,6 +198,7 @@ impl Storage {
             current: RwLock::new(Arc::new(manifest)),
             commit_lock: tokio::sync::Mutex::new(()),
             ids: Mutex::new(HashMap::new()),
+            replicator: std::sync::OnceLock::new(),
             catalog,
             row_group_rows: cfg.segment_row_group_rows,
             compaction_segments_min: cfg.compaction_segments_min.max(2),
@@ -182,7 +215,9 @@ impl Storage {
             // The store belongs to another node: its files are not ours to judge.
             return Ok(storage);
         }
-        storage.remove_orphans().await?;
+        if remove_orphans {
+            storage.remove_orphans().await?;
+        }
         storage.rebuild_index().await?;
         storage.recover_wal(&cfg.data_dir.join("meta").join("wal")).await?;
         Ok(storage)
@@ -304,7 +339,7 @@ impl Storage {
                         for b in batches {
                             let col = b.column(0).as_string::<i32>();
                             for i in 0..col.len() {
-                                set.insert(record_hash(col.value(i)));
+                                set.insert(id_key(seg.shard, col.value(i)));
                             }
                         }
                     }
@@ -348,6 +383,9 @@ impl Storage {
     /// the write buffer (one fsynced log record); large ones straight to segments.
     pub async fn append(&self, table: &TableDef, batches: Vec<RecordBatch>) -> Result<AppendOutcome> {
         self.check_writable()?;
+        if let Some(r) = self.replicator()? {
+            return r.append(table, batches).await;
+        }
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         if rows > self.buffer_statement_rows_max || self.buffer_rows_max == 0 {
             return self.append_to_segments(table, batches).await;
@@ -359,6 +397,7 @@ impl Storage {
         if all.num_rows() == 0 {
             return Ok(outcome);
         }
+        let new_ids = new_ids.into_values().flatten();
         {
             let mut wal = self.wal.lock();
             let w = wal.as_mut().ok_or_else(|| Error::Internal("write buffer without a log".into()))?;
@@ -371,6 +410,7 @@ impl Storage {
                 tables: b.tables.clone(),
                 rows: b.rows + all.num_rows(),
                 since: b.since.or_else(|| Some(Instant::now())),
+                groups: b.groups.clone(),
             };
             next.tables.entry(table.name.clone()).or_default().push(all);
             let full = next.rows >= self.buffer_rows_max;
@@ -387,8 +427,14 @@ impl Storage {
     /// Moves the write buffer into segments. Returns the rows flushed.
     pub async fn flush_buffer(&self) -> Result<usize> {
         let _commit = self.commit_lock.lock().await;
+        self.flush_locked().await
+    }
+
+    /// [`Storage::flush_buffer`] under the commit lock; also writes the applied state
+    /// of the Raft groups whose entries the buffer holds.
+    async fn flush_locked(&self) -> Result<usize> {
         let buffered = Arc::clone(&self.buffer.read());
-        if buffered.rows == 0 {
+        if buffered.rows == 0 && buffered.groups.is_empty() {
             return Ok(0);
         }
         let base = self.snapshot();
@@ -411,6 +457,7 @@ impl Storage {
         next.version += 1;
         next.next_segment_id = next_id;
         next.segments.extend(new_segments.iter().cloned());
+        next.groups.extend(buffered.groups.iter().map(|(g, s)| (*g, s.clone())));
         // Manifest and buffer change in one step for readers.
         let committed = {
             let mut cur = self.current.write();
@@ -468,14 +515,14 @@ impl Storage {
             return Err(e);
         }
         if !new_ids.is_empty() {
-            self.ids.lock().entry(table.name.clone()).or_default().extend(new_ids);
+            self.ids.lock().entry(table.name.clone()).or_default().extend(new_ids.into_values().flatten());
         }
         Ok(outcome)
     }
 
     /// Splits rows by (shard, window), sorts and encodes each group off the async
     /// runtime, and writes the files (not yet visible). On error, nothing is left behind.
-    async fn write_segments(
+    pub(crate) async fn write_segments(
         &self,
         table: &TableDef,
         layout: &TableLayout,
@@ -541,6 +588,197 @@ impl Storage {
         Ok(metas)
     }
 
+    /// Installs the write path above storage (once; later calls are ignored).
+    pub fn set_replicator(&self, r: std::sync::Weak<dyn Replicator>) {
+        let _ = self.replicator.set(r);
+    }
+
+    /// The installed write path, if any; an error once it has shut down.
+    pub(crate) fn replicator(&self) -> Result<Option<Arc<dyn Replicator>>> {
+        match self.replicator.get() {
+            None => Ok(None),
+            Some(w) => w.upgrade().map(Some).ok_or_else(|| Error::ShardUnavailable {
+                shard: 0,
+                reason: "the node's Raft groups have shut down".into(),
+            }),
+        }
+    }
+
+    /// The applied state that the committed manifest holds for Raft group `group`.
+    pub fn group_state(&self, group: ShardId) -> Option<serde_json::Value> {
+        self.snapshot().groups.get(&group).cloned()
+    }
+
+    /// Applies one log entry of shard `group`: its rows (validated, in the table's
+    /// schema, all of this shard) are deduplicated against the shard's stored ids and
+    /// the new ones go to the write buffer (or, with the buffer off, to segments), with
+    /// `state` (the group's applied state after this entry) kept beside them, so that
+    /// the manifest commit that stores them also records how far the group got.
+    /// Returns (rows stored, rows that were duplicates).
+    pub async fn apply_rows(&self, group: ShardId, state: serde_json::Value, table: &TableDef, batch: RecordBatch) -> Result<(u64, u64)> {
+        let _commit = self.commit_lock.lock().await;
+        let (kept, new_ids, present) = self.dedupe(table, &[batch])?;
+        let all = concat_batches(&table.schema, &kept)?;
+        let n = all.num_rows();
+        if self.buffer_rows_max == 0 && n > 0 {
+            let layout = self.layout(&table.name)?;
+            let base = self.snapshot();
+            let mut next_id = base.next_segment_id;
+            let segs = self.write_segments(table, &layout, &all, &mut next_id).await?;
+            let written: Vec<String> = segs.iter().map(|s| s.path.clone()).collect();
+            let mut next = (*base).clone();
+            next.version += 1;
+            next.next_segment_id = next_id;
+            next.segments.extend(segs);
+            next.groups.insert(group, state);
+            if let Err(e) = self.commit(next) {
+                self.delete_quietly(&written).await;
+                return Err(e);
+            }
+        } else {
+            let full = {
+                let mut b = self.buffer.write();
+                let mut next = Buffered {
+                    tables: b.tables.clone(),
+                    rows: b.rows + n,
+                    since: if n > 0 { b.since.or_else(|| Some(Instant::now())) } else { b.since },
+                    groups: b.groups.clone(),
+                };
+                if n > 0 {
+                    next.tables.entry(table.name.clone()).or_default().push(all);
+                }
+                next.groups.insert(group, state);
+                let full = next.rows >= self.buffer_rows_max.max(1);
+                *b = Arc::new(next);
+                full
+            };
+            if full {
+                self.flush_wanted.notify_one();
+            }
+        }
+        if n > 0 {
+            self.ids.lock().entry(table.name.clone()).or_default().extend(new_ids.into_values().flatten());
+        }
+        Ok((n as u64, present))
+    }
+
+    /// Records the applied state of group `group` after an entry that stores nothing
+    /// (a leader's blank entry, a membership change).
+    pub async fn note_group(&self, group: ShardId, state: serde_json::Value) {
+        let _commit = self.commit_lock.lock().await;
+        let mut b = self.buffer.write();
+        let mut next = Buffered { tables: b.tables.clone(), rows: b.rows, since: b.since, groups: b.groups.clone() };
+        next.groups.insert(group, state);
+        *b = Arc::new(next);
+    }
+
+    /// Applies a log entry of shard `group` that names segment files a large statement
+    /// wrote (`ids`: the index keys of their rows). If any of those records was stored
+    /// meanwhile by an earlier entry, the entry stores nothing and `None` is returned
+    /// (the same on every replica: it is decided by log order); the writer then deletes
+    /// its files. Otherwise the buffer is flushed first (so that the group's state in
+    /// the manifest covers every earlier entry) and one manifest commit names the files
+    /// and records `state`. Returns the rows stored.
+    pub async fn adopt(
+        &self,
+        group: ShardId,
+        state: serde_json::Value,
+        table: &TableDef,
+        segments: &[SegmentMeta],
+        ids: &[u128],
+    ) -> Result<Option<u64>> {
+        let _commit = self.commit_lock.lock().await;
+        let conflict = {
+            let stored = self.ids.lock();
+            stored.get(&table.name).is_some_and(|s| ids.iter().any(|h| s.contains(h)))
+        };
+        if conflict {
+            drop(_commit);
+            self.note_group(group, state).await;
+            return Ok(None);
+        }
+        self.flush_locked().await?;
+        let base = self.snapshot();
+        let mut next = (*base).clone();
+        next.version += 1;
+        let mut rows = 0;
+        for seg in segments {
+            let mut seg = seg.clone();
+            seg.id = next.next_segment_id;
+            next.next_segment_id += 1;
+            rows += seg.rows;
+            next.segments.push(seg);
+        }
+        next.groups.insert(group, state);
+        self.commit(next)?;
+        if table.idempotency_key.is_some() {
+            self.ids.lock().entry(table.name.clone()).or_default().extend(ids.iter().copied());
+        }
+        Ok(Some(rows))
+    }
+
+    /// Replaces shard `group`'s segments by those of a snapshot (files already in the
+    /// shared segment store) and records `state`: how a lagging replica catches up.
+    /// The shard's buffered rows are flushed first and then replaced with the rest; the
+    /// index gains the snapshot's ids (a snapshot is a later state of the same log, so
+    /// the ids it drops are none).
+    pub async fn install_group(&self, group: ShardId, state: serde_json::Value, segments: Vec<SegmentMeta>) -> Result<()> {
+        let _commit = self.commit_lock.lock().await;
+        self.flush_locked().await?;
+        let mut ids: HashMap<String, Vec<u128>> = HashMap::new();
+        for seg in &segments {
+            let Some(key) = self.catalog.get(&seg.table).and_then(|t| t.idempotency_key.clone()) else { continue };
+            for b in self.read_segment(seg, Some(key.as_str())).await? {
+                let col = b.column(0).as_string::<i32>();
+                ids.entry(seg.table.clone()).or_default().extend((0..col.len()).map(|i| id_key(group, col.value(i))));
+            }
+        }
+        let base = self.snapshot();
+        let mut next = (*base).clone();
+        next.version += 1;
+        let replaced: Vec<String> = next.segments.iter().filter(|s| s.shard == group).map(|s| s.path.clone()).collect();
+        next.segments.retain(|s| s.shard != group);
+        let kept: HashSet<String> = segments.iter().map(|s| s.path.clone()).collect();
+        for mut seg in segments {
+            seg.id = next.next_segment_id;
+            next.next_segment_id += 1;
+            next.segments.push(seg);
+        }
+        next.groups.insert(group, state);
+        self.commit(next)?;
+        let mut stored = self.ids.lock();
+        for (t, keys) in ids {
+            stored.entry(t).or_default().extend(keys);
+        }
+        let at = Instant::now();
+        self.pending_deletes.lock().extend(replaced.into_iter().filter(|p| !kept.contains(p)).map(|p| (at, p)));
+        Ok(())
+    }
+
+    /// The committed segments of shard `group` (all tables): a snapshot's content.
+    pub fn group_segments(&self, group: ShardId) -> Vec<SegmentMeta> {
+        self.snapshot().segments.iter().filter(|s| s.shard == group).cloned().collect()
+    }
+
+    /// Flushes the buffer and returns the manifest that holds everything applied so
+    /// far: what a Raft snapshot is built from.
+    pub async fn flush_for_snapshot(&self) -> Result<Arc<Manifest>> {
+        let _commit = self.commit_lock.lock().await;
+        self.flush_locked().await?;
+        Ok(self.snapshot())
+    }
+
+    /// Removes segment files that no manifest names (see [`Storage::open`]); the Raft
+    /// groups call it again once they have re-applied their logs, since a committed
+    /// entry may name files that its apply had not yet committed when the node stopped.
+    pub async fn remove_unnamed_files(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _commit = self.commit_lock.lock().await;
+        self.remove_orphans().await
+    }
+
     /// What appending `batches` now would do (rows added / already present), storing
     /// nothing: for writes staged until the end of a multi-statement query.
     pub fn preview_append(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<AppendOutcome> {
@@ -548,30 +786,36 @@ impl Storage {
         Ok(AppendOutcome { added: kept.iter().map(|b| b.num_rows() as u64).sum(), present, ..Default::default() })
     }
 
-    fn dedupe(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<(Vec<RecordBatch>, Vec<u128>, u64)> {
-        let mut seen = IdSet::default();
+    /// The rows of `batches` that are new (not stored, not repeated earlier in the
+    /// batches), their index keys by shard, and how many rows were dropped.
+    pub(crate) fn dedupe(&self, table: &TableDef, batches: &[RecordBatch]) -> Result<(Vec<RecordBatch>, ShardIds, u64)> {
+        let mut seen = ShardIds::default();
         let (kept, present) = self.dedupe_into(table, batches, &mut seen)?;
-        Ok((kept, seen.into_iter().collect(), present))
+        Ok((kept, seen, present))
     }
 
     /// Drops rows whose record id is stored already or is in `seen` (rows kept earlier
     /// in the same statement), adding the kept ids to `seen`. Returns the kept rows and
     /// how many were dropped.
-    fn dedupe_into(&self, table: &TableDef, batches: &[RecordBatch], seen: &mut IdSet) -> Result<(Vec<RecordBatch>, u64)> {
+    fn dedupe_into(&self, table: &TableDef, batches: &[RecordBatch], seen: &mut ShardIds) -> Result<(Vec<RecordBatch>, u64)> {
         let Some(key) = &table.idempotency_key else {
             return Ok((batches.to_vec(), 0));
         };
         let idx = table.column_index(key)?;
+        let shard_idx = table.column_index(&table.shard_key)?;
+        let shard_count = self.layout(&table.name)?.shard_count;
         let ids = self.ids.lock();
         let stored = ids.get(&table.name);
         let mut present = 0u64;
         let mut kept = Vec::with_capacity(batches.len());
         for b in batches {
             let col = b.column(idx).as_string::<i32>();
+            let keys = b.column(shard_idx).as_string::<i32>();
             let mask: BooleanArray = (0..col.len())
                 .map(|i| {
-                    let h = record_hash(col.value(i));
-                    let fresh = !stored.is_some_and(|s| s.contains(&h)) && seen.insert(h);
+                    let shard = shard_of(keys.value(i), shard_count);
+                    let h = id_key(shard, col.value(i));
+                    let fresh = !stored.is_some_and(|s| s.contains(&h)) && seen.entry(shard).or_default().insert(h);
                     if !fresh {
                         present += 1;
                     }
@@ -607,7 +851,7 @@ impl Storage {
         Ok(())
     }
 
-    async fn delete_quietly(&self, paths: &[String]) {
+    pub(crate) async fn delete_quietly(&self, paths: &[String]) {
         for p in paths {
             if let Err(e) = self.store.delete(&ObjectPath::from(p.as_str())).await {
                 tracing::warn!(path = %p, error = %e, "could not delete segment file");
