@@ -139,7 +139,7 @@ impl Node {
                 }
             }));
         }
-        let ctx = build_context(&catalog, &storage, &query_log, &clock, &cluster, &forecaster, config.node_memory_bytes_max)?;
+        let ctx = build_context(&catalog, &storage, groups.as_ref(), &query_log, &clock, &cluster, &forecaster, config.node_memory_bytes_max)?;
         let exec = ExecRuntime::start()?;
         let exec_handle = exec.0.as_ref().expect("just started").handle().clone();
         let flight = match config.internal_addr {
@@ -444,9 +444,11 @@ pub fn pipeline_forecasts(
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_context(
     catalog: &Arc<Catalog>,
     storage: &Arc<Storage>,
+    groups: Option<&Arc<crate::raft::groups::Groups>>,
     log: &Arc<QueryLog>,
     clock: &Clock,
     cluster: &Arc<Cluster>,
@@ -504,6 +506,7 @@ fn build_context(
         SYSTEM_SCHEMA,
         Arc::new(SystemSchema::new(
             Arc::clone(storage),
+            groups.map(Arc::downgrade),
             Arc::clone(log),
             Arc::clone(cluster),
             Arc::clone(forecaster),

@@ -380,3 +380,53 @@ async fn files_no_manifest_names_are_removed_at_start() {
     let c = n.client().await;
     assert_eq!(c.query_one("SELECT count(*) FROM usage", &[]).await.unwrap().get::<_, i64>(0), BATCH_ROWS as i64);
 }
+
+/// Every shard is a Raft group with this node as its only voter: `system.replicas`
+/// shows each group leading and caught up; the applied state reaches the manifest with
+/// the flush (`flushed_index`), and then a snapshot lets the log be purged behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_groups_lead_apply_flush_and_purge_their_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let n = TestNode::start_with(dir, buffered_config(&path)).await;
+    let c = n.client().await;
+    let shards = n.node.config().shard_count as i64;
+    let row = c
+        .query_one("SELECT count(*), count(*) FILTER (WHERE role = 'leader' AND leader = node_id AND voters = '1') FROM system.replicas", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (shards, shards));
+    // One entity, so one shard: 100 statements are 100 entries of its group.
+    for i in 0..100 {
+        c.batch_execute(&format!(
+            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) \
+             VALUES ('p{i}', 'acct-7', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:00:00')"
+        ))
+        .await
+        .unwrap();
+    }
+    let shard = tidemark::shard_map::shard_of("acct-7", shards as u32) as i64;
+    let q = format!("SELECT applied_index::bigint, lag_entries::bigint, flushed_index::bigint, purged_index::bigint FROM system.replicas WHERE shard = {shard}");
+    let r = c.query_one(q.as_str(), &[]).await.unwrap();
+    let applied = r.get::<_, Option<i64>>(0).unwrap();
+    assert!(applied >= 100, "applied {applied}");
+    assert_eq!(r.get::<_, i64>(1), 0);
+    assert_eq!(r.get::<_, Option<i64>>(2), None, "nothing flushed yet");
+    assert_eq!(n.node.storage().flush_buffer().await.unwrap(), 100);
+    let r = c.query_one(q.as_str(), &[]).await.unwrap();
+    assert_eq!(r.get::<_, Option<i64>>(2), Some(applied));
+    // The snapshot the flushed state allows, then the purge behind it (bounded wait).
+    let groups = n.node.groups().unwrap();
+    assert!(groups.snapshot_flushed().await >= 1);
+    let mut purged = None;
+    for _ in 0..100 {
+        purged = c.query_one(q.as_str(), &[]).await.unwrap().get::<_, Option<i64>>(3);
+        if purged.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let purged = purged.expect("the log was not purged after the snapshot");
+    assert!(purged + 64 >= applied && purged < applied, "purged {purged}, applied {applied}");
+    assert_eq!(c.query_one("SELECT count(*) FROM usage WHERE entity_id = 'acct-7'", &[]).await.unwrap().get::<_, i64>(0), 100);
+}

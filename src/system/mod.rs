@@ -30,6 +30,7 @@ use crate::error::Error;
 use crate::forecaster::Forecaster;
 use crate::pipeline::Cluster;
 use crate::query_log::{self, QueryLog};
+use crate::raft::groups::Groups;
 use crate::storage::Storage;
 
 pub mod events;
@@ -45,6 +46,7 @@ pub struct SystemSchema {
 impl SystemSchema {
     pub fn new(
         storage: Arc<Storage>,
+        groups: Option<std::sync::Weak<Groups>>,
         log: Arc<QueryLog>,
         cluster: Arc<Cluster>,
         forecaster: Arc<Forecaster>,
@@ -54,6 +56,16 @@ impl SystemSchema {
         tables.insert("query_log", Arc::new(QueryLogTable { log }));
         let s = Arc::clone(&storage);
         tables.insert("segments", Arc::new(SnapshotTable { schema: segments_schema(), rows: Box::new(move || segments_batch(&s)) }));
+        let s = Arc::clone(&storage);
+        tables.insert(
+            "replicas",
+            Arc::new(SnapshotTable { schema: replicas_schema(), rows: Box::new(move || {
+                // Weak: the shard groups (and their log file) go with the node, not
+                // with a context a task may still hold.
+                let g = groups.as_ref().and_then(|w| w.upgrade());
+                replicas_batch(g.as_deref(), &s)
+            }) }),
+        );
         let s = storage;
         tables.insert("shards", Arc::new(SnapshotTable { schema: shards_schema(), rows: Box::new(move || shards_batch(&s)) }));
         let c = Arc::clone(&cluster);
@@ -228,6 +240,73 @@ fn segments_batch(storage: &Storage) -> crate::error::Result<RecordBatch> {
         Arc::new(StringArray::from(s.iter().map(|x| x.path.as_str()).collect::<Vec<_>>())),
     ];
     Ok(RecordBatch::try_new(segments_schema(), cols)?)
+}
+
+fn replicas_schema() -> SchemaRef {
+    let opt_u64 = |name: &str| Field::new(name, DataType::UInt64, true);
+    Arc::new(Schema::new(vec![
+        Field::new("shard", DataType::UInt32, false),
+        Field::new("node_id", DataType::UInt64, false),
+        Field::new("role", DataType::Utf8, false),
+        Field::new("term", DataType::UInt64, false),
+        opt_u64("leader"),
+        Field::new("voters", DataType::Utf8, false),
+        opt_u64("last_log_index"),
+        opt_u64("applied_index"),
+        opt_u64("flushed_index"),
+        opt_u64("snapshot_index"),
+        opt_u64("purged_index"),
+        Field::new("lag_entries", DataType::UInt64, false),
+    ]))
+}
+
+/// One row per shard group on this node, from openraft's metrics and the manifest
+/// (`flushed_index`: the entry up to which the group's rows are in segments; entries
+/// after it are re-applied from the log after a restart).
+fn replicas_batch(groups: Option<&Groups>, storage: &Storage) -> crate::error::Result<RecordBatch> {
+    let metrics: Vec<(u32, openraft::RaftMetrics<u64, openraft::BasicNode>)> = match groups {
+        Some(g) => (0..g.shard_count()).filter_map(|s| g.raft(s).map(|r| (s, r.metrics().borrow().clone()))).collect(),
+        None => Vec::new(),
+    };
+    let flushed = |s: u32| {
+        storage
+            .group_state(s)
+            .and_then(|v| serde_json::from_value::<crate::raft::state_machine::GroupState>(v).ok())
+            .and_then(|g| g.applied)
+            .map(|l| l.index)
+    };
+    let role = |st: openraft::ServerState| match st {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    };
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from(metrics.iter().map(|(s, _)| *s).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.id).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(metrics.iter().map(|(_, m)| role(m.state)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.current_term).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.current_leader).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(
+            metrics
+                .iter()
+                .map(|(_, m)| m.membership_config.membership().voter_ids().map(|v| v.to_string()).collect::<Vec<_>>().join(","))
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.last_log_index).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.last_applied.map(|l| l.index)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(s, _)| flushed(*s)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.snapshot.map(|l| l.index)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(metrics.iter().map(|(_, m)| m.purged.map(|l| l.index)).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(
+            metrics
+                .iter()
+                .map(|(_, m)| m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map_or(0, |l| l.index)))
+                .collect::<Vec<_>>(),
+        )),
+    ];
+    Ok(RecordBatch::try_new(replicas_schema(), cols)?)
 }
 
 fn shards_schema() -> SchemaRef {
