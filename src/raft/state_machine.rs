@@ -86,16 +86,15 @@ impl StateMachine {
         self.state.lock().clone()
     }
 
+    fn table(&self, name: &str) -> Result<Arc<crate::catalog::TableDef>, StorageError> {
+        self.storage.catalog().get(name).cloned().ok_or_else(|| sm_error(ErrorVerb::Read, format!("log entry names unknown table {name}")))
+    }
+
     async fn apply_command(&self, cmd: &Command, state: serde_json::Value) -> Result<Applied, StorageError> {
         let write = |e: crate::error::Error| sm_error(ErrorVerb::Write, e);
         match cmd {
             Command::Rows { table, rows } => {
-                let tdef = self
-                    .storage
-                    .catalog()
-                    .get(table)
-                    .cloned()
-                    .ok_or_else(|| sm_error(ErrorVerb::Read, format!("log entry names unknown table {table}")))?;
+                let tdef = self.table(table)?;
                 let reader = StreamReader::try_new(Cursor::new(rows.as_slice()), None).map_err(|e| sm_error(ErrorVerb::Read, e))?;
                 let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| sm_error(ErrorVerb::Read, e))?;
                 let batch = concat_batches(&tdef.schema, &batches).map_err(|e| sm_error(ErrorVerb::Read, e))?;
@@ -103,12 +102,7 @@ impl StateMachine {
                 Ok(Applied { stored, duplicates, refused: false })
             }
             Command::Adopt { table, segments, ids } => {
-                let tdef = self
-                    .storage
-                    .catalog()
-                    .get(table)
-                    .cloned()
-                    .ok_or_else(|| sm_error(ErrorVerb::Read, format!("log entry names unknown table {table}")))?;
+                let tdef = self.table(table)?;
                 match self.storage.adopt(self.group, state, &tdef, segments, &decode_ids(ids)).await.map_err(write)? {
                     Some(stored) => Ok(Applied { stored, duplicates: 0, refused: false }),
                     None => Ok(Applied { stored: 0, duplicates: 0, refused: true }),
