@@ -131,6 +131,11 @@ pub struct Config {
     pub internal_addr: Option<SocketAddr>,
     /// The other nodes, as `node_id=host:port` of their internal addresses.
     pub peers: Vec<String>,
+    /// Copies of each shard, one per node (capped by the node count): 1 = this node
+    /// alone holds its shards (peers only run fragments, reading a shared store);
+    /// more = each shard's Raft group spans every node (a replication factor below
+    /// the node count is not supported yet).
+    pub replication_factor: u32,
     /// In-process pipelines on this node; unset = one per core; 0 = a pure gateway
     /// that runs every fragment on its peers.
     pub pipelines: Option<u32>,
@@ -217,6 +222,7 @@ impl Default for Config {
             node_id: 1,
             internal_addr: None,
             peers: Vec::new(),
+            replication_factor: 3,
             pipelines: None,
             peer_pipelines: 0,
             pipeline_slots: 2,
@@ -319,6 +325,7 @@ impl Config {
                 self.peers = value.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
             }
             "TIDEMARK_PIPELINES" => self.pipelines = Some(num(key, value)?),
+            "TIDEMARK_REPLICATION_FACTOR" => self.replication_factor = num(key, value)?,
             "TIDEMARK_PIPELINE_SLOTS" => self.pipeline_slots = num(key, value)?,
             _ => {}
         }
@@ -383,6 +390,21 @@ impl Config {
         let peers = self.parsed_peers()?;
         if peers.iter().any(|(id, _)| *id == self.node_id) {
             return Err(Error::Config(format!("peers name this node's own id {}", self.node_id)));
+        }
+        let nodes = peers.len() as u32 + 1;
+        if self.replication_factor == 0 {
+            return Err(Error::Config("replication_factor must be positive".into()));
+        }
+        if nodes > 1 && self.replication_factor > 1 && !self.segment_store_read_only {
+            if self.replication_factor < nodes {
+                return Err(Error::Config(format!(
+                    "replication_factor {} below the node count {nodes} is not supported yet: use {nodes} (every node holds every shard) or 1",
+                    self.replication_factor
+                )));
+            }
+            if self.internal_addr.is_none() {
+                return Err(Error::Config("a node whose shards replicate to peers needs internal_addr".into()));
+            }
         }
         if self.local_pipelines() == 0 && peers.is_empty() {
             return Err(Error::Config("pipelines = 0 needs peers to run queries on".into()));

@@ -166,6 +166,9 @@ struct ClusterFlags {
     /// Other nodes as id=host:port of their internal addresses (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
+    /// Copies of each shard (default 3, capped by the node count; 1 = this node alone).
+    #[arg(long)]
+    replication_factor: Option<u32>,
     /// In-process pipelines on this node (default: one per core; 0 = gateway only).
     #[arg(long)]
     pipelines: Option<u32>,
@@ -193,6 +196,9 @@ impl ClusterFlags {
         }
         if let Some(v) = self.pipelines {
             cfg.pipelines = Some(v);
+        }
+        if let Some(v) = self.replication_factor {
+            cfg.replication_factor = v;
         }
         if let Some(v) = self.peer_pipelines {
             cfg.peer_pipelines = v;

@@ -111,7 +111,7 @@ impl Node {
         let storage = Storage::open_with(&config, Arc::clone(&catalog), clock.clone(), !replicated).await?;
         // Every write goes through the shards' Raft groups (one node: this node is each
         // group's only voter), except on a node that only reads a shared store.
-        let groups = if replicated { Some(crate::raft::groups::Groups::open(&config, Arc::clone(&storage)).await?) } else { None };
+        let groups = if replicated { Some(crate::raft::groups::Groups::start(&config, Arc::clone(&storage)).await?) } else { None };
         let query_log = QueryLog::open(&config.data_dir, config.query_log_memory_rows_max, config.query_log_disk_bytes_max)?;
         let (cluster, pipeline_factory) = build_cluster(&config, &catalog, &storage, &clock)?;
         let forecaster = Arc::new(
@@ -143,12 +143,21 @@ impl Node {
         let exec = ExecRuntime::start()?;
         let exec_handle = exec.0.as_ref().expect("just started").handle().clone();
         let flight = match config.internal_addr {
-            Some(addr) => Some(
-                FlightServer::start(addr, FragmentService::new(ctx.clone(), Arc::clone(&cluster), config.query_memory_bytes_max, exec_handle))
-                    .await?,
-            ),
+            Some(addr) => {
+                let service = FragmentService::new(ctx.clone(), Arc::clone(&cluster), config.query_memory_bytes_max, exec_handle);
+                if let Some(g) = &groups {
+                    // The groups' messages arrive over the same service.
+                    let handler: std::sync::Weak<dyn crate::pipeline::flight::ActionHandler> =
+                        Arc::downgrade(&(Arc::clone(g) as Arc<dyn crate::pipeline::flight::ActionHandler>));
+                    let _ = service.action_slot().set(handler);
+                }
+                Some(FlightServer::start(addr, service).await?)
+            }
             None => None,
         };
+        if let Some(g) = &groups {
+            g.ready(flight.as_ref().map(|f| f.local_addr)).await?;
+        }
         let node = Arc::new(Node {
             forecaster,
             flight: Mutex::new(flight),

@@ -62,6 +62,8 @@ async fn a_gateway_runs_fragments_on_other_nodes() {
     cfg.write_buffer_rows_max = 50_000;
     cfg.write_buffer_flush_interval_ms = 3_600_000;
     cfg.peers = vec![format!("2={}", n2.internal_addr().unwrap()), format!("3={}", n3.internal_addr().unwrap())];
+    // The workers read this node's store; its shards are its own (not replicated).
+    cfg.replication_factor = 1;
     let gw = TestNode::start_with(gw_dir, cfg).await;
     let parquet = load(&gw, 20_000).await;
     let c = gw.client().await;
@@ -190,6 +192,7 @@ async fn a_node_killed_mid_query_is_retried_elsewhere() {
     cfg.shard_replicas = 2;
     cfg.fragment_timeout_ms = 10_000;
     cfg.peers = vec![format!("2=127.0.0.1:{i2}"), format!("3=127.0.0.1:{i3}")];
+    cfg.replication_factor = 1;
     let gw = TestNode::start_with(gw_dir, cfg).await;
     let parquet = load(&gw, 40_000).await;
     let q = "SELECT service, operation, count(*), sum(quantity) FROM usage GROUP BY 1, 2".to_string();

@@ -91,9 +91,25 @@ pub fn from_status(pipeline: PipelineId, s: &Status) -> Error {
     Error::PipelineUnavailable { pipeline: pipeline.to_string(), reason: format!("{:?}: {}", s.code(), s.message()) }
 }
 
+/// Answers the internal service's actions that are not about fragments (the shard
+/// groups' Raft messages and forwarded writes): set once the groups have started, so
+/// that the service can run before them (a group elects its leader over it).
+#[async_trait::async_trait]
+pub trait ActionHandler: Send + Sync {
+    /// Whether this handler answers actions of type `kind`.
+    fn handles(&self, kind: &str) -> bool;
+    /// The one result message of an action.
+    async fn handle(&self, kind: &str, body: Bytes) -> std::result::Result<Bytes, Status>;
+}
+
+/// Where the service finds its [`ActionHandler`] (weakly held: the handler's owner
+/// stops it).
+pub type ActionSlot = Arc<std::sync::OnceLock<std::sync::Weak<dyn ActionHandler>>>;
+
 /// Runs fragments sent by other nodes on this node's pipelines.
 #[derive(Clone)]
 pub struct FragmentService {
+    actions: ActionSlot,
     ctx: SessionContext,
     /// Fragments run on the node's execution runtime, apart from its connections.
     exec: tokio::runtime::Handle,
@@ -104,7 +120,12 @@ pub struct FragmentService {
 
 impl FragmentService {
     pub fn new(ctx: SessionContext, cluster: Arc<Cluster>, memory_bytes_max: u64, exec: tokio::runtime::Handle) -> FragmentService {
-        FragmentService { ctx, exec, cluster, memory_bytes_max }
+        FragmentService { actions: ActionSlot::default(), ctx, exec, cluster, memory_bytes_max }
+    }
+
+    /// The slot where the node puts the handler of its other actions.
+    pub fn action_slot(&self) -> ActionSlot {
+        Arc::clone(&self.actions)
     }
 
     async fn start(&self, ticket: &[u8]) -> Result<datafusion::execution::SendableRecordBatchStream> {
@@ -175,7 +196,20 @@ impl FlightService for FragmentService {
                 let r = arrow_flight::Result { body: Bytes::from(body.to_string()) };
                 Ok(Response::new(Box::pin(futures::stream::iter([Ok(r)]))))
             }
-            other => Err(Status::invalid_argument(format!("unknown action {other:?}"))),
+            other => {
+                let handler = self.actions.get().and_then(|w| w.upgrade()).filter(|h| h.handles(other));
+                match handler {
+                    Some(h) => {
+                        let body = h.handle(other, action.body).await?;
+                        let r = arrow_flight::Result { body };
+                        Ok(Response::new(Box::pin(futures::stream::iter([Ok(r)]))))
+                    }
+                    None if other.starts_with("raft.") => {
+                        Err(Status::unavailable(format!("this node's shard groups are not running (action {other:?})")))
+                    }
+                    None => Err(Status::invalid_argument(format!("unknown action {other:?}"))),
+                }
+            }
         }
     }
 

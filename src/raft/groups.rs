@@ -37,7 +37,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 
 use super::log_store::LogDb;
-use super::network::LocalOnly;
+use super::network::{envelope, from_cbor, Network, Peers};
 use super::state_machine::{GroupState, StateMachine};
 use super::{encode_ids, Applied, Command, ShardGroup};
 use crate::catalog::TableDef;
@@ -51,6 +51,16 @@ use crate::storage::{AppendOutcome, Replicator, ShardIds, Storage};
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long start-up waits for every group to elect itself and re-apply its log.
 const START_WAIT: Duration = Duration::from_secs(60);
+/// How long start-up waits for groups that span nodes to have a leader (the node
+/// serves after it either way: a shard with no leader refuses writes with 57P03).
+const START_WAIT_SPANNING: Duration = Duration::from_secs(30);
+/// Rows in one `Rows` entry of a group that spans nodes (a larger statement is several
+/// entries): bounds a message, with `max_payload_entries`, below the Flight limit.
+const ENTRY_ROWS_MAX: usize = 8192;
+/// A forwarded write waits this long for the leader's answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Action type of a write forwarded to a shard's leader.
+pub const FORWARD: &str = "raft.write";
 /// A group takes a snapshot (and purges its log behind it) once its flushed state is
 /// this many entries past its last snapshot.
 const SNAPSHOT_AFTER_LOGS: u64 = 64;
@@ -68,20 +78,64 @@ pub struct Groups {
     rafts: Vec<Raft<ShardGroup>>,
     /// Statements with more rows than this are written as segments by the leader.
     statement_rows_max: usize,
+    /// Every group's voters: this node alone, or this node and its peers.
+    voters: BTreeMap<u64, BasicNode>,
+    peers: Peers,
+}
+
+/// A write forwarded to the node that leads its shard.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ForwardedWrite {
+    pub command: Command,
+}
+
+/// The leader's answer to a forwarded write.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum ForwardAnswer {
+    /// Committed and applied.
+    Applied(Applied),
+    /// The receiver does not lead the shard (nothing was proposed).
+    NotLeader { leader: Option<u64> },
+    /// Proposed, but whether it was committed is unknown.
+    Unknown(String),
+}
+
+/// The voters of every group on a node with `cfg`: this node alone, or every node when
+/// groups span the cluster (`replication_factor` > 1 and peers).
+pub fn voters(cfg: &Config) -> Result<BTreeMap<u64, BasicNode>> {
+    let me = BasicNode::new(cfg.internal_addr.map(|a| a.to_string()).unwrap_or_default());
+    let mut voters = BTreeMap::from([(cfg.node_id, me)]);
+    if cfg.replication_factor > 1 {
+        for (id, addr) in cfg.parsed_peers()? {
+            voters.insert(id, BasicNode::new(addr.to_string()));
+        }
+    }
+    Ok(voters)
 }
 
 impl Groups {
-    /// Starts a group per shard (creating those that do not exist), waits until each
-    /// has elected this node and re-applied its log, removes segment files that no
-    /// manifest names, and installs the groups as `storage`'s write path.
-    pub async fn open(cfg: &Config, storage: Arc<Storage>) -> Result<Arc<Groups>> {
+    /// Starts a group per shard. The groups elect (and re-apply their logs) in
+    /// [`Groups::ready`], once the internal service that carries their messages runs.
+    pub async fn start(cfg: &Config, storage: Arc<Storage>) -> Result<Arc<Groups>> {
+        let voters = voters(cfg)?;
+        let spanning = voters.len() > 1;
+        if spanning {
+            // Entries of spanning groups carry rows, never file names, so a file that
+            // no manifest names now is named by nothing (and no snapshot is arriving).
+            storage.remove_unnamed_files().await?;
+        }
         let db = LogDb::open(&cfg.data_dir.join("raft").join("log.redb")).map_err(|e| raft_error("raft log", e))?;
         let shard_count = storage.snapshot().tables.iter().map(|t| t.shard_count).max().unwrap_or(cfg.shard_count);
         let config = openraft::Config {
             cluster_name: "tidemark".into(),
             heartbeat_interval: 100,
-            election_timeout_min: 200,
-            election_timeout_max: 400,
+            // Peers answer over loopback or a LAN; one-node groups elect at start only.
+            election_timeout_min: if spanning { 300 } else { 200 },
+            election_timeout_max: if spanning { 600 } else { 400 },
+            // With `ENTRY_ROWS_MAX` rows an entry, an append stays far below the
+            // Flight message limit.
+            max_payload_entries: 32,
+            install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: LOGS_KEPT,
             ..Default::default()
@@ -89,22 +143,54 @@ impl Groups {
         .validate()
         .map_err(|e| raft_error("raft configuration", e))?;
         let config = Arc::new(config);
-        let me = BasicNode::new(cfg.internal_addr.map(|a| a.to_string()).unwrap_or_default());
+        let peers = Peers::default();
         let mut rafts = Vec::with_capacity(shard_count as usize);
         for g in 0..shard_count {
-            let sm = StateMachine::open(Arc::clone(&storage), g).map_err(|e| raft_error("shard state", e))?;
-            let raft = Raft::new(cfg.node_id, Arc::clone(&config), LocalOnly, db.group(g), sm)
+            let sm = StateMachine::open(Arc::clone(&storage), g).map_err(|e| raft_error("shard state", e))?.carrying_files(spanning);
+            let network = Network { group: g, peers: peers.clone() };
+            let raft = Raft::new(cfg.node_id, Arc::clone(&config), network, db.group(g), sm)
                 .await
                 .map_err(|e| raft_error("raft start", e))?;
-            if !raft.is_initialized().await.map_err(|e| raft_error("raft start", e))? {
-                raft.initialize(BTreeMap::from([(cfg.node_id, me.clone())]))
-                    .await
-                    .map_err(|e| raft_error("raft initialize", e))?;
-            }
             rafts.push(raft);
         }
-        let node_id = cfg.node_id;
-        for (g, raft) in rafts.iter().enumerate() {
+        Ok(Arc::new(Groups {
+            node_id: cfg.node_id,
+            storage,
+            rafts,
+            statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
+            voters,
+            peers,
+        }))
+    }
+
+    /// Makes the groups serve: a group that was never initialized is, by the node with
+    /// the lowest id among its voters (`self_addr`: this node's internal address as
+    /// bound); then waits until each has a leader (a one-node group: this node, with
+    /// its log re-applied), removes segment files that no manifest names, and installs
+    /// the groups as storage's write path.
+    pub async fn ready(self: &Arc<Self>, self_addr: Option<std::net::SocketAddr>) -> Result<()> {
+        let mut voters = self.voters.clone();
+        if let (Some(addr), Some(me)) = (self_addr, voters.get_mut(&self.node_id)) {
+            me.addr = addr.to_string();
+        }
+        let spanning = self.spans_nodes();
+        let first = voters.keys().next().copied() == Some(self.node_id);
+        for raft in &self.rafts {
+            if first && !raft.is_initialized().await.map_err(|e| raft_error("raft start", e))? {
+                raft.initialize(voters.clone()).await.map_err(|e| raft_error("raft initialize", e))?;
+            }
+        }
+        let node_id = self.node_id;
+        let deadline = Instant::now() + START_WAIT_SPANNING;
+        for (g, raft) in self.rafts.iter().enumerate() {
+            if spanning {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                let r = raft.wait(Some(left)).metrics(|m| m.current_leader.is_some(), "a leader").await;
+                if let Err(e) = r {
+                    tracing::warn!(shard = g, error = %e, "shard group has no leader yet; serving anyway (its writes wait for one)");
+                }
+                continue;
+            }
             raft.wait(Some(START_WAIT))
                 .metrics(
                     |m| m.current_leader == Some(node_id) && m.last_applied.map(|l| l.index) == m.last_log_index,
@@ -113,18 +199,19 @@ impl Groups {
                 .await
                 .map_err(|e| Error::ShardUnavailable { shard: g as u32, reason: format!("did not start: {e}") })?;
         }
-        // Every committed entry is applied now, so a file that no manifest names is
-        // named by no entry either (nothing else writes before the node serves).
-        storage.remove_unnamed_files().await?;
-        let groups = Arc::new(Groups {
-            node_id,
-            storage: Arc::clone(&storage),
-            rafts,
-            statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
-        });
-        let weak: Weak<dyn Replicator> = Arc::downgrade(&(Arc::clone(&groups) as Arc<dyn Replicator>));
-        storage.set_replicator(weak);
-        Ok(groups)
+        if !spanning {
+            // Every committed entry is applied now, so a file that no manifest names is
+            // named by no entry either (nothing else writes before the node serves).
+            self.storage.remove_unnamed_files().await?;
+        }
+        let weak: Weak<dyn Replicator> = Arc::downgrade(&(Arc::clone(self) as Arc<dyn Replicator>));
+        self.storage.set_replicator(weak);
+        Ok(())
+    }
+
+    /// Whether the groups have voters on other nodes.
+    pub fn spans_nodes(&self) -> bool {
+        self.voters.len() > 1
     }
 
     /// The Raft group of a shard.
@@ -179,34 +266,120 @@ impl Groups {
         }
     }
 
-    /// Commits `cmd` through shard `shard`'s group and returns what applying it did.
-    async fn propose(&self, shard: ShardId, cmd: Command) -> Result<Applied> {
+    /// Commits `cmd` through shard `shard`'s group and returns what applying it did:
+    /// here if this node leads the shard, else forwarded to its leader. `retry_safe`:
+    /// whether re-sending `cmd` after an unknown outcome is harmless (rows with record
+    /// ids: a second copy is counted as a duplicate).
+    async fn propose(&self, shard: ShardId, cmd: Command, retry_safe: bool) -> Result<Applied> {
         let raft = self.raft(shard).ok_or_else(|| Error::Internal(format!("shard {shard} has no Raft group")))?;
         let deadline = Instant::now() + LEADER_WAIT;
+        let unknown = |why: String| Error::ShardUnavailable { shard, reason: format!("{why}; whether this shard's part was stored is unknown") };
+        // Whether an earlier attempt may have reached a leader.
+        let mut maybe_sent = false;
         loop {
-            match raft.client_write(cmd.clone()).await {
+            let was_leader = raft.metrics().borrow().current_leader == Some(self.node_id);
+            let leader = match raft.client_write(cmd.clone()).await {
                 Ok(r) => return Ok(r.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let Some(l) = f.leader_id.filter(|l| *l != self.node_id) {
-                        return Err(Error::ShardUnavailable {
-                            shard,
-                            reason: format!("its leader is node {l}, and writes are not forwarded yet; nothing of this shard was stored"),
-                        });
-                    }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::ShardUnavailable {
-                            shard,
-                            reason: format!("no leader elected within {} s; nothing of this shard was stored", LEADER_WAIT.as_secs()),
-                        });
-                    }
-                    let me = self.node_id;
-                    let _ = raft.wait(Some(left.min(Duration::from_millis(200)))).metrics(|m| m.current_leader == Some(me), "leader").await;
+                // A leader that stepped down while the entry was in flight: the next
+                // leader may still commit it.
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) if was_leader && !retry_safe => {
+                    return Err(unknown("this node stopped leading the shard meanwhile".into()))
                 }
-                Err(e) => {
-                    return Err(Error::ShardUnavailable { shard, reason: format!("{e}; whether this shard's part was stored is unknown") })
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    f.leader_id.filter(|l| *l != self.node_id).map(|l| (l, f.leader_node.map(|n| n.addr).unwrap_or_default()))
+                }
+                Err(e) => return Err(unknown(e.to_string())),
+            };
+            if let Some((leader, addr)) = &leader {
+                let leader = *leader;
+                let body = envelope(shard, &ForwardedWrite { command: cmd.clone() }).map_err(|e| Error::Internal(e.to_string()))?;
+                match self.peers.call(addr, FORWARD, body, FORWARD_TIMEOUT).await {
+                    Ok(bytes) => match from_cbor::<ForwardAnswer>(&bytes) {
+                        Ok(ForwardAnswer::Applied(a)) => return Ok(a),
+                        Ok(ForwardAnswer::NotLeader { .. }) => {}
+                        Ok(ForwardAnswer::Unknown(why)) => return Err(unknown(format!("leader node {leader}: {why}"))),
+                        Err(e) => return Err(unknown(format!("leader node {leader} answered {e}"))),
+                    },
+                    // The leader is gone (or not serving): wait for the next one.
+                    Err((true, e)) if retry_safe => {
+                        maybe_sent = true;
+                        tracing::debug!(shard, leader, error = %e, "forward failed; waiting for a leader")
+                    }
+                    Err((_, e)) => return Err(unknown(format!("forwarding to leader node {leader}: {e}"))),
                 }
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let why = format!("no reachable leader within {} s", LEADER_WAIT.as_secs());
+                return Err(if maybe_sent {
+                    unknown(why)
+                } else {
+                    Error::ShardUnavailable { shard, reason: format!("{why}; nothing of this shard was stored") }
+                });
+            }
+            // Wait for a (new) leader, at most a little, then try again.
+            let stale = leader.map(|(l, _)| l);
+            let _ = raft
+                .wait(Some(left.min(Duration::from_millis(200))))
+                .metrics(move |m| m.current_leader.is_some() && m.current_leader != stale, "a new leader")
+                .await;
+        }
+    }
+
+    /// Answers a write forwarded by another node: proposes it here once, if this node
+    /// leads the shard.
+    pub async fn forwarded(&self, shard: ShardId, w: ForwardedWrite) -> ForwardAnswer {
+        let Some(raft) = self.raft(shard) else {
+            return ForwardAnswer::Unknown(format!("no group for shard {shard}"));
+        };
+        let was_leader = raft.metrics().borrow().current_leader == Some(self.node_id);
+        match raft.client_write(w.command).await {
+            Ok(r) => ForwardAnswer::Applied(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) if was_leader => {
+                ForwardAnswer::Unknown("the leader stepped down while the entry was in flight".into())
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => ForwardAnswer::NotLeader { leader: f.leader_id },
+            Err(e) => ForwardAnswer::Unknown(e.to_string()),
+        }
+    }
+
+    /// Stores one shard's rows as `Rows` entries of at most `ENTRY_ROWS_MAX` rows, in
+    /// order.
+    async fn append_rows(&self, table: &TableDef, shard: ShardId, rows: RecordBatch, chunk: usize) -> Result<Applied> {
+        let retry_safe = table.idempotency_key.is_some();
+        let mut total = Applied::default();
+        let mut at = 0;
+        while at < rows.num_rows() {
+            let n = chunk.min(rows.num_rows() - at);
+            let cmd = Command::Rows { table: table.name.clone(), rows: ipc(&rows.slice(at, n))? };
+            let a = self.propose(shard, cmd, retry_safe).await?;
+            total.stored += a.stored;
+            total.duplicates += a.duplicates;
+            at += n;
+        }
+        Ok(total)
+    }
+
+    /// Stores `all` as `Rows` entries of each shard's group, the shards at once.
+    async fn append_by_shard(&self, table: &TableDef, shard_count: u32, all: &RecordBatch, chunk: usize) -> Result<AppendOutcome> {
+        let parts = split_by_shard(table, shard_count, all)?;
+        let proposals = parts.into_iter().map(|(shard, rows)| self.append_rows(table, shard, rows, chunk));
+        let mut outcome = AppendOutcome::default();
+        let mut first_error = None;
+        for r in futures::future::join_all(proposals).await {
+            match r {
+                Ok(a) => {
+                    outcome.added += a.stored;
+                    outcome.present += a.duplicates;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(outcome),
         }
     }
 }
@@ -243,6 +416,10 @@ impl Replicator for Groups {
             return Ok(AppendOutcome::default());
         }
         let layout = self.storage.layout(&table.name)?;
+        if self.spans_nodes() {
+            // Each replica writes its own segments from the rows in the log.
+            return self.append_by_shard(table, layout.shard_count, &all, ENTRY_ROWS_MAX).await;
+        }
         if all.num_rows() > self.statement_rows_max {
             let (kept, ids, present) = self.storage.dedupe(table, &[all])?;
             let kept = concat_batches(&table.schema, &kept)?;
@@ -254,31 +431,32 @@ impl Replicator for Groups {
             let segments = self.storage.write_segments(table, &layout, &kept, &mut provisional).await?;
             return self.adopt(table, segments, ids, present).await;
         }
-        let parts = split_by_shard(table, layout.shard_count, &all)?;
-        let proposals = parts.into_iter().map(|(shard, rows)| async move {
-            let cmd = Command::Rows { table: table.name.clone(), rows: ipc(&rows)? };
-            self.propose(shard, cmd).await
-        });
-        let mut outcome = AppendOutcome::default();
-        let mut first_error = None;
-        for r in futures::future::join_all(proposals).await {
-            match r {
-                Ok(a) => {
-                    outcome.added += a.stored;
-                    outcome.present += a.duplicates;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(outcome),
-        }
+        self.append_by_shard(table, layout.shard_count, &all, usize::MAX).await
     }
 
     async fn adopt(&self, table: &TableDef, segments: Vec<SegmentMeta>, mut ids: ShardIds, present: u64) -> Result<AppendOutcome> {
+        if self.spans_nodes() {
+            // Replicas have their own stores: the files' rows travel in the log (a bulk
+            // COPY costs a re-read of what it wrote here), then the files go.
+            let paths: Vec<String> = segments.iter().map(|s| s.path.clone()).collect();
+            let mut batches = Vec::new();
+            for seg in &segments {
+                let read = self.storage.read_segment(seg, None).await.and_then(|bs| {
+                    bs.into_iter().map(|b| Ok(RecordBatch::try_new(Arc::clone(&table.schema), b.columns().to_vec())?)).collect::<Result<Vec<_>>>()
+                });
+                match read {
+                    Ok(b) => batches.extend(b),
+                    Err(e) => {
+                        self.storage.delete_quietly(&paths).await;
+                        return Err(e);
+                    }
+                }
+            }
+            self.storage.delete_quietly(&paths).await;
+            let mut outcome = self.append(table, batches).await?;
+            outcome.present += present;
+            return Ok(outcome);
+        }
         let mut by_shard: BTreeMap<ShardId, Vec<SegmentMeta>> = BTreeMap::new();
         for s in segments {
             by_shard.entry(s.shard).or_default().push(s);
@@ -289,7 +467,7 @@ impl Replicator for Groups {
                 let n = segs.len() as u64;
                 let paths: Vec<String> = segs.iter().map(|s| s.path.clone()).collect();
                 let cmd = Command::Adopt { table: table.name.clone(), segments: segs, ids: keys };
-                (shard, n, paths, self.propose(shard, cmd).await)
+                (shard, n, paths, self.propose(shard, cmd, false).await)
             }
         });
         let mut outcome = AppendOutcome { present, ..Default::default() };

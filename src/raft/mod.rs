@@ -5,20 +5,23 @@
 //! - [`log_store`]: the node's groups' logs in one redb file, with group commit;
 //! - [`state_machine`]: one group's apply, its durable state in the segment manifest,
 //!   and its snapshots (the shard's segment list);
-//! - [`network`]: how a group reaches its peers (not yet: one-node groups only);
+//! - [`network`]: how a group reaches its peers (the internal Flight endpoint,
+//!   multiplexed by group id), and [`service`]: how it answers them;
 //! - [`groups`]: the node's groups, and the write path over them ([`groups::Groups`]
-//!   is the storage's `Replicator`).
+//!   is the storage's `Replicator`; a write to a shard led elsewhere is forwarded).
 //!
-//! Steps of issue 12 done: storage passing openraft's suite (1) and the one-node
-//! cluster of the same code as the default (2). Not yet: groups spanning nodes (their
-//! network over the internal Flight endpoint, leader forwarding, snapshots of files on
-//! a store that is not shared), the metadata group, read-your-writes tokens.
+//! Steps of issue 12 done: storage passing openraft's suite (1); the one-node cluster
+//! of the same code as the default (2); groups spanning nodes, each replica with its
+//! own store (3, first part: every shard on every node, the voters fixed by
+//! `peers`). Not yet: membership changes (`--join`, removal, replication below the
+//! node count), the metadata group, read-your-writes tokens.
 //!
 //! Owns: what a shard group's log entries carry ([`Command`]) and answer ([`Applied`]).
 
 pub mod groups;
 pub mod log_store;
 pub mod network;
+pub mod service;
 pub mod state_machine;
 
 use serde::{Deserialize, Serialize};

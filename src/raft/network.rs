@@ -1,67 +1,227 @@
-//! How a shard group reaches the same group on other nodes.
+//! How a shard group reaches the same group on other nodes: over the node's internal
+//! Arrow Flight endpoint (the one that serves fragments), multiplexed by group id.
 //!
-//! Owns: the `RaftNetworkFactory` of the node's groups. Today every group has one voter
-//! (this node), so openraft never sends a message; a message to another node is
-//! answered `Unreachable`, which openraft treats as a peer that is down (it retries
-//! with backoff). Next (issue 12, step 3): the messages travel over the internal Flight
-//! endpoint, multiplexed by group id, with timeouts and bounded sizes.
+//! Owns: the `RaftNetworkFactory` of the node's groups, the message format, and the
+//! connections to peers (one HTTP/2 channel per peer address, shared by every group).
 //!
-//! Must never: pretend a message was delivered.
+//! A message is one Flight `do_action`: type `raft.append`, `raft.vote` or
+//! `raft.snapshot` (a snapshot chunk: openraft cuts snapshots into chunks of
+//! `snapshot_max_chunk_size`), body = the group id (u32, little-endian) then the request
+//! as CBOR; the one result message is the CBOR of the receiving group's
+//! `Result<response, RaftError>`. Each call is bounded by openraft's `hard_ttl` and by
+//! [`FLIGHT_MESSAGE_BYTES_MAX`] in both directions; how many entries one append carries
+//! is bounded by the groups' `max_payload_entries`.
+//!
+//! Must never: pretend a message was delivered (a transport failure is `Unreachable`,
+//! which openraft retries with backoff; a timeout is a network error).
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::Action;
+use bytes::Bytes;
+use futures::StreamExt;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{AnyError, BasicNode};
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
 
 use super::ShardGroup;
+use crate::pipeline::flight::FLIGHT_MESSAGE_BYTES_MAX;
 
-/// The network of one-node groups.
-#[derive(Clone, Default)]
-pub struct LocalOnly;
+pub const APPEND: &str = "raft.append";
+pub const VOTE: &str = "raft.vote";
+pub const SNAPSHOT: &str = "raft.snapshot";
 
-/// A connection to another node's group, which cannot be made yet.
-pub struct NoPeer {
-    target: u64,
-}
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
-#[error("node {0} is not reachable: shard groups do not span nodes yet")]
-struct NotYet(u64);
+#[error("{0}")]
+pub struct Failed(pub String);
 
-fn unreachable<E: std::error::Error>(target: u64) -> RPCError<u64, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&AnyError::new(&NotYet(target))))
+/// CBOR of `v`.
+pub fn to_cbor<T: Serialize>(v: &T) -> Result<Vec<u8>, Failed> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).map_err(|e| Failed(format!("encode: {e}")))?;
+    Ok(out)
 }
 
-impl RaftNetworkFactory<ShardGroup> for LocalOnly {
-    type Network = NoPeer;
+pub fn from_cbor<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failed> {
+    ciborium::from_reader(bytes).map_err(|e| Failed(format!("decode: {e}")))
+}
 
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> NoPeer {
-        NoPeer { target }
+/// A message body: the group id, then the CBOR of `v`.
+pub fn envelope<T: Serialize>(group: u32, v: &T) -> Result<Bytes, Failed> {
+    let mut out = group.to_le_bytes().to_vec();
+    ciborium::into_writer(v, &mut out).map_err(|e| Failed(format!("encode: {e}")))?;
+    Ok(Bytes::from(out))
+}
+
+/// The group id and the decoded value of a message body.
+pub fn open_envelope<T: DeserializeOwned>(body: &[u8]) -> Result<(u32, T), Failed> {
+    if body.len() < 4 {
+        return Err(Failed("message shorter than its group id".into()));
+    }
+    let group = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
+    Ok((group, from_cbor(&body[4..])?))
+}
+
+/// Connections to peers, by internal address, shared by every group of the node.
+#[derive(Clone, Default)]
+pub struct Peers {
+    clients: Arc<Mutex<HashMap<String, FlightServiceClient<Channel>>>>,
+}
+
+impl Peers {
+    /// The client of the node at `addr` (connected on first use, reconnected after a
+    /// failure by tonic).
+    pub fn client(&self, addr: &str) -> Result<FlightServiceClient<Channel>, Failed> {
+        if addr.is_empty() {
+            return Err(Failed("the node has no internal address".into()));
+        }
+        let mut clients = self.clients.lock();
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Failed(format!("peer address {addr}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let c = FlightServiceClient::new(channel)
+            .max_decoding_message_size(FLIGHT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(FLIGHT_MESSAGE_BYTES_MAX);
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Sends one action to the node at `addr` and returns its one result, within
+    /// `timeout`. `Err(true, ..)`: the peer is unavailable (no connection, or not
+    /// serving); `Err(false, ..)`: a timeout or another failure.
+    pub async fn call(&self, addr: &str, kind: &str, body: Bytes, timeout: Duration) -> Result<Bytes, (bool, Failed)> {
+        let mut client = self.client(addr).map_err(|e| (true, e))?;
+        let action = Action { r#type: kind.to_string(), body };
+        let call = async move {
+            let mut stream = client.do_action(action).await?.into_inner();
+            match stream.next().await {
+                Some(r) => Ok(r?.body),
+                None => Err(tonic::Status::internal("empty answer")),
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err((false, Failed(format!("{kind} to {addr}: no answer within {} ms", timeout.as_millis())))),
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(s)) => {
+                // Unavailable: no connection, or the peer's groups are not running; it
+                // may also be a connection lost mid-call, so a caller that must know
+                // whether a write happened treats it as unknown (see groups).
+                let unavailable = s.code() == tonic::Code::Unavailable;
+                Err((unavailable, Failed(format!("{kind} to {addr}: {:?}: {}", s.code(), s.message()))))
+            }
+        }
     }
 }
 
-impl RaftNetwork<ShardGroup> for NoPeer {
+/// The network of one group.
+#[derive(Clone)]
+pub struct Network {
+    pub group: u32,
+    pub peers: Peers,
+}
+
+/// A group's connection to one peer.
+pub struct Peer {
+    group: u32,
+    target: u64,
+    addr: String,
+    peers: Peers,
+}
+
+impl RaftNetworkFactory<ShardGroup> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
+        Peer { group: self.group, target, addr: node.addr.clone(), peers: self.peers.clone() }
+    }
+}
+
+impl Peer {
+    async fn send<Req: Serialize, Resp: DeserializeOwned, E>(
+        &self,
+        kind: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body = envelope(self.group, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        match self.peers.call(&self.addr, kind, body, option.hard_ttl()).await {
+            Ok(bytes) => {
+                let r: Result<Resp, RaftError<u64, E>> = from_cbor(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Err((true, e)) => Err(RPCError::Unreachable(Unreachable::new(&AnyError::new(&e)))),
+            Err((false, e)) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<ShardGroup> for Peer {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<ShardGroup>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<ShardGroup>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(unreachable(self.target))
+        self.send(APPEND, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<ShardGroup>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<ShardGroup>,
+        option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        Err(unreachable(self.target))
+        self.send(SNAPSHOT, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<u64>,
-        _option: RPCOption,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(unreachable(self.target))
+        self.send(VOTE, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_carry_the_group_and_refuse_garbage() {
+        let b = envelope(7, &("x", 3u64)).unwrap();
+        let (g, v): (u32, (String, u64)) = open_envelope(&b).unwrap();
+        assert_eq!((g, v), (7, ("x".to_string(), 3)));
+        assert!(open_envelope::<u64>(b"\x01\x00").is_err());
+        assert!(open_envelope::<(String, u64)>(b"\x01\x00\x00\x00\xff\xff").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_not_there_is_unreachable_not_delivered() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let peers = Peers::default();
+        let r = peers.call(&format!("127.0.0.1:{port}"), VOTE, Bytes::from_static(b"\x00\x00\x00\x00"), Duration::from_secs(2)).await;
+        let (surely_not, _) = r.unwrap_err();
+        assert!(surely_not);
+        let r = peers.call("", VOTE, Bytes::new(), Duration::from_secs(2)).await;
+        assert!(r.unwrap_err().0);
     }
 }

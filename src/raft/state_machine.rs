@@ -10,9 +10,12 @@
 //! rebuilds the buffer: the log is the write-ahead log.
 //!
 //! A snapshot is the shard's committed segment list at a flush (taken so that it holds
-//! everything applied), with the state it reflects; installing one on a replica that
-//! shares the segment store adopts those files. Snapshots are kept in memory: after a
-//! restart openraft builds a new one when a peer needs it.
+//! everything applied), with the state it reflects, and — when replicas have their own
+//! segment stores — the files' bytes; installing one writes the files it carries and
+//! then adopts them in one manifest commit. openraft sends it to a peer in chunks of
+//! `snapshot_max_chunk_size`. Snapshots are kept in memory (whole: a limit on the
+//! shard size a snapshot can move today): after a restart openraft builds a new one
+//! when a peer needs it.
 //!
 //! Must never: decide a record's fate other than by log order (the first entry that
 //! carries a record id stores it; later ones count it as a duplicate), or record an
@@ -40,11 +43,15 @@ pub struct GroupState {
     pub membership: StoredMembership<u64, BasicNode>,
 }
 
-/// A snapshot's content.
+/// A snapshot's content (CBOR).
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotData {
     state: GroupState,
     segments: Vec<SegmentMeta>,
+    /// The segments' bytes, in the same order, when replicas do not share the
+    /// segment store (empty when they do).
+    #[serde(default)]
+    files: Vec<serde_bytes::ByteBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +70,8 @@ pub struct StateMachine {
     state: Arc<Mutex<GroupState>>,
     current: Arc<Mutex<Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>>>,
     built: Arc<std::sync::atomic::AtomicU64>,
+    /// Snapshots carry the segment files (replicas have their own stores).
+    carry_files: bool,
 }
 
 impl StateMachine {
@@ -78,7 +87,15 @@ impl StateMachine {
             state: Arc::new(Mutex::new(state)),
             current: Arc::new(Mutex::new(None)),
             built: Arc::default(),
+            carry_files: false,
         })
+    }
+
+    /// Makes snapshots carry the segment files, for replicas that do not share the
+    /// segment store.
+    pub fn carrying_files(mut self, carry: bool) -> StateMachine {
+        self.carry_files = carry;
+        self
     }
 
     /// A copy of the applied state.
@@ -128,7 +145,14 @@ impl RaftSnapshotBuilder<ShardGroup> for StateMachine {
             None => format!("none-{n}"),
         };
         let meta = SnapshotMeta { last_log_id: state.applied, last_membership: state.membership.clone(), snapshot_id: id };
-        let data = serde_json::to_vec(&SnapshotData { state, segments }).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        let mut files = Vec::new();
+        if self.carry_files {
+            for seg in &segments {
+                let b = self.storage.segment_bytes(seg).await.map_err(|e| sm_error(ErrorVerb::Read, e))?;
+                files.push(serde_bytes::ByteBuf::from(b.to_vec()));
+            }
+        }
+        let data = super::network::to_cbor(&SnapshotData { state, segments, files }).map_err(|e| sm_error(ErrorVerb::Write, e))?;
         *self.current.lock() = Some((meta.clone(), data.clone()));
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -182,8 +206,20 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
-        let data: SnapshotData = serde_json::from_slice(snapshot.get_ref())
+        let data: SnapshotData = super::network::from_cbor(snapshot.get_ref())
             .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, Failed(e.to_string())))?;
+        if !data.files.is_empty() && data.files.len() != data.segments.len() {
+            return Err(io_error(ErrorSubject::Snapshot(sig), ErrorVerb::Read, Failed("snapshot files do not match its segments".into())));
+        }
+        for (seg, bytes) in data.segments.iter().zip(data.files) {
+            if bytes.len() as u64 != seg.bytes {
+                return Err(io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, Failed(format!("snapshot file {} is truncated", seg.path))));
+            }
+            self.storage
+                .put_segment_bytes(seg, bytes.into_vec())
+                .await
+                .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, Failed(e.to_string())))?;
+        }
         let state = GroupState { applied: meta.last_log_id, membership: meta.last_membership.clone() };
         let value = serde_json::to_value(&state).map_err(|e| sm_error(ErrorVerb::Write, e))?;
         self.storage

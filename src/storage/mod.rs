@@ -355,6 +355,23 @@ impl Storage {
         Ok(())
     }
 
+    /// The bytes of a segment file (a snapshot sent to a replica carries them).
+    pub async fn segment_bytes(&self, seg: &SegmentMeta) -> Result<bytes::Bytes> {
+        Ok(self.store.get(&ObjectPath::from(seg.path.as_str())).await?.bytes().await?)
+    }
+
+    /// Writes a segment file received in a snapshot, durably, before a manifest names
+    /// it (`install_group`); a file of that name and size already there is kept.
+    pub async fn put_segment_bytes(&self, seg: &SegmentMeta, bytes: Vec<u8>) -> Result<()> {
+        self.check_writable()?;
+        if let Ok(meta) = self.store.head(&ObjectPath::from(seg.path.as_str())).await {
+            if meta.size == seg.bytes {
+                return Ok(());
+            }
+        }
+        self.put_durably(&seg.path, bytes).await
+    }
+
     /// Reads a whole segment (optionally one column).
     #[allow(deprecated)]
     pub async fn read_segment(&self, seg: &SegmentMeta, column: Option<&str>) -> Result<Vec<RecordBatch>> {
@@ -412,7 +429,7 @@ impl Storage {
                 since: b.since.or_else(|| Some(Instant::now())),
                 groups: b.groups.clone(),
             };
-            next.tables.entry(table.name.clone()).or_default().push(all);
+            push_buffered(next.tables.entry(table.name.clone()).or_default(), all)?;
             let full = next.rows >= self.buffer_rows_max;
             *b = Arc::new(next);
             full
@@ -645,7 +662,7 @@ impl Storage {
                     groups: b.groups.clone(),
                 };
                 if n > 0 {
-                    next.tables.entry(table.name.clone()).or_default().push(all);
+                    push_buffered(next.tables.entry(table.name.clone()).or_default(), all)?;
                 }
                 next.groups.insert(group, state);
                 let full = next.rows >= self.buffer_rows_max.max(1);
@@ -976,6 +993,23 @@ fn time_bounds(table: &TableDef, batch: &RecordBatch) -> Result<(i64, i64)> {
     let min = datafusion::arrow::compute::min(times).unwrap_or(0);
     let max = datafusion::arrow::compute::max(times).unwrap_or(0);
     Ok((min, max))
+}
+
+/// Buffered batches smaller than this absorb the next one: many small statements
+/// make a few batches of useful size (cheaper to copy on each write, and to scan).
+const BUFFER_BATCH_MERGE_ROWS: usize = 4096;
+
+/// Adds `batch` to a table's buffered batches, merged into the last one while that
+/// is small.
+fn push_buffered(batches: &mut Vec<RecordBatch>, batch: RecordBatch) -> Result<()> {
+    match batches.last_mut() {
+        Some(last) if last.num_rows() < BUFFER_BATCH_MERGE_ROWS => {
+            let merged = concat_batches(&batch.schema(), [&*last, &batch])?;
+            *last = merged;
+        }
+        _ => batches.push(batch),
+    }
+    Ok(())
 }
 
 fn segment_path(table: &str, shard: ShardId, window_start_us: i64, unique: &str) -> String {

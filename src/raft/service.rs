@@ -1,0 +1,57 @@
+//! The receiving side of the groups' messages: the internal Flight service hands
+//! actions `raft.append`, `raft.vote`, `raft.snapshot` and `raft.write` (a forwarded
+//! write) to [`Groups`], which answers them with the addressed group.
+//!
+//! Owns: decoding a message (a malformed one is refused with InvalidArgument, and a
+//! message for a group this node does not have with NotFound) and encoding the answer
+//! (the CBOR of the group's result, errors included, so the sender sees openraft's own
+//! error).
+
+use bytes::Bytes;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use tonic::Status;
+
+use super::groups::{ForwardedWrite, Groups, FORWARD};
+use super::network::{open_envelope, to_cbor, APPEND, SNAPSHOT, VOTE};
+use super::ShardGroup;
+use crate::pipeline::flight::ActionHandler;
+
+fn decode<T: DeserializeOwned>(kind: &str, body: &[u8]) -> Result<(u32, T), Status> {
+    open_envelope(body).map_err(|e| Status::invalid_argument(format!("malformed {kind} message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Bytes, Status> {
+    to_cbor(v).map(Bytes::from).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[async_trait::async_trait]
+impl ActionHandler for Groups {
+    fn handles(&self, kind: &str) -> bool {
+        matches!(kind, APPEND | VOTE | SNAPSHOT | FORWARD)
+    }
+
+    async fn handle(&self, kind: &str, body: Bytes) -> Result<Bytes, Status> {
+        let raft = |g: u32| self.raft(g).ok_or_else(|| Status::not_found(format!("this node has no group for shard {g}")));
+        match kind {
+            APPEND => {
+                let (g, req): (u32, AppendEntriesRequest<ShardGroup>) = decode(kind, &body)?;
+                encode(&raft(g)?.append_entries(req).await)
+            }
+            VOTE => {
+                let (g, req): (u32, VoteRequest<u64>) = decode(kind, &body)?;
+                encode(&raft(g)?.vote(req).await)
+            }
+            SNAPSHOT => {
+                let (g, req): (u32, InstallSnapshotRequest<ShardGroup>) = decode(kind, &body)?;
+                encode(&raft(g)?.install_snapshot(req).await)
+            }
+            FORWARD => {
+                let (g, w): (u32, ForwardedWrite) = decode(kind, &body)?;
+                raft(g)?;
+                encode(&self.forwarded(g, w).await)
+            }
+            other => Err(Status::invalid_argument(format!("unknown action {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! Three real `tidemark` processes on 127.0.0.1-3, every shard's Raft group spanning
+//! them: concurrent small INSERTs through every node while the node that leads the most
+//! shards is killed with SIGKILL and restarted; then each replica's data directory is
+//! audited on its own (its segments plus its committed log, re-applied as a restart
+//! would) and the client history is checked against it: every acknowledged record on
+//! every replica exactly once, no record that was never written, the replicas alike.
+//! The checker itself is tested on histories known to be bad.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, NodeProcess};
+use datafusion::arrow::array::{Array, AsArray};
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
+use parking_lot::Mutex;
+
+// ---------------------------------------------------------------------------------
+// The history checker.
+
+/// What a client saw of one write statement.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    Ok,
+    /// An error, a timeout or a lost connection: the rows may or may not be stored.
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct WriteOp {
+    session: usize,
+    ids: Vec<String>,
+    outcome: Outcome,
+    /// Microseconds since the run started.
+    end_us: u64,
+}
+
+/// A read of one session's own records.
+#[derive(Debug, Clone)]
+struct ReadOp {
+    session: usize,
+    start_us: u64,
+    saw: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    writes: Vec<WriteOp>,
+    reads: Vec<ReadOp>,
+}
+
+/// Every way a history and the replicas' contents can disagree.
+#[derive(Debug, Default, PartialEq)]
+struct Verdict {
+    /// (replica, record): acknowledged, missing.
+    lost: Vec<(String, String)>,
+    /// (replica, record, copies): stored more than once.
+    duplicated: Vec<(String, String, usize)>,
+    /// (replica, record): stored, never written by anyone.
+    phantom: Vec<(String, String)>,
+    /// Replicas whose records differ from the first replica's.
+    diverged: Vec<String>,
+    /// (session, record): a read missed a record its session had acknowledged before it.
+    stale_reads: Vec<(usize, String)>,
+}
+
+impl Verdict {
+    fn writes_ok(&self) -> bool {
+        self.lost.is_empty() && self.duplicated.is_empty() && self.phantom.is_empty() && self.diverged.is_empty()
+    }
+}
+
+/// Checks `history` against the records each replica stores (with repeats).
+fn check(history: &History, replicas: &BTreeMap<String, Vec<String>>) -> Verdict {
+    let mut v = Verdict::default();
+    let attempted: BTreeSet<&str> = history.writes.iter().flat_map(|w| w.ids.iter().map(String::as_str)).collect();
+    let acked: BTreeSet<&str> =
+        history.writes.iter().filter(|w| w.outcome == Outcome::Ok).flat_map(|w| w.ids.iter().map(String::as_str)).collect();
+    let mut first: Option<BTreeSet<&str>> = None;
+    for (name, records) in replicas {
+        let mut copies: HashMap<&str, usize> = HashMap::new();
+        for r in records {
+            *copies.entry(r.as_str()).or_default() += 1;
+        }
+        for id in &acked {
+            if !copies.contains_key(id) {
+                v.lost.push((name.clone(), id.to_string()));
+            }
+        }
+        let mut dup: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).map(|(id, n)| (name.clone(), id.to_string(), *n)).collect();
+        dup.sort();
+        v.duplicated.extend(dup);
+        let mut ph: Vec<_> = copies.keys().filter(|id| !attempted.contains(*id)).map(|id| (name.clone(), id.to_string())).collect();
+        ph.sort();
+        v.phantom.extend(ph);
+        let set: BTreeSet<&str> = copies.keys().copied().collect();
+        match &first {
+            None => first = Some(set),
+            Some(f) if *f != set => v.diverged.push(name.clone()),
+            Some(_) => {}
+        }
+    }
+    for r in &history.reads {
+        for w in history.writes.iter().filter(|w| w.session == r.session && w.outcome == Outcome::Ok && w.end_us <= r.start_us) {
+            for id in &w.ids {
+                if !r.saw.contains(id) {
+                    v.stale_reads.push((r.session, id.clone()));
+                }
+            }
+        }
+    }
+    v
+}
+
+fn w(session: usize, ids: &[&str], outcome: Outcome, end_us: u64) -> WriteOp {
+    WriteOp { session, ids: ids.iter().map(|s| s.to_string()).collect(), outcome, end_us }
+}
+
+fn replicas(sets: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+    sets.iter().map(|(n, ids)| (n.to_string(), ids.iter().map(|s| s.to_string()).collect())).collect()
+}
+
+#[test]
+fn the_checker_passes_a_good_history() {
+    let h = History {
+        writes: vec![w(0, &["a", "b"], Outcome::Ok, 10), w(1, &["c"], Outcome::Unknown, 20), w(1, &["d"], Outcome::Unknown, 30)],
+        reads: vec![ReadOp { session: 0, start_us: 15, saw: ["a", "b"].iter().map(|s| s.to_string()).collect() }],
+    };
+    // An unknown write may be stored (c) or not (d).
+    let v = check(&h, &replicas(&[("n1", &["a", "b", "c"]), ("n2", &["c", "a", "b"])]));
+    assert_eq!(v, Verdict::default());
+}
+
+#[test]
+fn the_checker_flags_a_lost_ack_a_duplicate_a_phantom_a_divergence_and_a_stale_read() {
+    let h = History {
+        writes: vec![w(0, &["a", "b"], Outcome::Ok, 10), w(1, &["c"], Outcome::Unknown, 20)],
+        reads: vec![
+            ReadOp { session: 0, start_us: 5, saw: BTreeSet::new() },
+            ReadOp { session: 0, start_us: 11, saw: ["a"].iter().map(|s| s.to_string()).collect() },
+        ],
+    };
+    let v = check(&h, &replicas(&[("n1", &["a", "b", "c", "c"]), ("n2", &["a", "zz", "b"])]));
+    assert_eq!(v.lost, vec![]);
+    assert_eq!(v.duplicated, vec![("n1".to_string(), "c".to_string(), 2)]);
+    assert_eq!(v.phantom, vec![("n2".to_string(), "zz".to_string())]);
+    assert_eq!(v.diverged, vec!["n2".to_string()]);
+    // The read before the ack may miss it; the one after may not.
+    assert_eq!(v.stale_reads, vec![(0, "b".to_string())]);
+    let v = check(&h, &replicas(&[("n1", &["a"])]));
+    assert_eq!(v.lost, vec![("n1".to_string(), "b".to_string())]);
+    assert!(!v.writes_ok());
+}
+
+// ---------------------------------------------------------------------------------
+// The cluster.
+
+struct Member {
+    id: u64,
+    host: String,
+    pg: u16,
+    internal: u16,
+    dir: PathBuf,
+}
+
+impl Member {
+    fn url(&self) -> String {
+        format!("postgres://tidemark@{}:{}/tidemark", self.host, self.pg)
+    }
+}
+
+fn start(m: &Member, all: &[Member]) -> NodeProcess {
+    let peers: Vec<String> = all.iter().filter(|o| o.id != m.id).map(|o| format!("{}={}:{}", o.id, o.host, o.internal)).collect();
+    NodeProcess::new(
+        Command::new(env!("CARGO_BIN_EXE_tidemark"))
+            .args(["serve", "--data-dir"])
+            .arg(&m.dir)
+            .args(["--listen", &format!("{}:{}", m.host, m.pg)])
+            .args(["--node-id", &m.id.to_string()])
+            .args(["--internal-addr", &format!("{}:{}", m.host, m.internal)])
+            .args(["--peers", &peers.join(",")])
+            .args(["--pipelines", "1", "--peer-pipelines", "1"])
+            .env("TIDEMARK_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tidemark"),
+    )
+}
+
+async fn try_connect(url: &str) -> Option<tokio_postgres::Client> {
+    let (c, conn) = tokio::time::timeout(Duration::from_secs(2), tokio_postgres::connect(url, tokio_postgres::NoTls)).await.ok()?.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(c)
+}
+
+async fn wait_connect(url: &str, within: Duration) -> tokio_postgres::Client {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(c) = try_connect(url).await {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "{url} did not answer within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What replica `dir` holds: its segments, plus the entries of its log that its
+/// manifest does not cover yet, applied as a restart would (on a copy). Called after
+/// the replicas converged (every node had applied its whole log), so every entry in a
+/// log is committed, even where the kill came before the node's record of the committed
+/// index reached the disk.
+async fn audit(dir: &Path) -> Vec<String> {
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir, copy.path());
+    let cfg = tidemark::config::Config { data_dir: copy.path().to_path_buf(), ..tidemark::config::Config::default() };
+    let catalog = Arc::new(tidemark::catalog::Catalog::load_or_init(&cfg.data_dir).unwrap());
+    let storage =
+        tidemark::storage::Storage::open_with(&cfg, Arc::clone(&catalog), tidemark::clock::Clock::fixed(0), false).await.unwrap();
+    let db = tidemark::raft::log_store::LogDb::open(&copy.path().join("raft").join("log.redb")).unwrap();
+    let shards = storage.snapshot().tables.iter().map(|t| t.shard_count).max().unwrap();
+    for g in 0..shards {
+        let mut sm = tidemark::raft::state_machine::StateMachine::open(Arc::clone(&storage), g).unwrap();
+        let mut log = db.group(g);
+        let applied = sm.applied_state().await.unwrap().0.map_or(0, |l| l.index + 1);
+        let Some(last) = log.get_log_state().await.unwrap().last_log_id else { continue };
+        if last.index >= applied {
+            let entries = log.try_get_log_entries(applied..=last.index).await.unwrap();
+            sm.apply(entries).await.unwrap();
+        }
+    }
+    storage.flush_buffer().await.unwrap();
+    let mut ids = Vec::new();
+    for seg in storage.snapshot().segments.iter().filter(|s| s.table == "usage") {
+        for b in storage.read_segment(seg, Some("record_id")).await.unwrap() {
+            let col = b.column(0).as_string::<i32>();
+            ids.extend((0..col.len()).map(|i| col.value(i).to_string()));
+        }
+    }
+    ids
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Rows per statement, over random entities (so over most shards).
+const ROWS_PER_STATEMENT: usize = 8;
+
+fn insert_sql(session: usize, i: usize, rng: &mut rand::rngs::StdRng) -> (String, Vec<String>) {
+    let mut ids = Vec::new();
+    let mut values = Vec::new();
+    for j in 0..ROWS_PER_STATEMENT {
+        let id = format!("s{session}-{i}-{j}");
+        let e = rand::Rng::random_range(rng, 0..200);
+        values.push(format!("('{id}', 'acct-{e:03}', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:{:02}:00')", j));
+        ids.push(id);
+    }
+    (
+        format!(
+            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES {}",
+            values.join(", ")
+        ),
+        ids,
+    )
+}
+
+/// One client session writing through node `url` until `stop`: each statement's outcome
+/// goes into the history (an error or a timeout is unknown); after an error it
+/// reconnects (to the same node, which may be down for a while). Every tenth statement
+/// it also reads its own records back.
+async fn writer(session: usize, url: String, stop: Arc<AtomicBool>, history: Arc<Mutex<History>>, t0: Instant) {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(session as u64);
+    let mut client = try_connect(&url).await;
+    for i in 0..2_000 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let Some(c) = &client else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client = try_connect(&url).await;
+            continue;
+        };
+        let (sql, ids) = insert_sql(session, i, &mut rng);
+        let r = tokio::time::timeout(Duration::from_secs(15), c.batch_execute(&sql)).await;
+        let outcome = match r {
+            Ok(Ok(())) => Outcome::Ok,
+            _ => Outcome::Unknown,
+        };
+        let failed = outcome != Outcome::Ok;
+        history.lock().writes.push(WriteOp { session, ids, outcome, end_us: t0.elapsed().as_micros() as u64 });
+        if failed {
+            client = None;
+            continue;
+        }
+        if i % 10 == 9 {
+            let start_us = t0.elapsed().as_micros() as u64;
+            let q = format!("SELECT record_id FROM usage WHERE record_id LIKE 's{session}-%'");
+            if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(15), c.query(q.as_str(), &[])).await {
+                let saw = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+                history.lock().reads.push(ReadOp { session, start_us, saw });
+            }
+        }
+    }
+}
+
+/// The node that leads the most shards, as node 1..3 see it (the first that answers).
+async fn busiest_leader(members: &[Member]) -> u64 {
+    for m in members {
+        if let Some(c) = try_connect(&m.url()).await {
+            let q = "SELECT leader::bigint, count(*) FROM system.replicas WHERE leader IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1";
+            if let Ok(row) = c.query_one(q, &[]).await {
+                return row.get::<_, i64>(0) as u64;
+            }
+        }
+    }
+    panic!("no node reports its shards' leaders");
+}
+
+/// Per shard, the applied index each node reports (bounded wait until all agree).
+async fn wait_converged(members: &[Member], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut views = Vec::new();
+        for m in members {
+            let Some(c) = try_connect(&m.url()).await else { break };
+            let q = "SELECT shard::bigint, applied_index::bigint, last_log_index::bigint FROM system.replicas ORDER BY 1";
+            match c.query(q, &[]).await {
+                Ok(rows) => views.push(rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1), r.get::<_, Option<i64>>(2))).collect::<Vec<_>>()),
+                Err(_) => break,
+            }
+        }
+        if views.len() == members.len()
+            && views.windows(2).all(|w| w.iter().all(|v| v.iter().map(|(s, a, _)| (*s, *a)).eq(w[0].iter().map(|(s, a, _)| (*s, *a)))))
+            && views.iter().all(|v| v.iter().all(|(_, a, l)| a == l))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_replicate_and_survive_a_leader_killed_with_sigkill() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let members: Vec<Member> = (0..3)
+        .map(|i| Member {
+            id: i as u64 + 1,
+            host: format!("127.0.0.{}", i + 1),
+            pg: free_port(),
+            internal: free_port(),
+            dir: dirs[i].path().to_path_buf(),
+        })
+        .collect();
+    let mut procs: Vec<Option<NodeProcess>> = members.iter().map(|m| Some(start(m, &members))).collect();
+    for m in &members {
+        let c = wait_connect(&m.url(), Duration::from_secs(60)).await;
+        // Every node sees a leader for every shard, and three voters.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = c
+                .query_one("SELECT count(*), count(*) FILTER (WHERE leader IS NOT NULL AND voters = '1,2,3') FROM system.replicas", &[])
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) == row.get::<_, i64>(1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {}: groups without a leader or not spanning 1,2,3", m.id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let t0 = Instant::now();
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = members
+        .iter()
+        .enumerate()
+        .map(|(s, m)| tokio::spawn(writer(s, m.url(), Arc::clone(&stop), Arc::clone(&history), t0)))
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = busiest_leader(&members).await;
+    let kill_us = t0.elapsed().as_micros() as u64;
+    procs[victim as usize - 1].take().unwrap().kill_9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    procs[victim as usize - 1] = Some(start(&members[victim as usize - 1], &members));
+    wait_connect(&members[victim as usize - 1].url(), Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(30), w).await.expect("a writer did not stop").unwrap();
+    }
+    assert!(wait_converged(&members, Duration::from_secs(60)).await, "replicas did not converge within 60 s");
+    for p in procs.iter_mut() {
+        if let Some(mut p) = p.take() {
+            p.kill_9();
+        }
+    }
+
+    let history = std::mem::take(&mut *history.lock());
+    let mut contents = BTreeMap::new();
+    for m in &members {
+        contents.insert(format!("node {}", m.id), audit(&m.dir).await);
+    }
+    let acked = history.writes.iter().filter(|w| w.outcome == Outcome::Ok).count();
+    let unknown = history.writes.len() - acked;
+    let first_ack_after_kill =
+        history.writes.iter().filter(|w| w.outcome == Outcome::Ok && w.end_us > kill_us).map(|w| w.end_us).min();
+    let verdict = check(&history, &contents);
+    println!(
+        "killed node {victim}: {} statements, {acked} acknowledged, {unknown} unknown; first acknowledgement {} ms after the kill; \
+         {} reads, {} stale (read-your-writes is not guaranteed yet)",
+        history.writes.len(),
+        first_ack_after_kill.map_or("never".to_string(), |t| ((t - kill_us) / 1000).to_string()),
+        history.reads.len(),
+        verdict.stale_reads.len()
+    );
+    assert!(acked > 20, "too few acknowledged writes to mean anything: {acked}");
+    assert!(first_ack_after_kill.is_some(), "no write was acknowledged after the kill");
+    assert!(verdict.writes_ok(), "{verdict:?}");
+    let stored = contents.values().next().unwrap().len();
+    assert!(stored >= acked * ROWS_PER_STATEMENT, "{stored} rows stored for {acked} acknowledged statements");
+}
