@@ -1,7 +1,7 @@
 //! Three real `tidemark` processes on 127.0.0.1-3, every shard's Raft group spanning
-//! them: concurrent small INSERTs through every node while the node that leads the most
-//! shards is killed with SIGKILL and restarted; then each replica's data directory is
-//! audited on its own (its segments plus its committed log, re-applied as a restart
+//! them: concurrent small INSERTs through every node while, one after the other, the
+//! node that leads the most shards is killed with SIGKILL and restarted, paused with
+//! SIGSTOP past the election timeout and resumed; then each replica's data directory is audited on its own (its segments plus its committed log, re-applied as a restart
 //! would) and the client history is checked against it: every acknowledged record on
 //! every replica exactly once, no record that was never written, the replicas alike.
 //! The checker itself is tested on histories known to be bad.
@@ -357,8 +357,26 @@ async fn wait_converged(members: &[Member], within: Duration) -> bool {
     false
 }
 
+/// A fault done to one node while the writers run.
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)]
+enum Fault {
+    /// SIGKILL, then a restart on the same data directory.
+    Kill,
+    /// SIGSTOP for well past the election timeout, then SIGCONT.
+    Pause,
+    /// SIGKILL, the data directory deleted, then a restart on an empty one: the node
+    /// must come back from its peers (a snapshot with the segment files, then the log).
+    LoseDisk,
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_replicate_and_survive_a_leader_killed_with_sigkill() {
+async fn three_processes_replicate_through_a_kill_and_a_pause() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let members: Vec<Member> = (0..3)
         .map(|i| Member {
@@ -366,7 +384,7 @@ async fn three_processes_replicate_and_survive_a_leader_killed_with_sigkill() {
             host: format!("127.0.0.{}", i + 1),
             pg: free_port(),
             internal: free_port(),
-            dir: dirs[i].path().to_path_buf(),
+            dir: dirs[i].path().join("data"),
         })
         .collect();
     let mut procs: Vec<Option<NodeProcess>> = members.iter().map(|m| Some(start(m, &members))).collect();
@@ -386,6 +404,10 @@ async fn three_processes_replicate_and_survive_a_leader_killed_with_sigkill() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The groups' first leaders are spread over the nodes.
+    let c = wait_connect(&members[0].url(), Duration::from_secs(5)).await;
+    let spread = c.query_one("SELECT count(DISTINCT leader) FROM system.replicas", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(spread, 3, "leaders not spread over the three nodes");
 
     let t0 = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));
@@ -396,19 +418,40 @@ async fn three_processes_replicate_and_survive_a_leader_killed_with_sigkill() {
         .map(|(s, m)| tokio::spawn(writer(s, m.url(), Arc::clone(&stop), Arc::clone(&history), t0)))
         .collect();
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim = busiest_leader(&members).await;
-    let kill_us = t0.elapsed().as_micros() as u64;
-    procs[victim as usize - 1].take().unwrap().kill_9();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    procs[victim as usize - 1] = Some(start(&members[victim as usize - 1], &members));
-    wait_connect(&members[victim as usize - 1].url(), Duration::from_secs(60)).await;
+    let mut faults = Vec::new();
+    // Fault::LoseDisk is not in the list yet: the node restarted on an empty directory
+    // does not converge within 60 s (issue 12: rejoin from a snapshot is still open).
+    for fault in [Fault::Kill, Fault::Pause] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let victim = busiest_leader(&members).await as usize - 1;
+        let at_us = t0.elapsed().as_micros() as u64;
+        match fault {
+            Fault::Kill | Fault::LoseDisk => {
+                procs[victim].take().unwrap().kill_9();
+                if matches!(fault, Fault::LoseDisk) {
+                    std::fs::remove_dir_all(&members[victim].dir).unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                procs[victim] = Some(start(&members[victim], &members));
+                wait_connect(&members[victim].url(), Duration::from_secs(60)).await;
+            }
+            Fault::Pause => {
+                let pid = procs[victim].as_ref().unwrap().pid();
+                signal(pid, "-STOP");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                signal(pid, "-CONT");
+            }
+        }
+        faults.push((fault, victim + 1, at_us));
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         tokio::time::timeout(Duration::from_secs(30), w).await.expect("a writer did not stop").unwrap();
     }
     assert!(wait_converged(&members, Duration::from_secs(60)).await, "replicas did not converge within 60 s");
+    let c = wait_connect(&members[0].url(), Duration::from_secs(5)).await;
+    let purged = c.query_one("SELECT count(*) FILTER (WHERE purged_index IS NOT NULL) FROM system.replicas", &[]).await.unwrap().get::<_, i64>(0);
     for p in procs.iter_mut() {
         if let Some(mut p) = p.take() {
             p.kill_9();
@@ -422,19 +465,23 @@ async fn three_processes_replicate_and_survive_a_leader_killed_with_sigkill() {
     }
     let acked = history.writes.iter().filter(|w| w.outcome == Outcome::Ok).count();
     let unknown = history.writes.len() - acked;
-    let first_ack_after_kill =
-        history.writes.iter().filter(|w| w.outcome == Outcome::Ok && w.end_us > kill_us).map(|w| w.end_us).min();
     let verdict = check(&history, &contents);
     println!(
-        "killed node {victim}: {} statements, {acked} acknowledged, {unknown} unknown; first acknowledgement {} ms after the kill; \
-         {} reads, {} stale (read-your-writes is not guaranteed yet)",
+        "{} statements of {ROWS_PER_STATEMENT} rows, {acked} acknowledged, {unknown} unknown; {} reads, {} stale (read-your-writes is \
+         not guaranteed yet); groups with a purged log on node 1: {purged}",
         history.writes.len(),
-        first_ack_after_kill.map_or("never".to_string(), |t| ((t - kill_us) / 1000).to_string()),
         history.reads.len(),
         verdict.stale_reads.len()
     );
+    for (fault, node, at_us) in &faults {
+        let next = history.writes.iter().filter(|w| w.outcome == Outcome::Ok && w.end_us > *at_us).map(|w| w.end_us).min();
+        println!(
+            "{fault:?} node {node}: first acknowledged write {} ms after the fault",
+            next.map_or("never".to_string(), |t| ((t - at_us) / 1000).to_string())
+        );
+        assert!(next.is_some(), "no write was acknowledged after {fault:?} of node {node}");
+    }
     assert!(acked > 20, "too few acknowledged writes to mean anything: {acked}");
-    assert!(first_ack_after_kill.is_some(), "no write was acknowledged after the kill");
     assert!(verdict.writes_ok(), "{verdict:?}");
     let stored = contents.values().next().unwrap().len();
     assert!(stored >= acked * ROWS_PER_STATEMENT, "{stored} rows stored for {acked} acknowledged statements");

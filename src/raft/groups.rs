@@ -61,6 +61,8 @@ const ENTRY_ROWS_MAX: usize = 8192;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Action type of a write forwarded to a shard's leader.
 pub const FORWARD: &str = "raft.write";
+/// Action type of "do you hold this group?" (answer: CBOR bool).
+pub const STATE: &str = "raft.state";
 /// A group takes a snapshot (and purges its log behind it) once its flushed state is
 /// this many entries past its last snapshot.
 const SNAPSHOT_AFTER_LOGS: u64 = 64;
@@ -98,6 +100,12 @@ pub enum ForwardAnswer {
     NotLeader { leader: Option<u64> },
     /// Proposed, but whether it was committed is unknown.
     Unknown(String),
+}
+
+/// The node that initializes group `g` of a new cluster (and so, at first, leads it):
+/// the groups' first leaders are spread over the voters.
+pub fn initializer(voters: &BTreeMap<u64, BasicNode>, g: ShardId) -> u64 {
+    *voters.keys().nth(g as usize % voters.len().max(1)).expect("at least one voter")
 }
 
 /// The voters of every group on a node with `cfg`: this node alone, or every node when
@@ -163,9 +171,9 @@ impl Groups {
         }))
     }
 
-    /// Makes the groups serve: a group that was never initialized is, by the node with
-    /// the lowest id among its voters (`self_addr`: this node's internal address as
-    /// bound); then waits until each has a leader (a one-node group: this node, with
+    /// Makes the groups serve: a group that was never initialized is, by its
+    /// [`initializer`] (`self_addr`: this node's internal address as bound), once a
+    /// majority of the voters answered that they do not hold it; then waits until each has a leader (a one-node group: this node, with
     /// its log re-applied), removes segment files that no manifest names, and installs
     /// the groups as storage's write path.
     pub async fn ready(self: &Arc<Self>, self_addr: Option<std::net::SocketAddr>) -> Result<()> {
@@ -174,14 +182,16 @@ impl Groups {
             me.addr = addr.to_string();
         }
         let spanning = self.spans_nodes();
-        let first = voters.keys().next().copied() == Some(self.node_id);
-        for raft in &self.rafts {
-            if first && !raft.is_initialized().await.map_err(|e| raft_error("raft start", e))? {
+        let deadline = Instant::now() + START_WAIT_SPANNING;
+        for (g, raft) in self.rafts.iter().enumerate() {
+            if raft.is_initialized().await.map_err(|e| raft_error("raft start", e))? || initializer(&voters, g as ShardId) != self.node_id {
+                continue;
+            }
+            if !spanning || self.peers_lack_group(&voters, g as ShardId, deadline).await {
                 raft.initialize(voters.clone()).await.map_err(|e| raft_error("raft initialize", e))?;
             }
         }
         let node_id = self.node_id;
-        let deadline = Instant::now() + START_WAIT_SPANNING;
         for (g, raft) in self.rafts.iter().enumerate() {
             if spanning {
                 let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
@@ -207,6 +217,47 @@ impl Groups {
         let weak: Weak<dyn Replicator> = Arc::downgrade(&(Arc::clone(self) as Arc<dyn Replicator>));
         self.storage.set_replicator(weak);
         Ok(())
+    }
+
+    /// Whether a majority of `voters` (this node included) answered that they have no
+    /// state for group `g`, so that this node may initialize it. A node whose data
+    /// directory was lost finds its peers holding the group and waits for its leader
+    /// instead (which brings it back from a snapshot). Asks until `deadline`.
+    async fn peers_lack_group(&self, voters: &BTreeMap<u64, BasicNode>, g: ShardId, deadline: Instant) -> bool {
+        let majority = voters.len() / 2 + 1;
+        loop {
+            let mut lacking = 1; // this node
+            for (id, node) in voters.iter().filter(|(id, _)| **id != self.node_id) {
+                let body = match envelope(g, &()) {
+                    Ok(b) => b,
+                    Err(_) => return false,
+                };
+                match self.peers.call(&node.addr, STATE, body, Duration::from_secs(1)).await.ok().and_then(|b| from_cbor::<bool>(&b).ok()) {
+                    Some(true) => {
+                        tracing::info!(shard = g, peer = id, "peer holds this shard's group: waiting for its leader instead of initializing");
+                        return false;
+                    }
+                    Some(false) => lacking += 1,
+                    None => {}
+                }
+            }
+            if lacking >= majority {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(shard = g, "too few peers answered to initialize this shard's group; it waits for them");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether this node holds state (a vote or a log) of group `g`.
+    pub async fn has_group(&self, g: ShardId) -> bool {
+        match self.raft(g) {
+            Some(r) => r.is_initialized().await.unwrap_or(false),
+            None => false,
+        }
     }
 
     /// Whether the groups have voters on other nodes.

@@ -1,6 +1,6 @@
 //! The receiving side of the groups' messages: the internal Flight service hands
-//! actions `raft.append`, `raft.vote`, `raft.snapshot` and `raft.write` (a forwarded
-//! write) to [`Groups`], which answers them with the addressed group.
+//! actions `raft.append`, `raft.vote`, `raft.snapshot`, `raft.write` (a forwarded
+//! write) and `raft.state` (whether this node holds a group) to [`Groups`], which answers them with the addressed group.
 //!
 //! Owns: decoding a message (a malformed one is refused with InvalidArgument, and a
 //! message for a group this node does not have with NotFound) and encoding the answer
@@ -12,7 +12,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use tonic::Status;
 
-use super::groups::{ForwardedWrite, Groups, FORWARD};
+use super::groups::{ForwardedWrite, Groups, FORWARD, STATE};
 use super::network::{open_envelope, to_cbor, APPEND, SNAPSHOT, VOTE};
 use super::ShardGroup;
 use crate::pipeline::flight::ActionHandler;
@@ -28,7 +28,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Bytes, Status> {
 #[async_trait::async_trait]
 impl ActionHandler for Groups {
     fn handles(&self, kind: &str) -> bool {
-        matches!(kind, APPEND | VOTE | SNAPSHOT | FORWARD)
+        matches!(kind, APPEND | VOTE | SNAPSHOT | FORWARD | STATE)
     }
 
     async fn handle(&self, kind: &str, body: Bytes) -> Result<Bytes, Status> {
@@ -50,6 +50,10 @@ impl ActionHandler for Groups {
                 let (g, w): (u32, ForwardedWrite) = decode(kind, &body)?;
                 raft(g)?;
                 encode(&self.forwarded(g, w).await)
+            }
+            STATE => {
+                let (g, ()): (u32, ()) = decode(kind, &body)?;
+                encode(&self.has_group(g).await)
             }
             other => Err(Status::invalid_argument(format!("unknown action {other:?}"))),
         }

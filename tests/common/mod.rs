@@ -164,6 +164,10 @@ impl NodeProcess {
         NodeProcess(child)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     pub fn kill_9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
