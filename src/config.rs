@@ -136,6 +136,9 @@ pub struct Config {
     /// more = each shard's Raft group spans every node (a replication factor below
     /// the node count is not supported yet).
     pub replication_factor: u32,
+    /// Read-your-writes: how long a read waits for this node's replica to apply the
+    /// session's writes (its write token) before it fails with 57P03.
+    pub read_wait_ms_max: u64,
     /// In-process pipelines on this node; unset = one per core; 0 = a pure gateway
     /// that runs every fragment on its peers.
     pub pipelines: Option<u32>,
@@ -223,6 +226,7 @@ impl Default for Config {
             internal_addr: None,
             peers: Vec::new(),
             replication_factor: 3,
+            read_wait_ms_max: 5_000,
             pipelines: None,
             peer_pipelines: 0,
             pipeline_slots: 2,
@@ -326,6 +330,7 @@ impl Config {
             }
             "TIDEMARK_PIPELINES" => self.pipelines = Some(num(key, value)?),
             "TIDEMARK_REPLICATION_FACTOR" => self.replication_factor = num(key, value)?,
+            "TIDEMARK_READ_WAIT_MS_MAX" => self.read_wait_ms_max = num(key, value)?,
             "TIDEMARK_PIPELINE_SLOTS" => self.pipeline_slots = num(key, value)?,
             _ => {}
         }
@@ -406,6 +411,11 @@ impl Config {
                 return Err(Error::Config("a node whose shards replicate to peers needs internal_addr".into()));
             }
         }
+        if self.local_pipelines() == 0 && self.replicas_span_nodes() {
+            return Err(Error::Config(
+                "pipelines = 0 with replicated shards: each node reads its own replica, so it needs pipelines of its own".into(),
+            ));
+        }
         if self.local_pipelines() == 0 && peers.is_empty() {
             return Err(Error::Config("pipelines = 0 needs peers to run queries on".into()));
         }
@@ -444,6 +454,12 @@ impl Config {
     /// In-process pipelines this node runs.
     pub fn local_pipelines(&self) -> u32 {
         self.pipelines.unwrap_or_else(Self::cores)
+    }
+
+    /// Whether each shard's Raft group spans the nodes (`replication_factor` above 1
+    /// with peers): every node then holds its own replica of every shard.
+    pub fn replicas_span_nodes(&self) -> bool {
+        !self.peers.is_empty() && self.replication_factor > 1 && !self.segment_store_read_only
     }
 
     /// Pipelines each peer is assumed to run.

@@ -85,6 +85,10 @@ pub enum Error {
     /// shard's part is all-or-nothing, and a retry skips what was stored.
     #[error("shard {shard} cannot take writes now: {reason}")]
     ShardUnavailable { shard: u32, reason: String },
+    /// Read-your-writes: this node's replica of a shard had not applied the session's
+    /// writes within `read_wait_ms_max`. Nothing was read; a retry may succeed.
+    #[error("shard {shard} is behind the session's writes here: {reason}")]
+    ReplicaBehind { shard: u32, reason: String },
     #[error("data corrupted: {0}")]
     Corrupt(String),
     #[error("I/O error: {0}")]
@@ -222,6 +226,7 @@ impl Error {
             Error::SerializationFailure(_) => "40001",
             Error::PipelineUnavailable { .. } => "58000",
             Error::ShardUnavailable { .. } => "57P03",
+            Error::ReplicaBehind { .. } => "57P03",
             Error::Relayed { sqlstate, .. } => sqlstate,
             Error::Corrupt(_) => "XX001",
             Error::Io(_) => "58030",

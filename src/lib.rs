@@ -40,5 +40,6 @@ pub mod sim;
 pub mod storage;
 pub mod system;
 pub mod write_stage;
+pub mod write_token;
 
 pub use error::{Error, Result};

@@ -380,7 +380,11 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
     let leading_sort_column: std::collections::HashMap<String, String> =
         catalog.tables().filter_map(|t| t.sort_key.first().map(|k| (t.name.clone(), k.clone()))).collect();
     let mut pipelines: Vec<Arc<dyn Pipeline>> = Vec::new();
-    for (node, addr) in config.parsed_peers()? {
+    // With replicated shards each node reads its own replica: a fragment names the
+    // files of the gateway's store, which a peer's store does not have (its replica
+    // wrote its own), so fragments stay on this node's pipelines.
+    let peers = if config.replicas_span_nodes() { Vec::new() } else { config.parsed_peers()? };
+    for (node, addr) in peers {
         for i in 0..config.peer_pipeline_count() {
             pipelines.push(Arc::new(RemotePipeline::new(
                 PipelineId::new(node, i),

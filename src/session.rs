@@ -35,6 +35,7 @@ use crate::query_log::{self, QueryLogEntry};
 use crate::storage::provider::ScanReport;
 use crate::storage::AppendOutcome;
 use crate::write_stage::WriteStage;
+use crate::write_token::TokenCell;
 use crate::copy_in::{CopyContext, CopySink};
 
 /// Who is running statements.
@@ -81,6 +82,8 @@ pub struct Session {
     pub info: SessionInfo,
     /// Writes held until the end of the current multi-statement query, if any.
     stage: Option<Arc<WriteStage>>,
+    /// The connection's write token: its writes merge into it, its reads wait for it.
+    tokens: Arc<TokenCell>,
 }
 
 /// Statement kinds that Tidemark refuses, with the reason given to the user.
@@ -183,20 +186,49 @@ pub fn statement_kind(stmt: &Statement) -> String {
 
 impl Session {
     pub fn new(node: Arc<Node>, info: SessionInfo) -> Session {
-        Session { node, info, stage: None }
+        Session { node, info, stage: None, tokens: Arc::default() }
     }
 
     /// The same session with a statement timeout for the next statement.
     pub fn with_timeout(&self, timeout: Option<std::time::Duration>) -> Session {
         let mut info = self.info.clone();
         info.statement_timeout = timeout;
-        Session { node: Arc::clone(&self.node), info, stage: self.stage.clone() }
+        Session { node: Arc::clone(&self.node), info, stage: self.stage.clone(), tokens: Arc::clone(&self.tokens) }
     }
 
     /// The same session with the routing policy its client chose (None = the node's).
     pub fn with_routing(mut self, policy: Option<crate::router::Policy>) -> Session {
         self.info.routing_policy = policy;
         self
+    }
+
+    /// The same session keeping its write token in `tokens` (the connection's).
+    pub fn with_tokens(mut self, tokens: Arc<TokenCell>) -> Session {
+        self.tokens = tokens;
+        self
+    }
+
+    /// The connection's write token.
+    pub fn tokens(&self) -> &Arc<TokenCell> {
+        &self.tokens
+    }
+
+    /// Read-your-writes: before a statement reads stored rows (`reads`: its plan scans
+    /// a segment table, or it is a COPY TO), waits at most `read_wait_ms_max` until
+    /// this node's replicas have applied the session's writes. The scan's manifest
+    /// snapshot and write-buffer rows are taken after this.
+    async fn read_barrier(&self, reads: bool) -> Result<()> {
+        let Some(groups) = self.node.groups().filter(|_| reads) else { return Ok(()) };
+        let token = self.tokens.get();
+        if token.is_empty() {
+            return Ok(());
+        }
+        groups.wait_applied(&token, std::time::Duration::from_millis(self.node.config().read_wait_ms_max)).await
+    }
+
+    /// Notes what a write reached in the session's token.
+    fn wrote(&self, o: &AppendOutcome) {
+        self.tokens.merge(&o.token);
     }
 
     /// The same session with its writes held in `stage` (a multi-statement query).
@@ -296,11 +328,13 @@ impl Session {
             return Err(Error::NotSupported(reason.into()));
         }
         if let Statement::Copy { source, to, target, options, legacy_options, .. } = stmt {
+            self.read_barrier(*to).await?;
             return self.copy(source, *to, target, options, legacy_options, tracker).await;
         }
         let started = Instant::now();
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         if let (Some(generic), Some(plan), Some(params), Statement::Query(_)) = (generic, plan, &params, stmt) {
+            self.read_barrier(crate::storage::provider::reads_segments(plan)).await?;
             let counters = self.node.plan_counters();
             // A plan built already needs no planning state at all.
             let reused = match generic.ready(params)? {
@@ -369,6 +403,7 @@ impl Session {
         if is_insert {
             ingest::check_insert_casts(&logical)?;
         }
+        self.read_barrier(!is_insert && crate::storage::provider::reads_segments(&logical)).await?;
         let planned = started.elapsed();
         let run = async {
             let physical = state.create_physical_plan(&logical).await?;
@@ -407,6 +442,7 @@ impl Session {
         if let Some(stage) = &self.stage {
             state.config_mut().set_extension(Arc::clone(stage));
         }
+        state.config_mut().set_extension(Arc::clone(&self.tokens));
         state
     }
 
@@ -507,6 +543,7 @@ impl Session {
                     _ => format,
                 };
                 let outcome = self.copy_from_source(&table, &format, filename).await.map_err(|e| quiet_file_error(filename, e))?;
+                self.wrote(&outcome);
                 Ok(copy_done(outcome))
             }
             CopyTarget::Stdout | CopyTarget::Program { .. } => {
@@ -564,6 +601,7 @@ impl Session {
         match sink.finish().await {
             Ok(o) => {
                 tracker.finish_ok(o.added, 0);
+                self.wrote(&o);
                 Ok(copy_done(o))
             }
             Err(e) => {

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use crate::catalog::TableDef;
 use crate::error::{Error, Result};
 use crate::storage::{AppendOutcome, Storage};
+use crate::write_token::TokenCell;
 
 /// The staged writes of one query message. Travels to the INSERT sink and to scans as
 /// a DataFusion session-config extension.
@@ -75,12 +76,15 @@ impl WriteStage {
         Ok(())
     }
 
-    /// Stores every staged write: one append per table, in name order.
-    pub async fn commit(&self, storage: &Storage) -> Result<u64> {
+    /// Stores every staged write: one append per table, in name order; what each
+    /// reached goes into the session's write token.
+    pub async fn commit(&self, storage: &Storage, tokens: &TokenCell) -> Result<u64> {
         let tables = std::mem::take(&mut self.inner.lock().tables);
         let mut added = 0;
         for (_, (def, batches, _)) in tables {
-            added += storage.append(&def, batches).await?.added;
+            let o = storage.append(&def, batches).await?;
+            tokens.merge(&o.token);
+            added += o.added;
         }
         Ok(added)
     }

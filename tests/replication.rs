@@ -281,23 +281,31 @@ fn insert_sql(session: usize, i: usize, rng: &mut rand::rngs::StdRng) -> (String
     )
 }
 
-/// One client session writing through node `url` until `stop`: each statement's outcome
-/// goes into the history (an error or a timeout is unknown); after an error it
-/// reconnects (to the same node, which may be down for a while). Every tenth statement
-/// it also reads its own records back.
-async fn writer(session: usize, url: String, stop: Arc<AtomicBool>, history: Arc<Mutex<History>>, t0: Instant) {
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(session as u64);
-    let mut client = try_connect(&url).await;
+/// One client writing through node `url` until `stop`: each statement's outcome goes
+/// into the history (an error or a timeout is unknown); after an error it reconnects
+/// (to the same node, which may be down for a while). Every tenth statement it also
+/// reads its own records back. It carries its write token across connections as a
+/// dashboard would: `SHOW tidemark.write_token` after each acknowledged write, `SET
+/// tidemark.read_after` on each new connection; so each read must see every write it
+/// acknowledged before. If the token could not be read after an acknowledged write, the
+/// chain is broken and the writer's next writes and reads form a new session of the
+/// history (`writer * 100 + epoch`).
+async fn writer(writer: usize, url: String, stop: Arc<AtomicBool>, history: Arc<Mutex<History>>, t0: Instant) {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(writer as u64);
+    let mut token = String::new();
+    let mut epoch = 0;
+    let mut client = connect_after(&url, &token).await;
     for i in 0..2_000 {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let Some(c) = &client else {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            client = try_connect(&url).await;
+            client = connect_after(&url, &token).await;
             continue;
         };
-        let (sql, ids) = insert_sql(session, i, &mut rng);
+        let session = writer * 100 + epoch;
+        let (sql, ids) = insert_sql(writer, i, &mut rng);
         let r = tokio::time::timeout(Duration::from_secs(15), c.batch_execute(&sql)).await;
         let outcome = match r {
             Ok(Ok(())) => Outcome::Ok,
@@ -309,15 +317,33 @@ async fn writer(session: usize, url: String, stop: Arc<AtomicBool>, history: Arc
             client = None;
             continue;
         }
+        match tokio::time::timeout(Duration::from_secs(5), c.query_one("SHOW tidemark.write_token", &[])).await {
+            Ok(Ok(row)) => token = row.get(0),
+            _ => {
+                epoch += 1;
+                client = None;
+                continue;
+            }
+        }
         if i % 10 == 9 {
             let start_us = t0.elapsed().as_micros() as u64;
-            let q = format!("SELECT record_id FROM usage WHERE record_id LIKE 's{session}-%'");
+            let q = format!("SELECT record_id FROM usage WHERE record_id LIKE 's{writer}-%'");
+            // A read that fails (57P03: the replica is behind past read_wait_ms_max)
+            // saw nothing and is not a read of the history.
             if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(15), c.query(q.as_str(), &[])).await {
                 let saw = rows.iter().map(|r| r.get::<_, String>(0)).collect();
                 history.lock().reads.push(ReadOp { session, start_us, saw });
             }
         }
     }
+}
+
+/// A connection whose reads wait for `token`'s writes.
+async fn connect_after(url: &str, token: &str) -> Option<tokio_postgres::Client> {
+    let c = try_connect(url).await?;
+    let set = format!("SET tidemark.read_after = '{token}'");
+    tokio::time::timeout(Duration::from_secs(5), c.batch_execute(&set)).await.ok()?.ok()?;
+    Some(c)
 }
 
 /// The node that leads the most shards, as node 1..3 see it (the first that answers).
@@ -467,8 +493,8 @@ async fn three_processes_replicate_through_a_kill_and_a_pause() {
     let unknown = history.writes.len() - acked;
     let verdict = check(&history, &contents);
     println!(
-        "{} statements of {ROWS_PER_STATEMENT} rows, {acked} acknowledged, {unknown} unknown; {} reads, {} stale (read-your-writes is \
-         not guaranteed yet); groups with a purged log on node 1: {purged}",
+        "{} statements of {ROWS_PER_STATEMENT} rows, {acked} acknowledged, {unknown} unknown; {} reads, {} stale; groups with a \
+         purged log on node 1: {purged}",
         history.writes.len(),
         history.reads.len(),
         verdict.stale_reads.len()
@@ -483,6 +509,8 @@ async fn three_processes_replicate_through_a_kill_and_a_pause() {
     }
     assert!(acked > 20, "too few acknowledged writes to mean anything: {acked}");
     assert!(verdict.writes_ok(), "{verdict:?}");
+    assert!(verdict.stale_reads.is_empty(), "reads missed their session's acknowledged writes: {:?}", verdict.stale_reads);
+    assert!(history.reads.len() >= 3, "too few reads to check read-your-writes: {}", history.reads.len());
     let stored = contents.values().next().unwrap().len();
     assert!(stored >= acked * ROWS_PER_STATEMENT, "{stored} rows stored for {acked} acknowledged statements");
 }

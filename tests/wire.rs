@@ -400,3 +400,86 @@ async fn a_session_chooses_its_routing_policy() {
     let (lo, hi): (f64, f64) = (r.get(0), r.get(1));
     assert!(lo >= 0.25 && hi <= 8.0, "{lo} {hi}");
 }
+
+async fn show(c: &tokio_postgres::Client, key: &str) -> String {
+    c.simple_query(&format!("SHOW {key}"))
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// Read-your-writes tokens over the wire: a write's token names the shards it reached,
+/// another connection takes it with `SET tidemark.read_after` (both protocols), a bad
+/// token is 22023, the write token cannot be set (55P02), and a token this node's
+/// replicas never reach fails the read with 57P03 after `read_wait_ms_max`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_tokens_carry_read_your_writes_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(dir.path());
+    cfg.read_wait_ms_max = 300;
+    let n = TestNode::start_with(dir, cfg).await;
+    let writer = n.client().await;
+    assert_eq!(show(&writer, "tidemark.write_token").await, "t1:");
+    writer
+        .batch_execute(
+            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES \
+             ('rt-1', 'acct-001', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:00:00'), \
+             ('rt-2', 'acct-777', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:00:00')",
+        )
+        .await
+        .unwrap();
+    let token = show(&writer, "tidemark.write_token").await;
+    let shards: Vec<&str> = token.strip_prefix("t1:").unwrap().split(',').collect();
+    assert!(!shards.is_empty() && shards.len() <= 2 && shards.iter().all(|p| p.contains('=')), "{token}");
+    // A second write only raises the indexes.
+    writer
+        .batch_execute(
+            "INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES \
+             ('rt-3', 'acct-001', 'storage', 'GetObject', 'Requests', 1, '2026-01-05 10:00:00')",
+        )
+        .await
+        .unwrap();
+    let later = show(&writer, "tidemark.write_token").await;
+    assert_ne!(later, token, "the token did not move after a write");
+
+    let reader = n.client().await;
+    reader.batch_execute(&format!("SET tidemark.read_after = '{later}'")).await.unwrap();
+    assert_eq!(show(&reader, "tidemark.read_after").await, later);
+    let got = reader.query_one("SELECT count(*) FROM usage WHERE record_id LIKE 'rt-%'", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(got, 3);
+    // The extended protocol takes the setting too.
+    let ext = n.client().await;
+    ext.execute(format!("SET tidemark.read_after = '{later}'").as_str(), &[]).await.unwrap();
+    assert_eq!(ext.query_one("SELECT count(*) FROM usage WHERE record_id LIKE 'rt-%'", &[]).await.unwrap().get::<_, i64>(0), 3);
+    let shown: String = ext.query_one("SHOW tidemark.read_after", &[]).await.unwrap().get(0);
+    assert_eq!(shown, later, "SHOW over the extended protocol");
+    let shown: String = writer.query_one("SHOW tidemark.write_token", &[]).await.unwrap().get(0);
+    assert_eq!(shown, later);
+    let shown: String = writer.query_one("SHOW tidemark.routing_policy", &[]).await.unwrap().get(0);
+    assert_eq!(shown, "least_in_flight");
+
+    let e = reader.batch_execute("SET tidemark.read_after = 'not-a-token'").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    let e = reader.batch_execute("SET tidemark.write_token = 't1:'").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "55P02", "{e}");
+    let e = reader.batch_execute("SET tidemark.read_after = 't1:0=999999999'; SELECT 1").await;
+    assert!(e.is_ok(), "SET and a read without a table: {e:?}");
+    let e = reader.query("SELECT count(*) FROM usage", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "57P03", "{e}");
+    let message = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(message.contains("read_wait_ms_max"), "{message}");
+    // The connection stays usable, and its token stays (it only grows).
+    assert!(show(&reader, "tidemark.read_after").await.contains("0=999999999"));
+    // A token from a cluster with more shards cannot be met here: 22023 at the read.
+    let other = n.client().await;
+    other.batch_execute("SET tidemark.read_after = 't1:99999=1'").await.unwrap();
+    let e = other.query("SELECT 1 FROM usage LIMIT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    // Statements that read no stored rows do not wait.
+    other.query_one("SELECT 1", &[]).await.unwrap();
+}

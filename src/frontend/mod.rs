@@ -168,11 +168,17 @@ impl Frontend {
 
     fn conn<C: ClientInfo>(&self, client: &C) -> Arc<ConnState> {
         let node = Arc::clone(&self.node);
+        if let Some(c) = client.session_extensions().get::<ConnState>() {
+            return c;
+        }
+        // Taken first: the closure below runs under the extensions' lock.
+        let tokens = client.session_extensions().get_or_insert_with(crate::write_token::TokenCell::default);
         client.session_extensions().get_or_insert_with(|| {
             let (pid, key) = client.pid_and_secret_key();
             let (cancel, registration) = self.cancels.register(pid, key.to_bytes().to_vec());
             ConnState {
-                session: Session::new(node, session_info(client)),
+                session: Session::new(node, session_info(client))
+                    .with_tokens(tokens),
                 copy_in: Mutex::new(None),
                 cancel,
                 _registration: registration,
@@ -224,7 +230,7 @@ impl Frontend {
             }
         }
         if let Some(stage) = stage {
-            if let Err(e) = stage.commit(self.node.storage()).await {
+            if let Err(e) = stage.commit(self.node.storage(), conn.session.tokens()).await {
                 conn.session.record_failure(logged_text(query), &e);
                 return self.fail(client, &e, status).await;
             }

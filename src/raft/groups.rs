@@ -46,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::shard_map::{shard_of, ShardId};
 use crate::storage::manifest::SegmentMeta;
 use crate::storage::{AppendOutcome, Replicator, ShardIds, Storage};
+use crate::write_token::WriteToken;
 
 /// How long a write waits for its shard to have a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -310,6 +311,39 @@ impl Groups {
         })
     }
 
+    /// Read-your-writes: waits until this node's replica of every shard in `token` has
+    /// applied the token's index, at most `within` in all. A replica that applied index
+    /// `i` of a group holds every write acknowledged at or before `i` (Raft commits one
+    /// entry per index, and every replica applies them in order).
+    pub async fn wait_applied(&self, token: &WriteToken, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        for (shard, want) in token.iter() {
+            let Some(raft) = self.raft(shard) else {
+                return Err(Error::InvalidParameter(format!(
+                    "the write token names shard {shard}, and this cluster has {} shards: it comes from another cluster",
+                    self.rafts.len()
+                )));
+            };
+            let applied = || raft.metrics().borrow().last_applied.map(|l| l.index);
+            if applied().is_some_and(|a| a >= want) {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if raft.wait(Some(left)).applied_index_at_least(Some(want), "read-your-writes").await.is_err() {
+                let have = applied().map_or("nothing".to_string(), |a| format!("index {a}"));
+                return Err(Error::ReplicaBehind {
+                    shard,
+                    reason: format!(
+                        "this node's replica has applied {have} and the session's writes reached index {want}; it did not catch up \
+                         within read_wait_ms_max ({} ms): retry, or read through another node",
+                        within.as_millis()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Stops every group's Raft tasks.
     pub async fn shutdown(&self) {
         for raft in &self.rafts {
@@ -406,6 +440,7 @@ impl Groups {
             let a = self.propose(shard, cmd, retry_safe).await?;
             total.stored += a.stored;
             total.duplicates += a.duplicates;
+            total.index = total.index.max(a.index);
             at += n;
         }
         Ok(total)
@@ -414,25 +449,30 @@ impl Groups {
     /// Stores `all` as `Rows` entries of each shard's group, the shards at once.
     async fn append_by_shard(&self, table: &TableDef, shard_count: u32, all: &RecordBatch, chunk: usize) -> Result<AppendOutcome> {
         let parts = split_by_shard(table, shard_count, all)?;
-        let proposals = parts.into_iter().map(|(shard, rows)| self.append_rows(table, shard, rows, chunk));
+        let proposals = parts.into_iter().map(|(shard, rows)| async move { self.append_rows(table, shard, rows, chunk).await.map(|a| (shard, a)) });
         let mut outcome = AppendOutcome::default();
-        let mut first_error = None;
-        for r in futures::future::join_all(proposals).await {
-            match r {
-                Ok(a) => {
-                    outcome.added += a.stored;
-                    outcome.present += a.duplicates;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+        first_error(futures::future::join_all(proposals).await, |(shard, a)| {
+            outcome.added += a.stored;
+            outcome.present += a.duplicates;
+            outcome.token.note(shard, a.index);
+        })?;
+        Ok(outcome)
+    }
+}
+
+/// Hands every success to `ok` (all of them, so that nothing stored goes uncounted)
+/// and returns the first error, if any.
+fn first_error<T>(results: impl IntoIterator<Item = Result<T>>, mut ok: impl FnMut(T)) -> Result<()> {
+    let mut first = None;
+    for r in results {
+        match r {
+            Ok(v) => ok(v),
+            Err(e) => {
+                first.get_or_insert(e);
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(outcome),
-        }
     }
+    first.map_or(Ok(()), Err)
 }
 
 /// Rows of `batch` by shard (in row order within each).
@@ -523,21 +563,16 @@ impl Replicator for Groups {
         });
         let mut outcome = AppendOutcome { present, ..Default::default() };
         let mut refused: HashMap<ShardId, Vec<String>> = HashMap::new();
-        let mut first_error = None;
-        for (shard, n, paths, r) in futures::future::join_all(proposals).await {
-            match r {
-                Ok(a) if a.refused => {
-                    refused.insert(shard, paths);
-                }
-                Ok(a) => {
-                    outcome.added += a.stored;
-                    outcome.segments += n;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+        let proposed = futures::future::join_all(proposals).await.into_iter().map(|(shard, n, paths, r)| r.map(|a| (shard, n, paths, a)));
+        let result = first_error(proposed, |(shard, n, paths, a)| {
+            if a.refused {
+                refused.insert(shard, paths);
+            } else {
+                outcome.added += a.stored;
+                outcome.segments += n;
+                outcome.token.note(shard, a.index);
             }
-        }
+        });
         if !refused.is_empty() {
             let paths: Vec<String> = refused.values().flatten().cloned().collect();
             self.storage.delete_quietly(&paths).await;
@@ -547,9 +582,6 @@ impl Replicator for Groups {
                 "a concurrent statement stored some of this statement's records in shard(s) {shards:?}, so those parts were not stored; retry it (stored records are skipped)"
             )));
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(outcome),
-        }
+        result.map(|()| outcome)
     }
 }

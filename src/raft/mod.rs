@@ -13,8 +13,10 @@
 //! Steps of issue 12 done: storage passing openraft's suite (1); the one-node cluster
 //! of the same code as the default (2); groups spanning nodes, each replica with its
 //! own store (3, first part: every shard on every node, the voters fixed by
-//! `peers`). Not yet: membership changes (`--join`, removal, replication below the
-//! node count), the metadata group, read-your-writes tokens.
+//! `peers`); read-your-writes (4: each `Applied` carries its log index, a write's
+//! outcome its per-shard positions, and [`groups::Groups::wait_applied`] is the read
+//! barrier). Not yet: membership changes (`--join`, removal, replication below the
+//! node count), the metadata group, containers.
 //!
 //! Owns: what a shard group's log entries carry ([`Command`]) and answer ([`Applied`]).
 
@@ -70,6 +72,9 @@ pub struct Applied {
     pub duplicates: u64,
     /// An `Adopt` refused because an earlier entry stored some of its records.
     pub refused: bool,
+    /// The entry's log index (a replica that applied it holds what it stored).
+    #[serde(default)]
+    pub index: u64,
 }
 
 pub type StorageError = openraft::StorageError<u64>;

@@ -116,13 +116,13 @@ impl StateMachine {
                 let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| sm_error(ErrorVerb::Read, e))?;
                 let batch = concat_batches(&tdef.schema, &batches).map_err(|e| sm_error(ErrorVerb::Read, e))?;
                 let (stored, duplicates) = self.storage.apply_rows(self.group, state, &tdef, batch).await.map_err(write)?;
-                Ok(Applied { stored, duplicates, refused: false })
+                Ok(Applied { stored, duplicates, ..Default::default() })
             }
             Command::Adopt { table, segments, ids } => {
                 let tdef = self.table(table)?;
                 match self.storage.adopt(self.group, state, &tdef, segments, &decode_ids(ids)).await.map_err(write)? {
-                    Some(stored) => Ok(Applied { stored, duplicates: 0, refused: false }),
-                    None => Ok(Applied { stored: 0, duplicates: 0, refused: true }),
+                    Some(stored) => Ok(Applied { stored, ..Default::default() }),
+                    None => Ok(Applied { refused: true, ..Default::default() }),
                 }
             }
         }
@@ -183,7 +183,7 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
                 s
             };
             let value = serde_json::to_value(&next).map_err(|e| sm_error(ErrorVerb::Write, e))?;
-            let applied = match &e.payload {
+            let mut applied = match &e.payload {
                 EntryPayload::Normal(cmd) => self.apply_command(cmd, value).await?,
                 EntryPayload::Blank | EntryPayload::Membership(_) => {
                     self.storage.note_group(self.group, value).await;
@@ -191,6 +191,7 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
                 }
             };
             *self.state.lock() = next;
+            applied.index = id.index;
             out.push(applied);
         }
         Ok(out)

@@ -103,7 +103,7 @@ pub trait Replicator: Send + Sync {
 }
 
 /// What an append did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppendOutcome {
     /// Rows stored by this append.
     pub added: u64,
@@ -111,6 +111,8 @@ pub struct AppendOutcome {
     pub present: u64,
     /// Segments written.
     pub segments: u64,
+    /// Per shard, the log index the append reached (read-your-writes).
+    pub token: crate::write_token::WriteToken,
 }
 
 pub struct Storage {

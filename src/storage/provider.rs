@@ -563,6 +563,23 @@ impl SegmentTable {
     }
 }
 
+/// Whether `plan` (subqueries included) reads a table stored in segments.
+pub fn reads_segments(plan: &datafusion::logical_expr::LogicalPlan) -> bool {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let datafusion::logical_expr::LogicalPlan::TableScan(ts) = node {
+            let segment = datafusion::datasource::source_as_provider(&ts.source).is_ok_and(|p| p.is::<SegmentTable>());
+            if segment {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
 #[async_trait]
 impl TableProvider for SegmentTable {
     fn schema(&self) -> SchemaRef {
@@ -694,7 +711,13 @@ impl DataSink for SegmentSink {
         // Inside a multi-statement query the rows wait for its end (implicit transaction).
         let outcome = match ctx.session_config().get_extension::<crate::write_stage::WriteStage>() {
             Some(stage) => stage.stage(&self.storage, &self.def, rows)?,
-            None => self.storage.append(&self.def, rows).await?,
+            None => {
+                let o = self.storage.append(&self.def, rows).await?;
+                if let Some(tokens) = ctx.session_config().get_extension::<crate::write_token::TokenCell>() {
+                    tokens.merge(&o.token);
+                }
+                o
+            }
         };
         Ok(outcome.added)
     }
