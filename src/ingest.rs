@@ -301,11 +301,16 @@ impl CsvStream {
         if self.decoder.is_none() {
             let first_line = lines.split(|b| *b == b'\n').next().unwrap_or(&[]);
             let schema = csv_schema(table, first_line, &self.opts)?;
+            // arrow's CSV decoder zero-fills offsets for a whole batch (rows × columns)
+            // when it is built: sized by the first piece, a small statement's decoder
+            // does not fill megabytes for a few rows (which dominated small COPYs).
+            let first_rows = lines.iter().filter(|b| **b == b'\n').count() + 1;
+            let batch_rows = first_rows.next_power_of_two().clamp(64, DECODE_BATCH_ROWS);
             self.decoder = Some(
                 datafusion::arrow::csv::ReaderBuilder::new(schema)
                     .with_header(self.opts.header)
                     .with_delimiter(self.opts.delimiter)
-                    .with_batch_size(DECODE_BATCH_ROWS)
+                    .with_batch_size(batch_rows)
                     .build_decoder(),
             );
         }
