@@ -37,6 +37,7 @@ struct WriteOp {
     ids: Vec<String>,
     outcome: Outcome,
     /// Microseconds since the run started.
+    start_us: u64,
     end_us: u64,
 }
 
@@ -118,7 +119,7 @@ fn check(history: &History, replicas: &BTreeMap<String, Vec<String>>) -> Verdict
 }
 
 fn w(session: usize, ids: &[&str], outcome: Outcome, end_us: u64) -> WriteOp {
-    WriteOp { session, ids: ids.iter().map(|s| s.to_string()).collect(), outcome, end_us }
+    WriteOp { session, ids: ids.iter().map(|s| s.to_string()).collect(), outcome, start_us: 0, end_us }
 }
 
 fn replicas(sets: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
@@ -175,6 +176,10 @@ impl Member {
 }
 
 fn start(m: &Member, all: &[Member]) -> NodeProcess {
+    // TIDEMARK_TEST_NODE_LOGS=DIR keeps each node's log (appended across restarts).
+    let logs = std::env::var_os("TIDEMARK_TEST_NODE_LOGS").map(|d| {
+        std::fs::OpenOptions::new().create(true).append(true).open(Path::new(&d).join(format!("node{}.log", m.id))).expect("node log")
+    });
     let peers: Vec<String> = all.iter().filter(|o| o.id != m.id).map(|o| format!("{}={}:{}", o.id, o.host, o.internal)).collect();
     NodeProcess::new(
         Command::new(env!("CARGO_BIN_EXE_tidemark"))
@@ -185,9 +190,9 @@ fn start(m: &Member, all: &[Member]) -> NodeProcess {
             .args(["--internal-addr", &format!("{}:{}", m.host, m.internal)])
             .args(["--peers", &peers.join(",")])
             .args(["--pipelines", "1", "--peer-pipelines", "1"])
-            .env("TIDEMARK_LOG", "warn")
+            .env("TIDEMARK_LOG", if logs.is_some() { "info" } else { "warn" })
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(logs.map_or_else(Stdio::null, Stdio::from))
             .spawn()
             .expect("start tidemark"),
     )
@@ -306,13 +311,14 @@ async fn writer(writer: usize, url: String, stop: Arc<AtomicBool>, history: Arc<
         };
         let session = writer * 100 + epoch;
         let (sql, ids) = insert_sql(writer, i, &mut rng);
+        let start_us = t0.elapsed().as_micros() as u64;
         let r = tokio::time::timeout(Duration::from_secs(15), c.batch_execute(&sql)).await;
         let outcome = match r {
             Ok(Ok(())) => Outcome::Ok,
             _ => Outcome::Unknown,
         };
         let failed = outcome != Outcome::Ok;
-        history.lock().writes.push(WriteOp { session, ids, outcome, end_us: t0.elapsed().as_micros() as u64 });
+        history.lock().writes.push(WriteOp { session, ids, outcome, start_us, end_us: t0.elapsed().as_micros() as u64 });
         if failed {
             client = None;
             continue;
@@ -402,7 +408,7 @@ fn signal(pid: u32, sig: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_replicate_through_a_kill_and_a_pause() {
+async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let members: Vec<Member> = (0..3)
         .map(|i| Member {
@@ -445,9 +451,8 @@ async fn three_processes_replicate_through_a_kill_and_a_pause() {
         .collect();
 
     let mut faults = Vec::new();
-    // Fault::LoseDisk is not in the list yet: the node restarted on an empty directory
     // does not converge within 60 s (issue 12: rejoin from a snapshot is still open).
-    for fault in [Fault::Kill, Fault::Pause] {
+    for fault in [Fault::Kill, Fault::Pause, Fault::LoseDisk] {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let victim = busiest_leader(&members).await as usize - 1;
         let at_us = t0.elapsed().as_micros() as u64;
@@ -501,9 +506,18 @@ async fn three_processes_replicate_through_a_kill_and_a_pause() {
     );
     for (fault, node, at_us) in &faults {
         let next = history.writes.iter().filter(|w| w.outcome == Outcome::Ok && w.end_us > *at_us).map(|w| w.end_us).min();
+        // The stall: the slowest acknowledged write among those in flight at the fault
+        // or begun within a second after it (its shards' leaders had to be re-elected).
+        let stall = history
+            .writes
+            .iter()
+            .filter(|w| w.outcome == Outcome::Ok && w.end_us > *at_us && w.start_us < at_us + 1_000_000)
+            .map(|w| w.end_us - w.start_us.max(*at_us))
+            .max();
         println!(
-            "{fault:?} node {node}: first acknowledged write {} ms after the fault",
-            next.map_or("never".to_string(), |t| ((t - at_us) / 1000).to_string())
+            "{fault:?} node {node}: first acknowledged write {} ms after the fault; slowest acknowledged write around it {} ms",
+            next.map_or("never".to_string(), |t| ((t - at_us) / 1000).to_string()),
+            stall.map_or("-".to_string(), |t| (t / 1000).to_string())
         );
         assert!(next.is_some(), "no write was acknowledged after {fault:?} of node {node}");
     }

@@ -84,6 +84,47 @@ pub struct Groups {
     /// Every group's voters: this node alone, or this node and its peers.
     voters: BTreeMap<u64, BasicNode>,
     peers: Peers,
+    /// Per group: whether this replica may vote (see [`Fence`]).
+    fences: Vec<parking_lot::Mutex<Fence>>,
+}
+
+/// Whether a replica may vote in its group's elections. A replica that has no state
+/// of a group its peers hold and have committed entries in (its data directory was
+/// lost, or it never caught up) must not vote until it has caught up: its empty log
+/// would let a candidate that lacks an entry this replica had acknowledged win, and
+/// that committed entry would be lost. It refuses votes until it has applied the
+/// commit index of the first append it received from a leader (every entry committed
+/// before it lost its state is at or below it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Votes freely.
+    Open,
+    /// No state here; not yet known whether peers hold the group (start-up).
+    Deciding,
+    /// Peers hold the group: waits for a leader's append (its commit index, once seen).
+    CatchingUp { target: Option<u64> },
+}
+
+/// What a peer says of one of its groups (the answer to [`STATE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerGroupState {
+    /// It holds state of the group (a vote or a log).
+    pub held: bool,
+    /// The last index it applied (the group has committed entries).
+    pub applied: Option<u64>,
+}
+
+/// What the peers say of a group this node has no state of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerView {
+    /// A peer has committed entries in it: this node lost (or never had) its replica.
+    Committed,
+    /// A majority of the voters (this node included) hold nothing of it.
+    MajorityEmpty,
+    /// Peers hold it, none committed anything yet (a new group electing).
+    Electing,
+    /// Too few answers before the deadline.
+    Unknown,
 }
 
 /// A write forwarded to the node that leads its shard.
@@ -154,12 +195,16 @@ impl Groups {
         let config = Arc::new(config);
         let peers = Peers::default();
         let mut rafts = Vec::with_capacity(shard_count as usize);
+        let mut fences = Vec::with_capacity(shard_count as usize);
         for g in 0..shard_count {
             let sm = StateMachine::open(Arc::clone(&storage), g).map_err(|e| raft_error("shard state", e))?.carrying_files(spanning);
             let network = Network { group: g, peers: peers.clone() };
             let raft = Raft::new(cfg.node_id, Arc::clone(&config), network, db.group(g), sm)
                 .await
                 .map_err(|e| raft_error("raft start", e))?;
+            let held = raft.is_initialized().await.map_err(|e| raft_error("raft start", e))?;
+            // Until `ready` asked the peers, a replica with no state does not vote.
+            fences.push(parking_lot::Mutex::new(if spanning && !held { Fence::Deciding } else { Fence::Open }));
             rafts.push(raft);
         }
         Ok(Arc::new(Groups {
@@ -169,6 +214,7 @@ impl Groups {
             statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
             voters,
             peers,
+            fences,
         }))
     }
 
@@ -185,10 +231,27 @@ impl Groups {
         let spanning = self.spans_nodes();
         let deadline = Instant::now() + START_WAIT_SPANNING;
         for (g, raft) in self.rafts.iter().enumerate() {
-            if raft.is_initialized().await.map_err(|e| raft_error("raft start", e))? || initializer(&voters, g as ShardId) != self.node_id {
+            let g = g as ShardId;
+            // A group that had no state at start stays `Deciding` (no votes) until its
+            // peers are asked, even if a leader's append reached it meanwhile.
+            let held = raft.is_initialized().await.map_err(|e| raft_error("raft start", e))?;
+            if held && self.fence(g) != Fence::Deciding {
                 continue;
             }
-            if !spanning || self.peers_lack_group(&voters, g as ShardId, deadline).await {
+            let view = if spanning { self.peer_view(&voters, g, deadline).await } else { PeerView::MajorityEmpty };
+            let fence = match view {
+                PeerView::Committed => {
+                    tracing::info!(shard = g, "peers hold this shard's group: catching up from its leader before voting");
+                    Fence::CatchingUp { target: None }
+                }
+                PeerView::Unknown => {
+                    tracing::warn!(shard = g, "too few peers answered; this replica votes without knowing whether it lost its state");
+                    Fence::Open
+                }
+                PeerView::MajorityEmpty | PeerView::Electing => Fence::Open,
+            };
+            self.set_fence(g, fence);
+            if !held && view == PeerView::MajorityEmpty && initializer(&voters, g) == self.node_id {
                 raft.initialize(voters.clone()).await.map_err(|e| raft_error("raft initialize", e))?;
             }
         }
@@ -220,44 +283,86 @@ impl Groups {
         Ok(())
     }
 
-    /// Whether a majority of `voters` (this node included) answered that they have no
-    /// state for group `g`, so that this node may initialize it. A node whose data
-    /// directory was lost finds its peers holding the group and waits for its leader
-    /// instead (which brings it back from a snapshot). Asks until `deadline`.
-    async fn peers_lack_group(&self, voters: &BTreeMap<u64, BasicNode>, g: ShardId, deadline: Instant) -> bool {
+    /// What the other voters say of group `g`, which this node holds nothing of: asks
+    /// until `deadline` (a peer that holds committed entries settles it at once).
+    async fn peer_view(&self, voters: &BTreeMap<u64, BasicNode>, g: ShardId, deadline: Instant) -> PeerView {
         let majority = voters.len() / 2 + 1;
         loop {
-            let mut lacking = 1; // this node
+            let mut empty = 1; // this node
+            let mut electing = false;
             for (id, node) in voters.iter().filter(|(id, _)| **id != self.node_id) {
-                let body = match envelope(g, &()) {
-                    Ok(b) => b,
-                    Err(_) => return false,
-                };
-                match self.peers.call(&node.addr, STATE, body, Duration::from_secs(1)).await.ok().and_then(|b| from_cbor::<bool>(&b).ok()) {
-                    Some(true) => {
-                        tracing::info!(shard = g, peer = id, "peer holds this shard's group: waiting for its leader instead of initializing");
-                        return false;
+                let Ok(body) = envelope(g, &()) else { return PeerView::Unknown };
+                let answer = self.peers.call(&node.addr, STATE, body, Duration::from_secs(1)).await.ok();
+                match answer.and_then(|b| from_cbor::<PeerGroupState>(&b).ok()) {
+                    Some(PeerGroupState { applied: Some(_), .. }) => {
+                        tracing::info!(shard = g, peer = id, "peer has committed entries of this shard's group");
+                        return PeerView::Committed;
                     }
-                    Some(false) => lacking += 1,
+                    Some(PeerGroupState { held: true, .. }) => electing = true,
+                    Some(PeerGroupState { held: false, .. }) => empty += 1,
                     None => {}
                 }
             }
-            if lacking >= majority {
-                return true;
+            if empty >= majority {
+                return PeerView::MajorityEmpty;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(shard = g, "too few peers answered to initialize this shard's group; it waits for them");
-                return false;
+                return if electing { PeerView::Electing } else { PeerView::Unknown };
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// Whether this node holds state (a vote or a log) of group `g`.
-    pub async fn has_group(&self, g: ShardId) -> bool {
+    /// What this node holds of group `g` (the answer to a peer's [`STATE`]).
+    pub async fn group_state(&self, g: ShardId) -> PeerGroupState {
         match self.raft(g) {
-            Some(r) => r.is_initialized().await.unwrap_or(false),
-            None => false,
+            Some(r) => PeerGroupState {
+                held: r.is_initialized().await.unwrap_or(false),
+                applied: r.metrics().borrow().last_applied.map(|l| l.index),
+            },
+            None => PeerGroupState { held: false, applied: None },
+        }
+    }
+
+    fn set_fence(&self, g: ShardId, f: Fence) {
+        if let Some(m) = self.fences.get(g as usize) {
+            *m.lock() = f;
+        }
+    }
+
+    /// The fence of group `g` now.
+    pub fn fence(&self, g: ShardId) -> Fence {
+        self.fences.get(g as usize).map_or(Fence::Open, |m| *m.lock())
+    }
+
+    /// A leader's append for group `g` arrived, committed up to `leader_commit`: a
+    /// replica catching up takes the first such index as what it must apply before it
+    /// votes.
+    pub fn note_append(&self, g: ShardId, leader_commit: Option<u64>) {
+        if let (Some(m), Some(c)) = (self.fences.get(g as usize), leader_commit) {
+            let mut f = m.lock();
+            if *f == (Fence::CatchingUp { target: None }) {
+                *f = Fence::CatchingUp { target: Some(c) };
+            }
+        }
+    }
+
+    /// Whether group `g`'s replica here may grant votes now (see [`Fence`]).
+    pub fn may_vote(&self, g: ShardId) -> bool {
+        let Some(m) = self.fences.get(g as usize) else { return true };
+        let mut f = m.lock();
+        match *f {
+            Fence::Open => true,
+            Fence::Deciding | Fence::CatchingUp { target: None } => false,
+            Fence::CatchingUp { target: Some(t) } => {
+                let applied = self.raft(g).and_then(|r| r.metrics().borrow().last_applied.map(|l| l.index));
+                let caught_up = applied.is_some_and(|a| a >= t);
+                if caught_up {
+                    tracing::info!(shard = g, applied = t, "replica caught up with its leader's commit index: it votes again");
+                    *f = Fence::Open;
+                }
+                caught_up
+            }
         }
     }
 

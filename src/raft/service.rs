@@ -36,11 +36,18 @@ impl ActionHandler for Groups {
         match kind {
             APPEND => {
                 let (g, req): (u32, AppendEntriesRequest<ShardGroup>) = decode(kind, &body)?;
-                encode(&raft(g)?.append_entries(req).await)
+                let raft = raft(g)?;
+                self.note_append(g, req.leader_commit.map(|l| l.index));
+                encode(&raft.append_entries(req).await)
             }
             VOTE => {
                 let (g, req): (u32, VoteRequest<u64>) = decode(kind, &body)?;
-                encode(&raft(g)?.vote(req).await)
+                let raft = raft(g)?;
+                if !self.may_vote(g) {
+                    // Seen by the candidate as a peer that did not answer.
+                    return Err(Status::unavailable(format!("shard {g}: this replica has not caught up with its peers and does not vote yet")));
+                }
+                encode(&raft.vote(req).await)
             }
             SNAPSHOT => {
                 let (g, req): (u32, InstallSnapshotRequest<ShardGroup>) = decode(kind, &body)?;
@@ -53,7 +60,7 @@ impl ActionHandler for Groups {
             }
             STATE => {
                 let (g, ()): (u32, ()) = decode(kind, &body)?;
-                encode(&self.has_group(g).await)
+                encode(&self.group_state(g).await)
             }
             other => Err(Status::invalid_argument(format!("unknown action {other:?}"))),
         }
