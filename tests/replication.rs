@@ -1,10 +1,16 @@
-//! Three real `tidemark` processes on 127.0.0.1-3, every shard's Raft group spanning
-//! them: concurrent small INSERTs through every node while, one after the other, the
-//! node that leads the most shards is killed with SIGKILL and restarted, paused with
-//! SIGSTOP past the election timeout and resumed; then each replica's data directory is audited on its own (its segments plus its committed log, re-applied as a restart
+//! Three real Tidemark nodes, every shard's Raft group spanning them, as processes on
+//! 127.0.0.1-3 and as containers from `docker/` on a private Docker network: writers
+//! send small INSERTs through every node (and read their own records back, carrying
+//! their write token across reconnects) while, one after the other, the node that leads
+//! the most shards is killed (SIGKILL / `docker kill`) and restarted, partitioned away
+//! and healed (containers), paused past the election timeout and resumed, and has its
+//! data directory wiped before a restart; then each replica's data directory is
+//! audited on its own (its segments plus its committed log, re-applied as a restart
 //! would) and the client history is checked against it: every acknowledged record on
-//! every replica exactly once, no record that was never written, the replicas alike.
-//! The checker itself is tested on histories known to be bad.
+//! every replica exactly once, no record that was never written, the replicas alike, no
+//! read that missed a write its session had acknowledged. The checker itself is tested
+//! on histories known to be bad. The container test says why it is skipped where no
+//! Docker engine runs.
 
 mod common;
 
@@ -353,9 +359,9 @@ async fn connect_after(url: &str, token: &str) -> Option<tokio_postgres::Client>
 }
 
 /// The node that leads the most shards, as node 1..3 see it (the first that answers).
-async fn busiest_leader(members: &[Member]) -> u64 {
-    for m in members {
-        if let Some(c) = try_connect(&m.url()).await {
+async fn busiest_leader(urls: &[String]) -> u64 {
+    for url in urls {
+        if let Some(c) = try_connect(url).await {
             let q = "SELECT leader::bigint, count(*) FROM system.replicas WHERE leader IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1";
             if let Ok(row) = c.query_one(q, &[]).await {
                 return row.get::<_, i64>(0) as u64;
@@ -366,19 +372,19 @@ async fn busiest_leader(members: &[Member]) -> u64 {
 }
 
 /// Per shard, the applied index each node reports (bounded wait until all agree).
-async fn wait_converged(members: &[Member], within: Duration) -> bool {
+async fn wait_converged(urls: &[String], within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         let mut views = Vec::new();
-        for m in members {
-            let Some(c) = try_connect(&m.url()).await else { break };
+        for url in urls {
+            let Some(c) = try_connect(url).await else { break };
             let q = "SELECT shard::bigint, applied_index::bigint, last_log_index::bigint FROM system.replicas ORDER BY 1";
             match c.query(q, &[]).await {
                 Ok(rows) => views.push(rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1), r.get::<_, Option<i64>>(2))).collect::<Vec<_>>()),
                 Err(_) => break,
             }
         }
-        if views.len() == members.len()
+        if views.len() == urls.len()
             && views.windows(2).all(|w| w.iter().all(|v| v.iter().map(|(s, a, _)| (*s, *a)).eq(w[0].iter().map(|(s, a, _)| (*s, *a)))))
             && views.iter().all(|v| v.iter().all(|(_, a, l)| a == l))
         {
@@ -391,7 +397,6 @@ async fn wait_converged(members: &[Member], within: Duration) -> bool {
 
 /// A fault done to one node while the writers run.
 #[derive(Debug, Clone, Copy)]
-#[allow(dead_code)]
 enum Fault {
     /// SIGKILL, then a restart on the same data directory.
     Kill,
@@ -400,6 +405,9 @@ enum Fault {
     /// SIGKILL, the data directory deleted, then a restart on an empty one: the node
     /// must come back from its peers (a snapshot with the segment files, then the log).
     LoseDisk,
+    /// Cut off from the other nodes (and its clients) for well past the election
+    /// timeout, then healed: `docker network disconnect` / `connect`.
+    Partition,
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -407,21 +415,86 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let members: Vec<Member> = (0..3)
-        .map(|i| Member {
-            id: i as u64 + 1,
-            host: format!("127.0.0.{}", i + 1),
-            pg: free_port(),
-            internal: free_port(),
-            dir: dirs[i].path().join("data"),
-        })
-        .collect();
-    let mut procs: Vec<Option<NodeProcess>> = members.iter().map(|m| Some(start(m, &members))).collect();
-    for m in &members {
-        let c = wait_connect(&m.url(), Duration::from_secs(60)).await;
+/// Three nodes a test can fault, one at a time.
+trait Nodes {
+    fn urls(&self) -> Vec<String>;
+    /// Each node's data directory, readable here once the nodes are stopped.
+    fn dirs(&self) -> Vec<PathBuf>;
+    /// Does `fault` to node `victim` (0-based) and undoes it (restart, resume, heal).
+    async fn fault(&mut self, fault: Fault, victim: usize);
+    /// Stops every node at once (SIGKILL).
+    fn kill_all(&mut self);
+}
+
+struct Processes {
+    members: Vec<Member>,
+    procs: Vec<Option<NodeProcess>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Processes {
+    fn start() -> Processes {
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let members: Vec<Member> = (0..3)
+            .map(|i| Member {
+                id: i as u64 + 1,
+                host: format!("127.0.0.{}", i + 1),
+                pg: free_port(),
+                internal: free_port(),
+                dir: dirs[i].path().join("data"),
+            })
+            .collect();
+        let procs = members.iter().map(|m| Some(start(m, &members))).collect();
+        Processes { members, procs, _dirs: dirs }
+    }
+}
+
+impl Nodes for Processes {
+    fn urls(&self) -> Vec<String> {
+        self.members.iter().map(Member::url).collect()
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.members.iter().map(|m| m.dir.clone()).collect()
+    }
+
+    async fn fault(&mut self, fault: Fault, victim: usize) {
+        match fault {
+            Fault::Kill | Fault::LoseDisk => {
+                self.procs[victim].take().unwrap().kill_9();
+                if matches!(fault, Fault::LoseDisk) {
+                    std::fs::remove_dir_all(&self.members[victim].dir).unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.procs[victim] = Some(start(&self.members[victim], &self.members));
+                wait_connect(&self.members[victim].url(), Duration::from_secs(60)).await;
+            }
+            Fault::Pause => {
+                let pid = self.procs[victim].as_ref().unwrap().pid();
+                signal(pid, "-STOP");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                signal(pid, "-CONT");
+            }
+            Fault::Partition => panic!("processes on loopback are not partitioned (the container test does it)"),
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for p in self.procs.iter_mut() {
+            if let Some(mut p) = p.take() {
+                p.kill_9();
+            }
+        }
+    }
+}
+
+/// Runs writers through every node while `faults` are done one after the other to
+/// the node that leads the most shards, then checks the history against every
+/// replica's data directory, audited offline.
+async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
+    let urls = nodes.urls();
+    for (i, url) in urls.iter().enumerate() {
+        let c = wait_connect(url, Duration::from_secs(60)).await;
         // Every node sees a leader for every shard, and three voters.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -432,67 +505,43 @@ async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
             if row.get::<_, i64>(0) == row.get::<_, i64>(1) {
                 break;
             }
-            assert!(Instant::now() < deadline, "node {}: groups without a leader or not spanning 1,2,3", m.id);
+            assert!(Instant::now() < deadline, "node {}: groups without a leader or not spanning 1,2,3", i + 1);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     // The groups' first leaders are spread over the nodes.
-    let c = wait_connect(&members[0].url(), Duration::from_secs(5)).await;
+    let c = wait_connect(&urls[0], Duration::from_secs(5)).await;
     let spread = c.query_one("SELECT count(DISTINCT leader) FROM system.replicas", &[]).await.unwrap().get::<_, i64>(0);
     assert_eq!(spread, 3, "leaders not spread over the three nodes");
 
     let t0 = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = members
-        .iter()
-        .enumerate()
-        .map(|(s, m)| tokio::spawn(writer(s, m.url(), Arc::clone(&stop), Arc::clone(&history), t0)))
-        .collect();
+    let writers: Vec<_> =
+        urls.iter().enumerate().map(|(s, url)| tokio::spawn(writer(s, url.clone(), Arc::clone(&stop), Arc::clone(&history), t0))).collect();
 
-    let mut faults = Vec::new();
-    // does not converge within 60 s (issue 12: rejoin from a snapshot is still open).
-    for fault in [Fault::Kill, Fault::Pause, Fault::LoseDisk] {
+    let mut done = Vec::new();
+    for fault in faults {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let victim = busiest_leader(&members).await as usize - 1;
+        let victim = busiest_leader(&urls).await as usize - 1;
         let at_us = t0.elapsed().as_micros() as u64;
-        match fault {
-            Fault::Kill | Fault::LoseDisk => {
-                procs[victim].take().unwrap().kill_9();
-                if matches!(fault, Fault::LoseDisk) {
-                    std::fs::remove_dir_all(&members[victim].dir).unwrap();
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                procs[victim] = Some(start(&members[victim], &members));
-                wait_connect(&members[victim].url(), Duration::from_secs(60)).await;
-            }
-            Fault::Pause => {
-                let pid = procs[victim].as_ref().unwrap().pid();
-                signal(pid, "-STOP");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                signal(pid, "-CONT");
-            }
-        }
-        faults.push((fault, victim + 1, at_us));
+        nodes.fault(*fault, victim).await;
+        done.push((*fault, victim + 1, at_us));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         tokio::time::timeout(Duration::from_secs(30), w).await.expect("a writer did not stop").unwrap();
     }
-    assert!(wait_converged(&members, Duration::from_secs(60)).await, "replicas did not converge within 60 s");
-    let c = wait_connect(&members[0].url(), Duration::from_secs(5)).await;
+    assert!(wait_converged(&urls, Duration::from_secs(60)).await, "replicas did not converge within 60 s");
+    let c = wait_connect(&urls[0], Duration::from_secs(5)).await;
     let purged = c.query_one("SELECT count(*) FILTER (WHERE purged_index IS NOT NULL) FROM system.replicas", &[]).await.unwrap().get::<_, i64>(0);
-    for p in procs.iter_mut() {
-        if let Some(mut p) = p.take() {
-            p.kill_9();
-        }
-    }
+    nodes.kill_all();
 
     let history = std::mem::take(&mut *history.lock());
     let mut contents = BTreeMap::new();
-    for m in &members {
-        contents.insert(format!("node {}", m.id), audit(&m.dir).await);
+    for (i, dir) in nodes.dirs().iter().enumerate() {
+        contents.insert(format!("node {}", i + 1), audit(dir).await);
     }
     let acked = history.writes.iter().filter(|w| w.outcome == Outcome::Ok).count();
     let unknown = history.writes.len() - acked;
@@ -504,7 +553,7 @@ async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
         history.reads.len(),
         verdict.stale_reads.len()
     );
-    for (fault, node, at_us) in &faults {
+    for (fault, node, at_us) in &done {
         let next = history.writes.iter().filter(|w| w.outcome == Outcome::Ok && w.end_us > *at_us).map(|w| w.end_us).min();
         // The stall: the slowest acknowledged write among those in flight at the fault
         // or begun within a second after it (its shards' leaders had to be re-elected).
@@ -527,4 +576,163 @@ async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
     assert!(history.reads.len() >= 3, "too few reads to check read-your-writes: {}", history.reads.len());
     let stored = contents.values().next().unwrap().len();
     assert!(stored >= acked * ROWS_PER_STATEMENT, "{stored} rows stored for {acked} acknowledged statements");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
+    let mut nodes = Processes::start();
+    exercise(&mut nodes, &[Fault::Kill, Fault::Pause, Fault::LoseDisk]).await;
+}
+
+// ---------------------------------------------------------------------------------
+// The same in containers from docker/ on a private Docker network.
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker").args(args).output().expect("run docker")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(out.status.success(), "docker {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Three containers of an image made by `docker/image.sh` from the binary under test,
+/// on a network of their own; removed (with the network and the image) when dropped.
+struct Containers {
+    image: String,
+    network: String,
+    names: Vec<String>,
+    ips: Vec<String>,
+    ports: Vec<u16>,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Containers {
+    /// None (with the reason) when this machine has no usable Docker engine.
+    fn start() -> Result<Containers, String> {
+        match Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => return Err(format!("docker info failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => return Err(format!("no docker command: {e}")),
+        }
+        let id = std::process::id();
+        let image = format!("tidemark-test:{id}");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/image.sh");
+        let built = Command::new("bash").args([script, env!("CARGO_BIN_EXE_tidemark"), &image]).output().expect("run docker/image.sh");
+        assert!(built.status.success(), "docker/image.sh: {}", String::from_utf8_lossy(&built.stderr));
+        let network = format!("tidemark-test-{id}");
+        // A private subnet no other network of this engine uses.
+        let mut subnet = None;
+        for k in 0..20u32 {
+            let third = 16 + (id + k) % 200;
+            let net = format!("172.29.{third}");
+            if docker(&["network", "create", "--driver", "bridge", "--subnet", &format!("{net}.0/24"), &network]).status.success() {
+                subnet = Some(net);
+                break;
+            }
+        }
+        let subnet = subnet.expect("no free subnet for the test network");
+        let mut c = Containers {
+            image,
+            network,
+            names: (1..=3).map(|i| format!("tidemark-test-{id}-{i}")).collect(),
+            ips: (1..=3).map(|i| format!("{subnet}.{}", 10 + i)).collect(),
+            ports: (0..3).map(|_| free_port()).collect(),
+            dirs: Vec::new(),
+        };
+        c.dirs = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        for i in 0..3 {
+            c.run(i);
+        }
+        Ok(c)
+    }
+
+    fn run(&self, i: usize) {
+        let peers: Vec<String> = (0..3).filter(|j| *j != i).map(|j| format!("{}={}:7000", j + 1, self.ips[j])).collect();
+        let data = format!("{}:/data", self.dirs[i].path().display());
+        let port = format!("127.0.0.1:{}:5433", self.ports[i]);
+        let internal = format!("{}:7000", self.ips[i]);
+        let node_id = (i + 1).to_string();
+        docker_ok(&[
+            "run", "-d", "--name", &self.names[i], "--network", &self.network, "--ip", &self.ips[i], "-p", &port, "-v", &data,
+            "-e", "TIDEMARK_LOG=warn", &self.image, "serve", "--data-dir", "/data", "--listen", "0.0.0.0:5433", "--node-id", &node_id,
+            "--internal-addr", &internal, "--peers", &peers.join(","), "--pipelines", "1",
+        ]);
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = docker(&["rm", "-f", n]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+impl Nodes for Containers {
+    fn urls(&self) -> Vec<String> {
+        self.ports.iter().map(|p| format!("postgres://tidemark@127.0.0.1:{p}/tidemark")).collect()
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.path().to_path_buf()).collect()
+    }
+
+    async fn fault(&mut self, fault: Fault, victim: usize) {
+        let name = self.names[victim].clone();
+        match fault {
+            Fault::Kill | Fault::LoseDisk => {
+                docker_ok(&["kill", &name]);
+                if matches!(fault, Fault::LoseDisk) {
+                    for e in std::fs::read_dir(self.dirs[victim].path()).unwrap() {
+                        let p = e.unwrap().path();
+                        if p.is_dir() {
+                            std::fs::remove_dir_all(&p).unwrap();
+                        } else {
+                            std::fs::remove_file(&p).unwrap();
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                docker_ok(&["start", &name]);
+                wait_connect(&self.urls()[victim], Duration::from_secs(60)).await;
+            }
+            Fault::Pause => {
+                docker_ok(&["pause", &name]);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                docker_ok(&["unpause", &name]);
+            }
+            Fault::Partition => {
+                docker_ok(&["network", "disconnect", &self.network, &name]);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                docker_ok(&["network", "connect", "--ip", &self.ips[victim], &self.network, &name]);
+                wait_connect(&self.urls()[victim], Duration::from_secs(60)).await;
+            }
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for n in &self.names {
+            let _ = docker(&["kill", n]);
+        }
+    }
+}
+
+/// The cluster of `docker/` (an image from this build, three containers on a private
+/// network): a leader killed with `docker kill` and restarted, a node partitioned away
+/// and healed, a node paused past the election timeout, a node's data lost. Skipped,
+/// saying why, where no Docker engine runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_containers_replicate_through_a_kill_a_partition_a_pause_and_a_lost_disk() {
+    let mut nodes = match Containers::start() {
+        Ok(c) => c,
+        Err(why) => {
+            println!("SKIPPED three_containers_replicate_...: {why}");
+            return;
+        }
+    };
+    exercise(&mut nodes, &[Fault::Kill, Fault::Partition, Fault::Pause, Fault::LoseDisk]).await;
 }
