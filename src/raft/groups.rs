@@ -194,11 +194,12 @@ impl Groups {
         .map_err(|e| raft_error("raft configuration", e))?;
         let config = Arc::new(config);
         let peers = Peers::default();
+        let heartbeats = super::heartbeats::Coalescer::new(peers.clone());
         let mut rafts = Vec::with_capacity(shard_count as usize);
         let mut fences = Vec::with_capacity(shard_count as usize);
         for g in 0..shard_count {
             let sm = StateMachine::open(Arc::clone(&storage), g).map_err(|e| raft_error("shard state", e))?.carrying_files(spanning);
-            let network = Network { group: g, peers: peers.clone() };
+            let network = Network { group: g, peers: peers.clone(), heartbeats: heartbeats.clone() };
             let raft = Raft::new(cfg.node_id, Arc::clone(&config), network, db.group(g), sm)
                 .await
                 .map_err(|e| raft_error("raft start", e))?;

@@ -6,7 +6,8 @@
 //! - [`state_machine`]: one group's apply, its durable state in the segment manifest,
 //!   and its snapshots (the shard's segment list);
 //! - [`network`]: how a group reaches its peers (the internal Flight endpoint,
-//!   multiplexed by group id), and [`service`]: how it answers them;
+//!   multiplexed by group id; [`heartbeats`]: the groups' heartbeats to one peer
+//!   batched into one message), and [`service`]: how it answers them;
 //! - [`groups`]: the node's groups, and the write path over them ([`groups::Groups`]
 //!   is the storage's `Replicator`; a write to a shard led elsewhere is forwarded).
 //!
@@ -21,6 +22,7 @@
 //! Owns: what a shard group's log entries carry ([`Command`]) and answer ([`Applied`]).
 
 pub mod groups;
+pub mod heartbeats;
 pub mod log_store;
 pub mod network;
 pub mod service;

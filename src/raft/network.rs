@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::heartbeats::Coalescer;
 use super::ShardGroup;
 use crate::pipeline::flight::FLIGHT_MESSAGE_BYTES_MAX;
 
@@ -135,6 +136,8 @@ impl Peers {
 pub struct Network {
     pub group: u32,
     pub peers: Peers,
+    /// The node's heartbeat batches (shared by its groups).
+    pub heartbeats: Coalescer,
 }
 
 /// A group's connection to one peer.
@@ -143,28 +146,36 @@ pub struct Peer {
     target: u64,
     addr: String,
     peers: Peers,
+    heartbeats: Coalescer,
 }
 
 impl RaftNetworkFactory<ShardGroup> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
-        Peer { group: self.group, target, addr: node.addr.clone(), peers: self.peers.clone() }
+        Peer { group: self.group, target, addr: node.addr.clone(), peers: self.peers.clone(), heartbeats: self.heartbeats.clone() }
     }
 }
 
 impl Peer {
+    /// Sends `req` as a `kind` message; `batched`: in the peer's next heartbeat batch.
     async fn send<Req: Serialize, Resp: DeserializeOwned, E>(
         &self,
         kind: &str,
         req: &Req,
         option: &RPCOption,
+        batched: bool,
     ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
     where
         E: std::error::Error + DeserializeOwned,
     {
         let body = envelope(self.group, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        match self.peers.call(&self.addr, kind, body, option.hard_ttl()).await {
+        let answer = if batched {
+            self.heartbeats.send(&self.addr, body, option.hard_ttl()).await
+        } else {
+            self.peers.call(&self.addr, kind, body, option.hard_ttl()).await
+        };
+        match answer {
             Ok(bytes) => {
                 let r: Result<Resp, RaftError<u64, E>> = from_cbor(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -181,7 +192,10 @@ impl RaftNetwork<ShardGroup> for Peer {
         rpc: AppendEntriesRequest<ShardGroup>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.send(APPEND, &rpc, &option).await
+        // An empty append (a heartbeat, or news of the commit index) waits for the
+        // other groups' heartbeats to the same peer; one with entries goes now.
+        let batched = rpc.entries.is_empty();
+        self.send(APPEND, &rpc, &option, batched).await
     }
 
     async fn install_snapshot(
@@ -189,7 +203,7 @@ impl RaftNetwork<ShardGroup> for Peer {
         rpc: InstallSnapshotRequest<ShardGroup>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        self.send(SNAPSHOT, &rpc, &option).await
+        self.send(SNAPSHOT, &rpc, &option, false).await
     }
 
     async fn vote(
@@ -197,7 +211,7 @@ impl RaftNetwork<ShardGroup> for Peer {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.send(VOTE, &rpc, &option).await
+        self.send(VOTE, &rpc, &option, false).await
     }
 }
 

@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 use tonic::Status;
 
 use super::groups::{ForwardedWrite, Groups, FORWARD, STATE};
-use super::network::{open_envelope, to_cbor, APPEND, SNAPSHOT, VOTE};
+use super::heartbeats::{ItemAnswer, APPEND_MANY, BATCH_MAX};
+use super::network::{from_cbor, open_envelope, to_cbor, APPEND, SNAPSHOT, VOTE};
+use serde_bytes::ByteBuf;
 use super::ShardGroup;
 use crate::pipeline::flight::ActionHandler;
 
@@ -25,20 +27,35 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Bytes, Status> {
     to_cbor(v).map(Bytes::from).map_err(|e| Status::internal(e.to_string()))
 }
 
+impl Groups {
+    /// One group's append (`body`: group id + CBOR request).
+    async fn append(&self, body: &[u8]) -> Result<Bytes, Status> {
+        let (g, req): (u32, AppendEntriesRequest<ShardGroup>) = decode(APPEND, body)?;
+        let raft = self.raft(g).ok_or_else(|| Status::not_found(format!("this node has no group for shard {g}")))?;
+        self.note_append(g, req.leader_commit.map(|l| l.index));
+        encode(&raft.append_entries(req).await)
+    }
+}
+
 #[async_trait::async_trait]
 impl ActionHandler for Groups {
     fn handles(&self, kind: &str) -> bool {
-        matches!(kind, APPEND | VOTE | SNAPSHOT | FORWARD | STATE)
+        matches!(kind, APPEND | APPEND_MANY | VOTE | SNAPSHOT | FORWARD | STATE)
     }
 
     async fn handle(&self, kind: &str, body: Bytes) -> Result<Bytes, Status> {
         let raft = |g: u32| self.raft(g).ok_or_else(|| Status::not_found(format!("this node has no group for shard {g}")));
         match kind {
-            APPEND => {
-                let (g, req): (u32, AppendEntriesRequest<ShardGroup>) = decode(kind, &body)?;
-                let raft = raft(g)?;
-                self.note_append(g, req.leader_commit.map(|l| l.index));
-                encode(&raft.append_entries(req).await)
+            APPEND => self.append(&body).await,
+            APPEND_MANY => {
+                let bodies: Vec<ByteBuf> = from_cbor(&body).map_err(|e| Status::invalid_argument(format!("malformed {kind} message: {e}")))?;
+                if bodies.len() > BATCH_MAX {
+                    return Err(Status::invalid_argument(format!("{kind} of {} messages (at most {BATCH_MAX})", bodies.len())));
+                }
+                let answers = futures::future::join_all(bodies.iter().map(|b| self.append(b))).await;
+                let items: Vec<ItemAnswer> =
+                    answers.into_iter().map(|a| a.map(|b| ByteBuf::from(b.to_vec())).map_err(|s| s.message().to_string())).collect();
+                encode(&items)
             }
             VOTE => {
                 let (g, req): (u32, VoteRequest<u64>) = decode(kind, &body)?;
