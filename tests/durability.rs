@@ -396,6 +396,10 @@ async fn shard_groups_lead_apply_flush_and_purge_their_logs() {
         .await
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (shards, shards));
+    let fenced = c.query_one("SELECT count(*) FROM system.replicas WHERE vote_fence <> 'open'", &[]).await.unwrap().get::<_, i64>(0);
+    assert_eq!(fenced, 0, "a one-node group never waits to vote");
+    let node = c.query_one("SELECT node_id::bigint, state, shards_led::bigint, last_answer_ms IS NULL FROM system.nodes", &[]).await.unwrap();
+    assert_eq!((node.get::<_, i64>(0), node.get::<_, &str>(1), node.get::<_, i64>(2), node.get::<_, bool>(3)), (1, "this node", shards, true));
     // One entity, so one shard: 100 statements are 100 entries of its group.
     for i in 0..100 {
         c.batch_execute(&format!(

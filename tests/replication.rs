@@ -513,6 +513,24 @@ async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
     let c = wait_connect(&urls[0], Duration::from_secs(5)).await;
     let spread = c.query_one("SELECT count(DISTINCT leader) FROM system.replicas", &[]).await.unwrap().get::<_, i64>(0);
     assert_eq!(spread, 3, "leaders not spread over the three nodes");
+    // system.nodes: the three nodes answer, and the shards they lead add up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE state IN ('this node', 'up')), sum(shards_led)::bigint, \
+                 (SELECT count(*) FROM system.replicas) FROM system.nodes",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (answering, led, shards): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        if answering == 3 && led == shards {
+            break;
+        }
+        assert!(Instant::now() < deadline, "system.nodes: {answering} of 3 nodes answering, {led} shards led of {shards}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let t0 = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));

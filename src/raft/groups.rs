@@ -105,6 +105,22 @@ pub enum Fence {
     CatchingUp { target: Option<u64> },
 }
 
+/// One node of the cluster as this node sees it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub id: u64,
+    pub internal_addr: String,
+    /// `this node`, `up` (answered within 3 s), `unreachable`, or `unknown` (never asked).
+    pub state: &'static str,
+    /// Milliseconds since it last answered this node (heartbeats answer every 100 ms
+    /// while one of them leads a shared group).
+    pub last_answer_ms: Option<u64>,
+    /// Shards whose leader it is, as this node knows.
+    pub shards_led: u32,
+    /// Shard groups it is a voter of.
+    pub voter_of: u32,
+}
+
 /// What a peer says of one of its groups (the answer to [`STATE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerGroupState {
@@ -365,6 +381,37 @@ impl Groups {
                 caught_up
             }
         }
+    }
+
+    /// The cluster's nodes as this node sees them (`system.nodes`).
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let mut led: BTreeMap<u64, u32> = BTreeMap::new();
+        for r in &self.rafts {
+            if let Some(l) = r.metrics().borrow().current_leader {
+                *led.entry(l).or_default() += 1;
+            }
+        }
+        self.voters
+            .iter()
+            .map(|(id, node)| {
+                let me = *id == self.node_id;
+                let last = if me { None } else { self.peers.last_answer(&node.addr) };
+                let state = match (me, last) {
+                    (true, _) => "this node",
+                    (false, Some(t)) if t < Duration::from_secs(3) => "up",
+                    (false, Some(_)) => "unreachable",
+                    (false, None) => "unknown",
+                };
+                NodeView {
+                    id: *id,
+                    internal_addr: node.addr.clone(),
+                    state,
+                    last_answer_ms: last.map(|t| t.as_millis() as u64),
+                    shards_led: led.get(id).copied().unwrap_or(0),
+                    voter_of: self.rafts.len() as u32,
+                }
+            })
+            .collect()
     }
 
     /// Whether the groups have voters on other nodes.

@@ -77,6 +77,8 @@ pub fn open_envelope<T: DeserializeOwned>(body: &[u8]) -> Result<(u32, T), Faile
 #[derive(Clone, Default)]
 pub struct Peers {
     clients: Arc<Mutex<HashMap<String, FlightServiceClient<Channel>>>>,
+    /// When each address last answered a call.
+    answered: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 impl Peers {
@@ -104,6 +106,11 @@ impl Peers {
         Ok(c)
     }
 
+    /// How long ago the node at `addr` last answered a call (None: never).
+    pub fn last_answer(&self, addr: &str) -> Option<Duration> {
+        self.answered.lock().get(addr).map(|t| t.elapsed())
+    }
+
     /// Sends one action to the node at `addr` and returns its one result, within
     /// `timeout`. `Err(true, ..)`: the peer is unavailable (no connection, or not
     /// serving); `Err(false, ..)`: a timeout or another failure.
@@ -119,7 +126,10 @@ impl Peers {
         };
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err((false, Failed(format!("{kind} to {addr}: no answer within {} ms", timeout.as_millis())))),
-            Ok(Ok(b)) => Ok(b),
+            Ok(Ok(b)) => {
+                self.answered.lock().insert(addr.to_string(), std::time::Instant::now());
+                Ok(b)
+            }
             Ok(Err(s)) => {
                 // Unavailable: no connection, or the peer's groups are not running; it
                 // may also be a connection lost mid-call, so a caller that must know

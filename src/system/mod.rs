@@ -57,14 +57,20 @@ impl SystemSchema {
         let s = Arc::clone(&storage);
         tables.insert("segments", Arc::new(SnapshotTable { schema: segments_schema(), rows: Box::new(move || segments_batch(&s)) }));
         let s = Arc::clone(&storage);
+        let groups_for_replicas = groups.clone();
         tables.insert(
             "replicas",
             Arc::new(SnapshotTable { schema: replicas_schema(), rows: Box::new(move || {
                 // Weak: the shard groups (and their log file) go with the node, not
                 // with a context a task may still hold.
-                let g = groups.as_ref().and_then(|w| w.upgrade());
+                let g = groups_for_replicas.as_ref().and_then(|w| w.upgrade());
                 replicas_batch(g.as_deref(), &s)
             }) }),
+        );
+        let g = groups.clone();
+        tables.insert(
+            "nodes",
+            Arc::new(SnapshotTable { schema: nodes_schema(), rows: Box::new(move || nodes_batch(g.as_ref().and_then(|w| w.upgrade()).as_deref())) }),
         );
         let s = storage;
         tables.insert("shards", Arc::new(SnapshotTable { schema: shards_schema(), rows: Box::new(move || shards_batch(&s)) }));
@@ -242,6 +248,32 @@ fn segments_batch(storage: &Storage) -> crate::error::Result<RecordBatch> {
     Ok(RecordBatch::try_new(segments_schema(), cols)?)
 }
 
+fn nodes_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("node_id", DataType::UInt64, false),
+        Field::new("internal_addr", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("last_answer_ms", DataType::UInt64, true),
+        Field::new("shards_led", DataType::UInt32, false),
+        Field::new("voter_of", DataType::UInt32, false),
+    ]))
+}
+
+/// One row per node of the shard groups' voters, as this node sees it: whether it
+/// answers (this node's calls to it), and how many shards it leads.
+fn nodes_batch(groups: Option<&Groups>) -> crate::error::Result<RecordBatch> {
+    let nodes = groups.map(|g| g.nodes()).unwrap_or_default();
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from(nodes.iter().map(|n| n.id).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(nodes.iter().map(|n| n.internal_addr.as_str()).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(nodes.iter().map(|n| n.state).collect::<Vec<_>>())),
+        Arc::new(UInt64Array::from(nodes.iter().map(|n| n.last_answer_ms).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(nodes.iter().map(|n| n.shards_led).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(nodes.iter().map(|n| n.voter_of).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(nodes_schema(), cols)?)
+}
+
 fn replicas_schema() -> SchemaRef {
     let opt_u64 = |name: &str| Field::new(name, DataType::UInt64, true);
     Arc::new(Schema::new(vec![
@@ -257,6 +289,7 @@ fn replicas_schema() -> SchemaRef {
         opt_u64("snapshot_index"),
         opt_u64("purged_index"),
         Field::new("lag_entries", DataType::UInt64, false),
+        Field::new("vote_fence", DataType::Utf8, false),
     ]))
 }
 
@@ -303,6 +336,16 @@ fn replicas_batch(groups: Option<&Groups>, storage: &Storage) -> crate::error::R
             metrics
                 .iter()
                 .map(|(_, m)| m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map_or(0, |l| l.index)))
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            metrics
+                .iter()
+                .map(|(s, _)| match groups.map(|g| g.fence(*s)) {
+                    None | Some(crate::raft::groups::Fence::Open) => "open",
+                    Some(crate::raft::groups::Fence::Deciding) => "deciding",
+                    Some(crate::raft::groups::Fence::CatchingUp { .. }) => "catching up",
+                })
                 .collect::<Vec<_>>(),
         )),
     ];
