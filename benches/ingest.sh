@@ -10,6 +10,12 @@
 #
 #   benches/ingest.sh [BIN ...]          (default: target/release/tidemark)
 #   ROWS=2000000 SMALL_STATEMENTS=4000 SMALL_ROWS=100 CLIENTS=8 benches/ingest.sh old/tidemark new/tidemark
+#   NODES_LIST="1 3" benches/ingest.sh BIN    (one node, then 3 replicated nodes on
+#                                             127.0.0.1-3: replication factor 1 vs 3)
+#
+# With several nodes the bulk ingest goes through node 1, the small statements' clients
+# are spread over the nodes, and every node's count is checked (waiting, at most 60 s,
+# for its replicas to apply what the others acknowledged).
 #
 # Needs psycopg 3 and duckdb (pip install 'psycopg[binary]' duckdb). Everything goes to 127.0.0.1.
 set -euo pipefail
@@ -22,31 +28,57 @@ PORT="${PORT:-55433}"
 if [ "$#" -eq 0 ]; then set -- "${CARGO_TARGET_DIR:-target}/release/tidemark"; fi
 WORK="$(mktemp -d)"
 PID=""
-cleanup() { if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; rm -rf "$WORK"; }
+cleanup() { for p in $PID; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 "$1" gen --out "$WORK/usage.parquet" --rows "$ROWS" --end 2026-01-31T00:00:00Z --seed 42 2>&1 | tail -1
 
 results="$WORK/results.tsv"
 for BIN in "$@"; do
-  DATA="$WORK/data"
-  rm -rf "$DATA"
-  "$BIN" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" > "$WORK/serve.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 1 300); do
-    if psql -h 127.0.0.1 -p "$PORT" -U tidemark -d tidemark -Atc "select 1" > /dev/null 2>&1; then break; fi
-    sleep 0.1
+for N in ${NODES_LIST:-1}; do
+  PID=""
+  URLS=""
+  for i in $(seq 1 "$N"); do
+    DATA="$WORK/data$i"
+    rm -rf "$DATA"
+    if [ "$N" -eq 1 ]; then
+      "$BIN" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" > "$WORK/serve$i.log" 2>&1 &
+    else
+      peers=$(for j in $(seq 1 "$N"); do [ "$j" != "$i" ] && echo -n "$j=127.0.0.$j:$((PORT + 100)),"; done; true)
+      "$BIN" serve --data-dir "$DATA" --listen "127.0.0.$i:$PORT" --node-id "$i" --internal-addr "127.0.0.$i:$((PORT + 100))" \
+        --peers "${peers%,}" > "$WORK/serve$i.log" 2>&1 &
+    fi
+    PID="$PID $!"
+    URLS="$URLS,postgres://tidemark@127.0.0.$i:$PORT/tidemark"
   done
-  python3 - "$BIN" "$PORT" "$WORK/usage.parquet" "$ROWS" "$SMALL_STATEMENTS" "$SMALL_ROWS" "$CLIENTS" >> "$results" <<'EOF'
+  for i in $(seq 1 "$N"); do
+    for _ in $(seq 1 600); do
+      if [ "$(psql -h "127.0.0.$i" -p "$PORT" -U tidemark -d tidemark -Atc "select count(*) from system.replicas where leader is null" 2>/dev/null)" = "0" ]; then break; fi
+      sleep 0.1
+    done
+  done
+  python3 - "$BIN" "${URLS#,}" "$WORK/usage.parquet" "$ROWS" "$SMALL_STATEMENTS" "$SMALL_ROWS" "$CLIENTS" "$N" >> "$results" <<'EOF'
 import subprocess, sys, threading, time
 import duckdb, psycopg
 
-bin_, port, parquet, rows, statements, per, clients = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+bin_, urls, parquet, rows, statements, per, clients, nodes = sys.argv[1], sys.argv[2].split(","), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 # The file's own row count (every generated record id is distinct), read by DuckDB.
 rows = duckdb.connect().execute(f"select count(distinct record_id) from read_parquet('{parquet}')").fetchall()[0][0]
-url = f"postgres://tidemark@127.0.0.1:{port}/tidemark"
-conn = psycopg.connect(url, autocommit=True)
+url = urls[0]
+conns = [psycopg.connect(u, autocommit=True) for u in urls]
+conn = conns[0]
 count = lambda: conn.execute("select count(*) from usage").fetchone()[0]
+
+def every_node_counts(want):
+    # Node 1 saw its own writes; the others apply what was acknowledged elsewhere.
+    for k, c in enumerate(conns):
+        deadline = time.time() + 60
+        while True:
+            got = c.execute("select count(*) from usage").fetchone()[0]
+            if got == want:
+                break
+            assert time.time() < deadline, f"{bin_}: node {k + 1} counts {got} rows of {want}"
+            time.sleep(0.2)
 
 def ingest():
     t = time.time()
@@ -56,11 +88,12 @@ def ingest():
 bulk_s, out = ingest()
 stored = count()
 assert stored == rows, f"{bin_}: {stored} rows stored of {rows}: {out}"
+every_node_counts(rows)
 again_s, out = ingest()
 assert count() == rows, f"{bin_}: re-ingesting changed the count"
 
 def client(k, n, errors):
-    c = psycopg.connect(url, autocommit=True)
+    c = psycopg.connect(urls[k % len(urls)], autocommit=True)
     for s in range(n):
         lines = "record_id,entity_id,service,operation,usage_type,quantity,event_time\n" + "".join(
             f"small-{k}-{s}-{i},acct-{(k * 7919 + s * 31 + i) % 5000},storage,GetObject,Requests,1,2026-01-20 {i % 24:02}:00:00\n"
@@ -84,10 +117,12 @@ for th in threads:
 small_s = time.time() - t
 assert not errors, errors[:3]
 small_rows = each * clients * per
-assert count() == rows + small_rows, f"{bin_}: {count() - rows} small rows stored of {small_rows}"
-print(f"{bin_}\t{rows / bulk_s:.0f}\t{rows / again_s:.0f}\t{small_rows / small_s:.0f}\t{each * clients / small_s:.0f}")
+every_node_counts(rows + small_rows)
+label = bin_ if nodes == 1 else f"{bin_} ({nodes} nodes)"
+print(f"{label}\t{rows / bulk_s:.0f}\t{rows / again_s:.0f}\t{small_rows / small_s:.0f}\t{each * clients / small_s:.0f}")
 EOF
-  kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+  for p in $PID; do kill "$p"; wait "$p" 2>/dev/null || true; done; PID=""
+done
 done
 
 python3 - "$results" "$ROWS" "$SMALL_STATEMENTS" "$SMALL_ROWS" "$CLIENTS" <<'EOF'
