@@ -19,7 +19,10 @@
 //!
 //! A statement that spans shards is all-or-nothing per shard, not across shards: after
 //! an error or a crash some shards' parts may be stored and others not; the client did
-//! not get success, and a retry stores exactly the rest (record ids). A snapshot of each
+//! not get success, and a retry stores exactly the rest (record ids). Where groups span
+//! nodes, a shard's part of more than `ENTRY_ROWS_MAX` rows is several `Rows` entries
+//! (a bulk COPY's too), so it is all-or-nothing per entry, not per part: a failure
+//! between them leaves the first entries stored (the retry rule is the same). A snapshot of each
 //! group is taken once its flushed state is `SNAPSHOT_AFTER_LOGS` entries past the last
 //! one, so logs are purged behind the flushed segments.
 //!
