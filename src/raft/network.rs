@@ -7,7 +7,7 @@
 //! A message is one Flight `do_action`: type `raft.append`, `raft.vote` or
 //! `raft.snapshot` (a snapshot chunk: openraft cuts snapshots into chunks of
 //! `snapshot_max_chunk_size`), body = the group id (u32, little-endian) then the request
-//! as CBOR; the one result message is the CBOR of the receiving group's
+//! as CBOR (a snapshot chunk: its header as CBOR, then its bytes raw); the one result message is the CBOR of the receiving group's
 //! `Result<response, RaftError>`. Each call is bounded by openraft's `hard_ttl` and by
 //! [`FLIGHT_MESSAGE_BYTES_MAX`] in both directions; how many entries one append carries
 //! is bounded by the groups' `max_payload_entries`.
@@ -71,6 +71,40 @@ pub fn open_envelope<T: DeserializeOwned>(body: &[u8]) -> Result<(u32, T), Faile
     }
     let group = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
     Ok((group, from_cbor(&body[4..])?))
+}
+
+/// A snapshot chunk's fields but its bytes (which follow the header raw: serde would
+/// write a `Vec<u8>` as a CBOR array of integers, about twice its size).
+#[derive(Serialize, serde::Deserialize)]
+struct ChunkHeader {
+    vote: openraft::Vote<u64>,
+    meta: openraft::SnapshotMeta<u64, BasicNode>,
+    offset: u64,
+    done: bool,
+}
+
+/// A `raft.snapshot` body: group id, header length (u32, little-endian), the CBOR
+/// header, then the chunk's bytes.
+pub fn snapshot_chunk(group: u32, req: &InstallSnapshotRequest<ShardGroup>) -> Result<Bytes, Failed> {
+    let header = to_cbor(&ChunkHeader { vote: req.vote, meta: req.meta.clone(), offset: req.offset, done: req.done })?;
+    let mut out = Vec::with_capacity(8 + header.len() + req.data.len());
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&req.data);
+    Ok(Bytes::from(out))
+}
+
+/// The group id and the chunk of a `raft.snapshot` body.
+pub fn open_snapshot_chunk(body: &[u8]) -> Result<(u32, InstallSnapshotRequest<ShardGroup>), Failed> {
+    if body.len() < 8 {
+        return Err(Failed("snapshot chunk shorter than its header".into()));
+    }
+    let group = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
+    let len = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")) as usize;
+    let header = body.get(8..8 + len).ok_or_else(|| Failed("snapshot chunk header longer than the message".into()))?;
+    let h: ChunkHeader = from_cbor(header)?;
+    Ok((group, InstallSnapshotRequest { vote: h.vote, meta: h.meta, offset: h.offset, data: body[8 + len..].to_vec(), done: h.done }))
 }
 
 /// Connections to peers, by internal address, shared by every group of the node.
@@ -180,6 +214,19 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         let body = envelope(self.group, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send_body(kind, body, option, batched).await
+    }
+
+    async fn send_body<Resp: DeserializeOwned, E>(
+        &self,
+        kind: &str,
+        body: Bytes,
+        option: &RPCOption,
+        batched: bool,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        E: std::error::Error + DeserializeOwned,
+    {
         let answer = if batched {
             self.heartbeats.send(&self.addr, body, option.hard_ttl()).await
         } else {
@@ -213,7 +260,8 @@ impl RaftNetwork<ShardGroup> for Peer {
         rpc: InstallSnapshotRequest<ShardGroup>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        self.send(SNAPSHOT, &rpc, &option, false).await
+        let body = snapshot_chunk(self.group, &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send_body(SNAPSHOT, body, &option, false).await
     }
 
     async fn vote(
@@ -236,6 +284,27 @@ mod tests {
         assert_eq!((g, v), (7, ("x".to_string(), 3)));
         assert!(open_envelope::<u64>(b"\x01\x00").is_err());
         assert!(open_envelope::<(String, u64)>(b"\x01\x00\x00\x00\xff\xff").is_err());
+    }
+
+    #[test]
+    fn snapshot_chunks_carry_their_bytes_raw() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let req = InstallSnapshotRequest::<ShardGroup> {
+            vote: openraft::Vote::new_committed(3, 2),
+            meta: openraft::SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: "s-1".into() },
+            offset: 4096,
+            data: data.clone(),
+            done: true,
+        };
+        let body = snapshot_chunk(9, &req).unwrap();
+        assert!(body.len() < data.len() + 200, "{} bytes for {} of data", body.len(), data.len());
+        let (g, back) = open_snapshot_chunk(&body).unwrap();
+        assert_eq!((g, back.offset, back.done, back.meta.snapshot_id.as_str(), back.vote), (9, 4096, true, "s-1", req.vote));
+        assert_eq!(back.data, data);
+        assert!(open_snapshot_chunk(&body[..6]).is_err());
+        let mut lying = body.to_vec();
+        lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(open_snapshot_chunk(&lying).is_err());
     }
 
     #[tokio::test]

@@ -8,13 +8,13 @@
 //! error).
 
 use bytes::Bytes;
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use tonic::Status;
 
 use super::groups::{ForwardedWrite, Groups, FORWARD, STATE};
 use super::heartbeats::{ItemAnswer, APPEND_MANY, BATCH_MAX};
-use super::network::{from_cbor, open_envelope, to_cbor, APPEND, SNAPSHOT, VOTE};
+use super::network::{from_cbor, open_envelope, open_snapshot_chunk, to_cbor, APPEND, SNAPSHOT, VOTE};
 use serde_bytes::ByteBuf;
 use super::ShardGroup;
 use crate::pipeline::flight::ActionHandler;
@@ -67,7 +67,7 @@ impl ActionHandler for Groups {
                 encode(&raft.vote(req).await)
             }
             SNAPSHOT => {
-                let (g, req): (u32, InstallSnapshotRequest<ShardGroup>) = decode(kind, &body)?;
+                let (g, req) = open_snapshot_chunk(&body).map_err(|e| Status::invalid_argument(format!("malformed {kind} message: {e}")))?;
                 encode(&raft(g)?.install_snapshot(req).await)
             }
             FORWARD => {
