@@ -519,16 +519,20 @@ async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
         let r = c
             .query_one(
                 "SELECT count(*) FILTER (WHERE state IN ('this node', 'up')), sum(shards_led)::bigint, \
-                 (SELECT count(*) FROM system.replicas) FROM system.nodes",
+                 (SELECT count(*) FROM system.replicas) AS shards, \
+                 (SELECT count(*) FROM system.replicas WHERE role = 'follower' AND leader_contact_ms IS NULL) AS unheard FROM system.nodes",
                 &[],
             )
             .await
             .unwrap();
-        let (answering, led, shards): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
-        if answering == 3 && led == shards {
+        let (answering, led, shards, unheard): (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        if answering == 3 && led == shards && unheard == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "system.nodes: {answering} of 3 nodes answering, {led} shards led of {shards}");
+        assert!(
+            Instant::now() < deadline,
+            "system.nodes: {answering} of 3 nodes answering, {led} shards led of {shards}; {unheard} followers never heard from a leader"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

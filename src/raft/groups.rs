@@ -89,6 +89,8 @@ pub struct Groups {
     peers: Peers,
     /// Per group: whether this replica may vote (see [`Fence`]).
     fences: Vec<parking_lot::Mutex<Fence>>,
+    /// Per group: when a leader's append (a heartbeat included) last reached it.
+    contact: Vec<parking_lot::Mutex<Option<Instant>>>,
 }
 
 /// Whether a replica may vote in its group's elections. A replica that has no state
@@ -234,6 +236,7 @@ impl Groups {
             statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
             voters,
             peers,
+            contact: (0..fences.len()).map(|_| parking_lot::Mutex::new(None)).collect(),
             fences,
         }))
     }
@@ -359,12 +362,22 @@ impl Groups {
     /// replica catching up takes the first such index as what it must apply before it
     /// votes.
     pub fn note_append(&self, g: ShardId, leader_commit: Option<u64>) {
+        if let Some(t) = self.contact.get(g as usize) {
+            *t.lock() = Some(Instant::now());
+        }
         if let (Some(m), Some(c)) = (self.fences.get(g as usize), leader_commit) {
             let mut f = m.lock();
             if *f == (Fence::CatchingUp { target: None }) {
                 *f = Fence::CatchingUp { target: Some(c) };
             }
         }
+    }
+
+    /// How long ago a leader's append last reached group `g` here (None: never, or
+    /// this node has not heard from one since it started). A follower's rows are at
+    /// most this old, plus the leader's own commit time, when the leader is alive.
+    pub fn since_leader_contact(&self, g: ShardId) -> Option<Duration> {
+        self.contact.get(g as usize).and_then(|t| t.lock().map(|i| i.elapsed()))
     }
 
     /// Whether group `g`'s replica here may grant votes now (see [`Fence`]).

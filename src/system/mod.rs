@@ -290,6 +290,7 @@ fn replicas_schema() -> SchemaRef {
         opt_u64("purged_index"),
         Field::new("lag_entries", DataType::UInt64, false),
         Field::new("vote_fence", DataType::Utf8, false),
+        opt_u64("leader_contact_ms"),
     ]))
 }
 
@@ -345,6 +346,17 @@ fn replicas_batch(groups: Option<&Groups>, storage: &Storage) -> crate::error::R
                     None | Some(crate::raft::groups::Fence::Open) => "open",
                     Some(crate::raft::groups::Fence::Deciding) => "deciding",
                     Some(crate::raft::groups::Fence::CatchingUp { .. }) => "catching up",
+                })
+                .collect::<Vec<_>>(),
+        )),
+        // A follower: how long ago its leader's last append (heartbeats included)
+        // arrived, the bound on how stale a read without a token is here.
+        Arc::new(UInt64Array::from(
+            metrics
+                .iter()
+                .map(|(s, m)| match m.state {
+                    openraft::ServerState::Leader => None,
+                    _ => groups.and_then(|g| g.since_leader_contact(*s)).map(|d| d.as_millis() as u64),
                 })
                 .collect::<Vec<_>>(),
         )),
