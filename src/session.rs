@@ -217,10 +217,11 @@ impl Session {
     /// a segment table, or it is a COPY TO), waits at most `read_wait_ms_max` until
     /// this node's replicas have applied the session's writes. The scan's manifest
     /// snapshot and write-buffer rows are taken after this.
-    async fn read_barrier(&self, reads: bool) -> Result<()> {
-        let Some(groups) = self.node.groups().filter(|_| reads) else { return Ok(()) };
+    async fn read_barrier(&self, reads: impl FnOnce() -> bool) -> Result<()> {
+        let Some(groups) = self.node.groups() else { return Ok(()) };
         let token = self.tokens.get();
-        if token.is_empty() {
+        // A session that wrote nothing (most reads) pays no more than this.
+        if token.is_empty() || !reads() {
             return Ok(());
         }
         groups.wait_applied(&token, std::time::Duration::from_millis(self.node.config().read_wait_ms_max)).await
@@ -328,13 +329,13 @@ impl Session {
             return Err(Error::NotSupported(reason.into()));
         }
         if let Statement::Copy { source, to, target, options, legacy_options, .. } = stmt {
-            self.read_barrier(*to).await?;
+            self.read_barrier(|| *to).await?;
             return self.copy(source, *to, target, options, legacy_options, tracker).await;
         }
         let started = Instant::now();
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         if let (Some(generic), Some(plan), Some(params), Statement::Query(_)) = (generic, plan, &params, stmt) {
-            self.read_barrier(crate::storage::provider::reads_segments(plan)).await?;
+            self.read_barrier(|| crate::storage::provider::reads_segments(plan)).await?;
             let counters = self.node.plan_counters();
             // A plan built already needs no planning state at all.
             let reused = match generic.ready(params)? {
@@ -403,7 +404,7 @@ impl Session {
         if is_insert {
             ingest::check_insert_casts(&logical)?;
         }
-        self.read_barrier(!is_insert && crate::storage::provider::reads_segments(&logical)).await?;
+        self.read_barrier(|| !is_insert && crate::storage::provider::reads_segments(&logical)).await?;
         let planned = started.elapsed();
         let run = async {
             let physical = state.create_physical_plan(&logical).await?;
