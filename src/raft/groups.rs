@@ -133,17 +133,20 @@ pub struct PeerGroupState {
     pub held: bool,
     /// The last index it applied (the group has committed entries).
     pub applied: Option<u64>,
+    /// The last index in its log (0: only the initial membership).
+    #[serde(default)]
+    pub last_log: Option<u64>,
 }
 
 /// What the peers say of a group this node has no state of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PeerView {
-    /// A peer has committed entries in it: this node lost (or never had) its replica.
-    Committed,
-    /// A majority of the voters (this node included) hold nothing of it.
-    MajorityEmpty,
-    /// Peers hold it, none committed anything yet (a new group electing).
-    Electing,
+    /// A peer has log entries past the initial membership (a leader existed): this node
+    /// lost (or never had) its replica of a group with data.
+    HasData,
+    /// A majority of the voters (this node included) have no data in it; `uninitialized`:
+    /// a majority hold nothing of it at all (so its initializer may initialize it).
+    NoData { uninitialized: bool },
     /// Too few answers before the deadline.
     Unknown,
 }
@@ -261,9 +264,9 @@ impl Groups {
             if held && self.fence(g) != Fence::Deciding {
                 continue;
             }
-            let view = if spanning { self.peer_view(&voters, g, deadline).await } else { PeerView::MajorityEmpty };
+            let view = if spanning { self.peer_view(&voters, g, deadline).await } else { PeerView::NoData { uninitialized: true } };
             let fence = match view {
-                PeerView::Committed => {
+                PeerView::HasData => {
                     tracing::info!(shard = g, "peers hold this shard's group: catching up from its leader before voting");
                     Fence::CatchingUp { target: None }
                 }
@@ -271,10 +274,10 @@ impl Groups {
                     tracing::warn!(shard = g, "too few peers answered; this replica votes without knowing whether it lost its state");
                     Fence::Open
                 }
-                PeerView::MajorityEmpty | PeerView::Electing => Fence::Open,
+                PeerView::NoData { .. } => Fence::Open,
             };
             self.set_fence(g, fence);
-            if !held && view == PeerView::MajorityEmpty && initializer(&voters, g) == self.node_id {
+            if !held && view == (PeerView::NoData { uninitialized: true }) && initializer(&voters, g) == self.node_id {
                 raft.initialize(voters.clone()).await.map_err(|e| raft_error("raft initialize", e))?;
             }
         }
@@ -307,30 +310,34 @@ impl Groups {
     }
 
     /// What the other voters say of group `g`, which this node holds nothing of: asks
-    /// until `deadline` (a peer that holds committed entries settles it at once).
+    /// until `deadline`. A peer with data settles it at once. Sound for one fault at a
+    /// time: if this node lost its disk, the peers are up, and an entry it had
+    /// acknowledged is in the log of another node of that majority.
     async fn peer_view(&self, voters: &BTreeMap<u64, BasicNode>, g: ShardId, deadline: Instant) -> PeerView {
         let majority = voters.len() / 2 + 1;
         loop {
-            let mut empty = 1; // this node
-            let mut electing = false;
+            // This node first (it has nothing), then the peers that answered so.
+            let (mut no_data, mut nothing) = (1, 1);
             for (id, node) in voters.iter().filter(|(id, _)| **id != self.node_id) {
                 let Ok(body) = envelope(g, &()) else { return PeerView::Unknown };
                 let answer = self.peers.call(&node.addr, STATE, body, Duration::from_secs(1)).await.ok();
                 match answer.and_then(|b| from_cbor::<PeerGroupState>(&b).ok()) {
-                    Some(PeerGroupState { applied: Some(_), .. }) => {
-                        tracing::info!(shard = g, peer = id, "peer has committed entries of this shard's group");
-                        return PeerView::Committed;
+                    Some(p) if p.applied.is_some() || p.last_log.is_some_and(|l| l >= 1) => {
+                        tracing::info!(shard = g, peer = id, "peer has data in this shard's group");
+                        return PeerView::HasData;
                     }
-                    Some(PeerGroupState { held: true, .. }) => electing = true,
-                    Some(PeerGroupState { held: false, .. }) => empty += 1,
+                    Some(p) => {
+                        no_data += 1;
+                        nothing += usize::from(!p.held);
+                    }
                     None => {}
                 }
             }
-            if empty >= majority {
-                return PeerView::MajorityEmpty;
+            if no_data >= majority {
+                return PeerView::NoData { uninitialized: nothing >= majority };
             }
             if Instant::now() >= deadline {
-                return if electing { PeerView::Electing } else { PeerView::Unknown };
+                return PeerView::Unknown;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -339,11 +346,15 @@ impl Groups {
     /// What this node holds of group `g` (the answer to a peer's [`STATE`]).
     pub async fn group_state(&self, g: ShardId) -> PeerGroupState {
         match self.raft(g) {
-            Some(r) => PeerGroupState {
-                held: r.is_initialized().await.unwrap_or(false),
-                applied: r.metrics().borrow().last_applied.map(|l| l.index),
-            },
-            None => PeerGroupState { held: false, applied: None },
+            Some(r) => {
+                let (applied, last_log) = {
+                    let m = r.metrics();
+                    let m = m.borrow();
+                    (m.last_applied.map(|l| l.index), m.last_log_index)
+                };
+                PeerGroupState { held: r.is_initialized().await.unwrap_or(false), applied, last_log }
+            }
+            None => PeerGroupState { held: false, applied: None, last_log: None },
         }
     }
 
