@@ -51,6 +51,8 @@ use crate::storage::manifest::SegmentMeta;
 use crate::storage::{AppendOutcome, Replicator, ShardIds, Storage};
 use crate::write_token::WriteToken;
 
+/// How long a new group waits for its initializer before another voter initializes it.
+const INIT_GRACE: Duration = Duration::from_secs(3);
 /// How long a write waits for its shard to have a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long start-up waits for every group to elect itself and re-apply its log.
@@ -256,6 +258,10 @@ impl Groups {
         }
         let spanning = self.spans_nodes();
         let deadline = Instant::now() + START_WAIT_SPANNING;
+        // New groups whose initializer is another node: initialized here too if that
+        // node has not reached us within `INIT_GRACE` (it may be down). Initializing
+        // with the same voters on several nodes is safe: the entry is the same.
+        let mut others = Vec::new();
         for (g, raft) in self.rafts.iter().enumerate() {
             let g = g as ShardId;
             // A group that had no state at start stays `Deciding` (no votes) until its
@@ -277,8 +283,24 @@ impl Groups {
                 PeerView::NoData { .. } => Fence::Open,
             };
             self.set_fence(g, fence);
-            if !held && view == (PeerView::NoData { uninitialized: true }) && initializer(&voters, g) == self.node_id {
-                raft.initialize(voters.clone()).await.map_err(|e| raft_error("raft initialize", e))?;
+            if !held && view == (PeerView::NoData { uninitialized: true }) {
+                if initializer(&voters, g) == self.node_id {
+                    raft.initialize(voters.clone()).await.map_err(|e| raft_error("raft initialize", e))?;
+                } else {
+                    others.push(g);
+                }
+            }
+        }
+        if !others.is_empty() {
+            tokio::time::sleep(INIT_GRACE).await;
+            for g in others {
+                let Some(raft) = self.raft(g) else { continue };
+                if !raft.is_initialized().await.unwrap_or(true) {
+                    tracing::info!(shard = g, "this shard's initializer did not reach this node: initializing it here");
+                    if let Err(e) = raft.initialize(voters.clone()).await {
+                        tracing::debug!(shard = g, error = %e, "initialize");
+                    }
+                }
             }
         }
         let node_id = self.node_id;
@@ -364,8 +386,10 @@ impl Groups {
         }
     }
 
-    /// The fence of group `g` now.
+    /// The fence of group `g` now (a replica that caught up opens here too, not only
+    /// when a vote request arrives).
     pub fn fence(&self, g: ShardId) -> Fence {
+        self.may_vote(g);
         self.fences.get(g as usize).map_or(Fence::Open, |m| *m.lock())
     }
 
