@@ -23,6 +23,9 @@ use parking_lot::Mutex;
 use crate::shard_map::ShardId;
 
 const PREFIX: &str = "t1:";
+/// Shards one token names at most (a token from `SET` is a client's text: bounded, so
+/// that a connection cannot hold an unbounded map).
+pub const TOKEN_SHARDS_MAX: usize = 65_536;
 
 /// Per shard, the log index the writes reached.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,6 +103,9 @@ impl FromStr for WriteToken {
             let s: ShardId = s.trim().parse().map_err(|_| bad("a shard is not a number"))?;
             let i: u64 = i.trim().parse().map_err(|_| bad("an index is not a number"))?;
             token.note(s, i);
+            if token.0.len() > TOKEN_SHARDS_MAX {
+                return Err(bad("it names more shards than any cluster has"));
+            }
         }
         Ok(token)
     }
@@ -146,6 +152,15 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 10, "fixture has {checked} cases");
+    }
+
+    #[test]
+    fn a_token_naming_too_many_shards_is_refused() {
+        let pairs: Vec<String> = (0..=TOKEN_SHARDS_MAX).map(|s| format!("{s}=1")).collect();
+        let text = format!("t1:{}", pairs.join(","));
+        assert!(text.parse::<WriteToken>().is_err());
+        let text = format!("t1:{}", pairs[..TOKEN_SHARDS_MAX].join(","));
+        assert_eq!(text.parse::<WriteToken>().unwrap().iter().count(), TOKEN_SHARDS_MAX);
     }
 
     #[test]
