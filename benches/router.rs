@@ -1,5 +1,6 @@
 //! Decision-time benchmarks of the pure cores: router v1 and shard-key extraction.
-//! Run: `cargo bench --bench router` (targets: routing under 2 µs p50 for 64 pipelines).
+//! Run: `cargo bench --bench router` (targets: routing under 2 µs p50 for 64 pipelines;
+//! the shard map of 1,000 pipelines well under a second per epoch).
 
 use std::hint::black_box;
 
@@ -46,6 +47,16 @@ fn routing(c: &mut Criterion) {
     c.bench_function("build the epoch-1 shard map (256 shards x 3, 64 pipelines)", |b| {
         b.iter(|| ShardMap::build(256, 3, black_box(&pipes)))
     });
+    // The simulation's fleet: 1,000 pipelines on 125 nodes, 4,096 shards, 3 copies.
+    let fleet: Vec<PipelineId> = (0..1000).map(|i| PipelineId::new(1 + i / 8, (i % 8) as u32)).collect();
+    let mut slow = c.benchmark_group("shard map at 1,000 pipelines");
+    slow.sample_size(10);
+    slow.bench_function("build the epoch-1 map (4,096 shards x 3)", |b| b.iter(|| ShardMap::build(4096, 3, black_box(&fleet))));
+    let big = ShardMap::build(4096, 3, &fleet);
+    slow.bench_function("one pipeline leaves", |b| b.iter(|| big.with_pipelines(black_box(&fleet[1..]))));
+    let joined: Vec<PipelineId> = fleet.iter().copied().chain([PipelineId::new(200, 0)]).collect();
+    slow.bench_function("one pipeline joins", |b| b.iter(|| big.with_pipelines(black_box(&joined))));
+    slow.finish();
 }
 
 fn extraction(c: &mut Criterion) {
