@@ -10,6 +10,7 @@ pub mod config;
 pub mod copy_in;
 pub mod datagen;
 
+pub mod equilibrium;
 pub mod error;
 pub mod export;
 pub mod frontend;

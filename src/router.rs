@@ -14,9 +14,12 @@
 //!   shard map's preference order (highest affinity first), which spreads ties.
 //! - `power_of_two`: two replicas drawn from the sequence number, the one with fewer
 //!   in flight (Mitzenmacher's two choices).
-//! - `predictive`: the lowest predicted completion time, below. Not yet the default:
-//!   in `tidemark simulate` it is within 2% of `least_in_flight` with one gateway and
-//!   worse with 8 (see the README); it wins on a real node with a slowed pipeline.
+//! - `predictive`: the lowest predicted completion time, below; near-equal scores
+//!   (within [`TIE_TOLERANCE`]) are a tie, and one of the tied replicas is drawn from
+//!   the sequence number. Drawn rather than by preference: with several gateways, a
+//!   tie broken the same way everywhere sends every gateway's request to one replica
+//!   at once (each sees only its own requests there). See the README for how it
+//!   compares with the others in `tidemark simulate` and on a real node.
 //!
 //! # The predictive score
 //! For a candidate pipeline `p` with `c` slots, `n` requests in flight or queued, a
@@ -179,6 +182,9 @@ impl LoadSnapshot {
     }
 }
 
+/// Predictive scores this close (relative, at least 1 apart in units of 1e-9) are ties.
+pub const TIE_TOLERANCE: f64 = 1e-9;
+
 /// Why the router chose what it chose (shown by EXPLAIN and system.routing_decisions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -191,6 +197,9 @@ pub enum Reason {
     PowerOfTwo,
     /// The lowest predicted completion time.
     LowestPredicted,
+    /// Several replicas had the lowest predicted completion time (within
+    /// [`TIE_TOLERANCE`]); one was drawn from the sequence number.
+    TieDrawn,
     /// No replica is available (none placed, all down or excluded).
     NoReplica,
 }
@@ -204,6 +213,7 @@ impl Reason {
             Reason::RoundRobin => "round robin",
             Reason::PowerOfTwo => "fewer in flight of two drawn",
             Reason::LowestPredicted => "lowest predicted completion",
+            Reason::TieDrawn => "tie, drawn",
             Reason::NoReplica => "no replica available",
         }
     }
@@ -319,7 +329,22 @@ pub fn route_with(
             let pick = if candidates[b].score < candidates[a].score { b } else { a };
             (Some(pick), Reason::PowerOfTwo)
         }
-        (Policy::LeastInFlight | Policy::Predictive, _) => {
+        (Policy::Predictive, _) => {
+            // Near-equal scores are ties (a forecast split evenly gives replicas scores
+            // that differ only by rounding); among them one is drawn from `seq`, as
+            // every gateway would otherwise break the same tie the same way and send
+            // its requests to one replica together.
+            let best = candidates.iter().map(|c| c.score).fold(f64::INFINITY, f64::min);
+            let tol = TIE_TOLERANCE * best.abs().max(1.0);
+            let tied: Vec<usize> = (0..n).filter(|i| candidates[*i].score <= best + tol).collect();
+            if tied.len() > 1 {
+                let pick = tied[(mix(seq ^ (shard as u64).rotate_left(32)) % tied.len() as u64) as usize];
+                (Some(pick), Reason::TieDrawn)
+            } else {
+                (Some(tied[0]), Reason::LowestPredicted)
+            }
+        }
+        (Policy::LeastInFlight, _) => {
             let mut best = 0;
             let mut ties = 0;
             for i in 1..n {
@@ -330,11 +355,7 @@ pub fn route_with(
                     ties += 1;
                 }
             }
-            let reason = match policy {
-                _ if ties > 0 => Reason::TieByPreference,
-                Policy::Predictive => Reason::LowestPredicted,
-                _ => Reason::FewestInFlight,
-            };
+            let reason = if ties > 0 { Reason::TieByPreference } else { Reason::FewestInFlight };
             (Some(best), reason)
         }
     };

@@ -10,10 +10,10 @@
 //! What is simulated and what is not:
 //! - each query is one fragment on one shard (a point query), routed among the shard's
 //!   replicas, placed by rendezvous hashing with the shard map's own affinity
-//!   (`shard_map::affinity`) but without `ShardMap::build`'s load balancing, whose cost
-//!   grows too fast with the fleet (about 18 s for 4,096 shards on 100 pipelines
-//!   across this run's rebuilds; minutes at 1,000): at 1,000 pipelines rendezvous
-//!   placement is within a few percent of even anyway;
+//!   (`shard_map::affinity`) but without `ShardMap::build`'s load balancing: at 1,000
+//!   pipelines rendezvous placement is within a few percent of even anyway. (It was
+//!   left out for its cost, 11.8 s for one map of 4,096 shards on 100 pipelines; that
+//!   is now 0.02 s, 0.18 s at 1,000, so the simulation could use it: not done yet);
 //! - service times are exponential with mean `service_ms` (times a scenario's slowdown);
 //! - the router's snapshot is exact for in-flight and queued counts (one gateway), and
 //!   the balancer's weights are recomputed every `weights_every_ms` of simulated time
@@ -21,7 +21,8 @@
 //!   query (per query would cost a sort of 1,000 estimates per decision);
 //! - the forecast each pipeline gets is the expected arrival rate of its shards (the
 //!   workload's known rates by each shard's share of the Zipf load, announced surges
-//!   included, split evenly among each shard's current replicas), refreshed every
+//!   included, split among each shard's current replicas as balanced routing splits
+//!   them, `equilibrium::balanced_rates`), refreshed every
 //!   `weights_every_ms`, and trusted: a perfect forecaster of announced load. With `g`
 //!   gateways, `(g−1)/g` of it is what a gateway does not see (`PipelineLoad::unseen`);
 //!   with one, nothing. Unannounced load (the hot entity) and faults (the
@@ -283,19 +284,18 @@ impl Workload {
     }
 
     /// The forecaster's view at `t`: each pipeline's expected arrivals per second from
-    /// the announced workload (base and surge), its shards' rates split evenly among
-    /// their current `replicas`.
+    /// the announced workload (base and surge), its shards' rates split among their
+    /// current `replicas` as balanced routing splits them (`equilibrium`): what a
+    /// forecaster trained on each pipeline's routed history predicts.
     fn forecast(&self, t: f64, replicas: &[Vec<PipelineId>]) -> Vec<f64> {
-        let mut per = vec![0.0; self.ids.len()];
-        for (s, r) in self.shard_rates(t).iter().enumerate() {
-            let reps = &replicas[s];
-            for p in reps {
-                per[index_of(p)] += r / reps.len() as f64;
-            }
-        }
-        per
+        let reps: Vec<Vec<usize>> = replicas.iter().map(|r| r.iter().map(index_of).collect()).collect();
+        let capacity = vec![self.cfg.slots as f64; self.ids.len()];
+        crate::equilibrium::balanced_rates(&self.shard_rates(t), &reps, &capacity, FORECAST_PASSES)
     }
 }
+
+/// Sweeps of the balanced split per forecast refresh.
+const FORECAST_PASSES: usize = 20;
 
 /// Each shard's replicas over `active` pipelines: the shard map's, plus more for a shard
 /// whose share of the load needs more than its replicas' slots at half the target
