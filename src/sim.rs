@@ -9,11 +9,10 @@
 //!
 //! What is simulated and what is not:
 //! - each query is one fragment on one shard (a point query), routed among the shard's
-//!   replicas, placed by rendezvous hashing with the shard map's own affinity
-//!   (`shard_map::affinity`) but without `ShardMap::build`'s load balancing: at 1,000
-//!   pipelines rendezvous placement is within a few percent of even anyway. (It was
-//!   left out for its cost, 11.8 s for one map of 4,096 shards on 100 pipelines; that
-//!   is now 0.02 s, 0.18 s at 1,000, so the simulation could use it: not done yet);
+//!   replicas, placed by the server's own shard map: `ShardMap::build` for the whole
+//!   fleet, `with_pipelines` when the autoscaler changes the fleet (an epoch's
+//!   transition, as on a node), `with_hot` for shards whose base load needs more than
+//!   their replicas;
 //! - service times are exponential with mean `service_ms` (times a scenario's slowdown);
 //! - the router's snapshot is exact for in-flight and queued counts (one gateway), and
 //!   the balancer's weights are recomputed every `weights_every_ms` of simulated time
@@ -42,7 +41,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::balancer::{self, ServiceEstimate};
 use crate::router::{self, LoadSnapshot, PipelineLoad, Policy};
-use crate::shard_map::{shard_of, PipelineId};
+use crate::shard_map::{shard_of, PipelineId, ShardMap};
 
 /// One simulated fleet and workload.
 #[derive(Clone, Debug)]
@@ -142,8 +141,10 @@ pub struct SimResult {
 pub struct Workload {
     cfg: SimConfig,
     scenario: Scenario,
-    /// Each shard's replicas: the shard map's, plus more for shards whose base load
-    /// needs them (as hot-shard replication will place them).
+    /// The whole fleet's shard map, and each shard's replicas in it: the base copies,
+    /// plus more for shards whose base load needs them (as hot-shard replication will
+    /// place them).
+    map: ShardMap,
     replicas: Vec<Vec<PipelineId>>,
     /// Each shard's share of the base load.
     shard_share: Vec<f64>,
@@ -177,7 +178,8 @@ impl Workload {
         for (r, s) in entity_shard.iter().enumerate() {
             shard_share[*s as usize] += cdf[r] - if r == 0 { 0.0 } else { cdf[r - 1] };
         }
-        let replicas = placement(cfg.replicas, &ids, &shard_share, cfg.peak_utilization);
+        let map = placement(None, cfg.replicas, &ids, &shard_share, cfg.peak_utilization);
+        let replicas = map.replicas.clone();
         let capacity = cfg.pipelines as f64 * cfg.slots as f64 / (cfg.service_ms / 1000.0);
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
         let surge: Vec<usize> = (0..20).map(|_| rng.random_range(10..2000)).collect();
@@ -187,6 +189,7 @@ impl Workload {
         Workload {
             cfg: cfg.clone(),
             scenario,
+            map,
             replicas,
             shard_share,
             ids,
@@ -200,9 +203,9 @@ impl Workload {
         }
     }
 
-    /// Each shard's replicas over the first `active` pipelines of the fleet.
-    fn placement_over(&self, active: usize) -> Vec<Vec<PipelineId>> {
-        placement(self.cfg.replicas, &self.ids[..active], &self.shard_share, self.cfg.peak_utilization)
+    /// The shard map over the first `active` pipelines of the fleet, moved from `prev`.
+    fn placement_over(&self, prev: &ShardMap, active: usize) -> ShardMap {
+        placement(Some(prev), self.cfg.replicas, &self.ids[..active], &self.shard_share, self.cfg.peak_utilization)
     }
 
     /// The daily cycle of the data generator (`datagen::HOURLY`, quiet nights and busy
@@ -297,27 +300,27 @@ impl Workload {
 /// Sweeps of the balanced split per forecast refresh.
 const FORECAST_PASSES: usize = 20;
 
-/// Each shard's replicas over `active` pipelines: the shard map's, plus more for a shard
-/// whose share of the load needs more than its replicas' slots at half the target
-/// utilization (the next pipelines by rendezvous rank), as hot-shard replication will
-/// place them: without them one Zipf-hot shard would exceed its pipelines' capacity
-/// whatever the router did.
-fn placement(replicas: u32, active: &[PipelineId], shard_share: &[f64], utilization: f64) -> Vec<Vec<PipelineId>> {
+/// Each shard's replicas over `active` pipelines: the shard map's (`ShardMap::build`, or
+/// the transition from `prev` when the fleet changes, as the server moves epochs), plus
+/// hot copies (`ShardMap::with_hot`) for a shard whose share of the load needs more
+/// than its replicas' slots at half the target utilization, as hot-shard replication
+/// will place them: without them one Zipf-hot shard would exceed its pipelines'
+/// capacity whatever the router did.
+fn placement(prev: Option<&ShardMap>, replicas: u32, active: &[PipelineId], shard_share: &[f64], utilization: f64) -> ShardMap {
+    let base = match prev {
+        Some(m) => m.with_pipelines(active),
+        None => ShardMap::build(shard_share.len() as u32, replicas, active),
+    };
     let per_pipeline = utilization / active.len().max(1) as f64;
-    (0..shard_share.len() as u32)
-        .map(|s| {
-            let need = (((shard_share[s as usize] / per_pipeline) * 2.0).ceil() as usize).max(replicas as usize).min(active.len());
-            // The `need` pipelines of highest affinity, in preference order.
-            let mut ranked: Vec<(std::cmp::Reverse<u64>, PipelineId)> =
-                active.iter().map(|p| (std::cmp::Reverse(crate::shard_map::affinity(s, *p)), *p)).collect();
-            if need < ranked.len() {
-                ranked.select_nth_unstable(need);
-                ranked.truncate(need);
-            }
-            ranked.sort_unstable();
-            ranked.into_iter().map(|(_, p)| p).collect()
+    let hot: std::collections::BTreeMap<u32, u32> = shard_share
+        .iter()
+        .enumerate()
+        .filter_map(|(s, share)| {
+            let need = (((share / per_pipeline) * 2.0).ceil() as usize).min(active.len());
+            (need > replicas as usize).then_some((s as u32, need as u32))
         })
-        .collect()
+        .collect();
+    base.with_hot(&hot)
 }
 
 fn index_of(p: &PipelineId) -> usize {
@@ -408,11 +411,8 @@ fn run_with(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode
         Some(crate::autoscale::Mode::Fixed(k)) => k.min(w.ids.len()),
         Some(_) => settings.needed(w.rate(0.0)),
     };
-    let mut replicas = if active == w.ids.len() {
-        w.replicas.clone()
-    } else {
-        w.placement_over(active)
-    };
+    let mut map = if active == w.ids.len() { w.map.clone() } else { w.placement_over(&w.map, active) };
+    let mut replicas = map.replicas.clone();
     let mut warming: Vec<f64> = Vec::new();
     let mut pipeline_seconds = 0.0;
     let mut last_scale_t = 0.0;
@@ -541,7 +541,8 @@ fn run_with(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode
                     }
                     if stop > 0 {
                         active -= stop.min(active - 1);
-                        replicas = w.placement_over(active);
+                        map = w.placement_over(&map, active);
+                        replicas = map.replicas.clone();
                     }
                 }
                 push(&mut heap, t + settings.interval_us as f64 / 1e6, Ev::Scale);
@@ -604,7 +605,8 @@ fn run_with(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode
                 if ready > 0 {
                     warming.retain(|r| *r > t + 1e-9);
                     active = (active + ready).min(w.ids.len());
-                    replicas = w.placement_over(active);
+                    map = w.placement_over(&map, active);
+                    replicas = map.replicas.clone();
                 }
             }
             Ev::Done { pipeline, id } => {
