@@ -99,6 +99,9 @@ enum Command {
         /// Trace seconds (one compressed day).
         #[arg(long, default_value_t = 60.0)]
         duration_s: f64,
+        /// Days in the trace: the cycle repeats, the scenario is on the last day.
+        #[arg(long, default_value_t = 1)]
+        days: u32,
         /// Queries per second at the daily peak.
         #[arg(long, default_value_t = 200.0)]
         peak_rate: f64,
@@ -304,12 +307,12 @@ fn main() -> anyhow::Result<()> {
             Command::Replay { trace, url, time_scale, clients, routing_policy, slo_ms } => {
                 replay(&trace, &url, time_scale, clients, routing_policy.as_deref(), slo_ms).await
             }
-            Command::GenTrace { out, duration_s, peak_rate, entities, scenario, start, seed } => {
+            Command::GenTrace { out, duration_s, days, peak_rate, entities, scenario, start, seed } => {
                 let start_us = match start {
                     Some(s) => chrono::DateTime::parse_from_rfc3339(&s)?.timestamp_micros(),
                     None => chrono::Utc::now().timestamp_micros() - 3_600_000_000,
                 };
-                let spec = tidemark::replay::TraceSpec { duration_s, peak_rate, entities, scenario, start_us, seed };
+                let spec = tidemark::replay::TraceSpec { duration_s, days, peak_rate, entities, scenario, start_us, seed };
                 let n = tidemark::replay::write_trace(&out, &spec)?;
                 println!("wrote {n} arrivals to {}", out.display());
                 Ok(())

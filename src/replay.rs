@@ -281,7 +281,7 @@ impl Receiver {
 mod tests {
     #[test]
     fn generated_traces_are_deterministic_and_read_back() {
-        let spec = TraceSpec { duration_s: 20.0, peak_rate: 100.0, entities: 5000, scenario: "surge".into(), start_us: 1_767_571_200_000_000, seed: 7 };
+        let spec = TraceSpec { duration_s: 20.0, days: 1, peak_rate: 100.0, entities: 5000, scenario: "surge".into(), start_us: 1_767_571_200_000_000, seed: 7 };
         let a = generate_trace(&spec).unwrap();
         assert_eq!(a.len(), generate_trace(&spec).unwrap().len());
         assert!(a.len() > 500, "{}", a.len());
@@ -297,7 +297,25 @@ mod tests {
             v.iter().filter(|x| (0.45..0.65).contains(&(((x.time_us - spec.start_us) as f64 / 1e6) / spec.duration_s))).count()
         };
         assert!(window(&a) as f64 > 1.1 * window(&calm) as f64, "{} vs {}", window(&a), window(&calm));
-        assert!(generate_trace(&TraceSpec { scenario: "bogus".into(), ..spec }).is_err());
+        assert!(generate_trace(&TraceSpec { scenario: "bogus".into(), ..spec.clone() }).is_err());
+        assert!(generate_trace(&TraceSpec { days: 0, ..spec.clone() }).is_err());
+        // Several days: the cycle repeats, the surge is on the last day only (a busier
+        // trace than above, so that the surge stands well out of the Poisson noise).
+        let busy = TraceSpec { days: 3, peak_rate: 1000.0, ..spec.clone() };
+        let three = generate_trace(&busy).unwrap();
+        let day = |v: &[Arrival], d: f64| {
+            v.iter()
+                .filter(|x| {
+                    let t = (x.time_us - spec.start_us) as f64 / 1e6 / spec.duration_s - d;
+                    (0.45..0.65).contains(&t)
+                })
+                .count() as f64
+        };
+        let (first, second, last) = (day(&three, 0.0), day(&three, 1.0), day(&three, 2.0));
+        assert!(last > 1.08 * first.max(second), "surge window of the last day {last} vs the first two {first}, {second}");
+        assert!((first - second).abs() < 0.05 * first, "calm days alike: {first} vs {second}");
+        assert!(three.windows(2).all(|w| w[0].time_us <= w[1].time_us));
+        assert!(three.last().unwrap().time_us < spec.start_us + (3.0 * spec.duration_s * 1e6) as i64);
     }
 
     use super::*;
@@ -319,8 +337,11 @@ mod tests {
 /// A generated query-arrival trace (`tidemark gen-trace`).
 #[derive(Debug, Clone)]
 pub struct TraceSpec {
-    /// Trace seconds: one day of the generator's hourly cycle, compressed.
+    /// Trace seconds of one day of the generator's hourly cycle, compressed.
     pub duration_s: f64,
+    /// Days in the trace (at least 1): the cycle repeats, the scenario is on the last
+    /// day only (the earlier days are history for the forecaster to learn from).
+    pub days: u32,
     /// Queries per second in the busiest hour.
     pub peak_rate: f64,
     pub entities: u32,
@@ -331,16 +352,18 @@ pub struct TraceSpec {
 }
 
 /// The arrivals of `spec`: a Poisson process whose rate follows the data generator's
-/// hourly cycle (`datagen::HOURLY`) compressed into the trace, entities drawn with the
+/// hourly cycle (`datagen::HOURLY`) compressed into each day of the trace (`days` of
+/// `duration_s` each; the scenario's windows below are those of the last day), entities drawn with the
 /// generator's Zipf exponent, templates 1 (80%), 2 and 7 (10% each); `surge` makes 20
 /// popular entities (ranks 10 to 2,000) 30 times as busy from 45% to 65% of the trace
 /// (the announced campaign), `hot` adds one entity (rank 1,000 to 5,000) at a tenth of
 /// the peak rate from 40% to 70% (unannounced). Deterministic from the seed.
 pub fn generate_trace(spec: &TraceSpec) -> Result<Vec<Arrival>> {
     use rand::{Rng, SeedableRng};
-    if !(spec.duration_s > 0.0 && spec.peak_rate > 0.0 && spec.entities > 0) {
-        return Err(Error::InvalidParameter("duration, peak rate and entities must be positive".into()));
+    if !(spec.duration_s > 0.0 && spec.peak_rate > 0.0 && spec.entities > 0 && spec.days > 0) {
+        return Err(Error::InvalidParameter("duration, days, peak rate and entities must be positive".into()));
     }
+    let last_day_s = spec.duration_s * (spec.days - 1) as f64;
     let surge = spec.scenario == "surge";
     let hot_on = spec.scenario == "hot";
     if !(surge || hot_on || spec.scenario == "none") {
@@ -359,7 +382,7 @@ pub fn generate_trace(spec: &TraceSpec) -> Result<Vec<Arrival>> {
     let hot = rng.random_range(1000.min(n - 1)..5000.min(n).max(1000.min(n - 1) + 1)).min(n - 1);
     let peak = crate::datagen::HOURLY.iter().copied().fold(0.0, f64::max);
     let cycle = |t: f64| {
-        let h = (t / spec.duration_s).clamp(0.0, 1.0) * 24.0;
+        let h = ((t % spec.duration_s) / spec.duration_s).clamp(0.0, 1.0) * 24.0;
         let (i, f) = ((h.floor() as usize).min(23), h - h.floor());
         let (a, b) = (crate::datagen::HOURLY[i], crate::datagen::HOURLY[(i + 1) % 24]);
         (a + (b - a) * f) / peak
@@ -370,10 +393,11 @@ pub fn generate_trace(spec: &TraceSpec) -> Result<Vec<Arrival>> {
     let mut t = 0.0;
     loop {
         t += -rng.random::<f64>().max(1e-12).ln() / max_rate;
-        if t >= spec.duration_s {
+        if t >= spec.duration_s * spec.days as f64 {
             break;
         }
-        let frac = t / spec.duration_s;
+        // The scenario's window, on the last day.
+        let frac = if t >= last_day_s { (t - last_day_s) / spec.duration_s } else { -1.0 };
         let base = spec.peak_rate * cycle(t);
         let surge_extra = if surge && (0.45..0.65).contains(&frac) { base * 29.0 * surge_share } else { 0.0 };
         let hot_extra = if hot_on && (0.40..0.70).contains(&frac) { spec.peak_rate * 0.1 } else { 0.0 };

@@ -23,6 +23,11 @@
 //! them, and the pipelines stay). Every change is a row of `system.scaling_decisions`
 //! with its shard.
 //!
+//! Units: rates are per real second (the measured rate, a pipeline's capacity, and the
+//! forecast converted from counts per bucket of clock time); times are the node's
+//! clock (`now`, the forecast's buckets, and the warm-up and interval converted from
+//! real time), so an accelerated clock (`--time-scale`, replays) scales consistently.
+//!
 //! Must never: decide on a guessed capacity (without a measured service time it holds
 //! and says so), remove a pipeline a running query may still reach, or run a command
 //! without a time limit.
@@ -192,6 +197,7 @@ impl Scaler {
 
     /// The fleet's decision.
     async fn fleet(&mut self, now_us: i64, current: usize, placed: &[PipelineId], measured: f64, capacity: f64, warmup_ms: f64) -> Result<ScalingRecord> {
+        let (warmup_us, interval_us) = (self.clock_us(warmup_ms * 1000.0), self.clock_us(self.interval.as_micros() as f64));
         let core = self.core.as_mut().expect("autoscale is on");
         let mut record = ScalingRecord {
             time_us: now_us,
@@ -212,7 +218,8 @@ impl Scaler {
             return Ok(record);
         }
         core.settings.capacity = capacity;
-        core.settings.warmup_us = (warmup_ms * 1000.0) as i64;
+        core.settings.warmup_us = warmup_us;
+        core.settings.interval_us = interval_us;
         let forecast = self.forecast_buckets();
         let core = self.core.as_mut().expect("autoscale is on");
         let d = core.decide(now_us, current, &forecast, measured);
@@ -247,9 +254,11 @@ impl Scaler {
         // Until a copy's warm-up has been measured, the fleet's (a whole pipeline's
         // shards) bounds it from above: copies start early rather than late.
         let warmup_ms = self.copy_warmup_ms.unwrap_or(fleet_warmup_ms);
+        let (warmup_us, interval_us) = (self.clock_us(warmup_ms * 1000.0), self.clock_us(self.interval.as_micros() as f64));
         let hot = self.hot.as_mut().expect("hot_shards is on");
         hot.settings.capacity = capacity;
-        hot.settings.warmup_us = (warmup_ms * 1000.0) as i64;
+        hot.settings.warmup_us = warmup_us;
+        hot.settings.interval_us = interval_us;
         hot.settings.base = map.base_copies().max(1);
         hot.settings.max = map.pipelines.len().max(1);
         let mode = hot.mode.as_str();
@@ -315,11 +324,25 @@ impl Scaler {
                 out.entry(shard).or_default().push(ForecastBucket {
                     start_us: r.bucket_start_us,
                     end_us: r.bucket_start_us + bucket_us,
-                    upper_rate: r.upper80.max(0.0) / self.bucket_secs as f64,
+                    upper_rate: self.real_rate(r.upper80.max(0.0)),
                 });
             }
         }
         out
+    }
+
+    /// Real microseconds (a measured warm-up, the decision interval) as microseconds of
+    /// the node's clock, which the forecast's buckets and `now` are in: the same under
+    /// a real clock, `scale` times as many under an accelerated one (`--time-scale`).
+    fn clock_us(&self, real_us: f64) -> i64 {
+        (real_us * self.clock.scale()) as i64
+    }
+
+    /// A bucket's forecast count as a rate per real second, the unit of the measured
+    /// rate and of a pipeline's capacity (a bucket of `bucket_secs` of clock time lasts
+    /// `bucket_secs / scale` real seconds).
+    fn real_rate(&self, per_bucket: f64) -> f64 {
+        per_bucket * self.clock.scale() / self.bucket_secs as f64
     }
 
     /// This node's pipelines in the shard map, by id.
@@ -340,7 +363,7 @@ impl Scaler {
         }
         by_bucket
             .into_iter()
-            .map(|(start, upper)| ForecastBucket { start_us: start, end_us: start + bucket_us, upper_rate: upper / self.bucket_secs as f64 })
+            .map(|(start, upper)| ForecastBucket { start_us: start, end_us: start + bucket_us, upper_rate: self.real_rate(upper) })
             .collect()
     }
 
