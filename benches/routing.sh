@@ -10,10 +10,13 @@
 # Then the same comparison in simulation at 1,000 pipelines (`tidemark simulate`):
 # once with its defaults, once with the service time measured in the real runs above
 # (the balancer's estimate in system.pipelines, median over the fault-free runs) and
-# their objective, and once with 8 gateways. Not part of the tests.
+# their objective, and once with 8 gateways. (d) scaling on the real node with a
+# forecaster trained on the trace's earlier days: see run_scaling below. Not part of
+# the tests.
 #
 #   bash benches/routing.sh                       # 1M rows, 40 s traces
 #   ROWS=300000 TRACE_S=20 bash benches/routing.sh
+#   SKIP_ROUTING=1 SKIP_SIM=1 bash benches/routing.sh   # (d) on the real node only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-1000000}
@@ -48,6 +51,7 @@ echo "== $ROWS generated rows, $PIPELINES pipelines, traces of $TRACE_S s peakin
 start
 "$BIN" ingest --url "$URL" "$WORK/usage.parquet" 2>&1 | tail -1
 stop
+cp -a "$WORK/node" "$WORK/node.ingested"
 for s in surge hot none; do
   "$BIN" gen-trace --out "$WORK/$s.csv" --duration-s "$TRACE_S" --peak-rate "$PEAK" --scenario "$s" --start 2026-01-20T00:00:00Z --seed 7 | tail -1
 done
@@ -76,6 +80,7 @@ sent = re.search(r'sent (\d+), ok (\d+), failed (\d+), unknown (\d+)', out).grou
 print(f"{label:<22} {policy:<16} {sent[1]:>7} ok {sent[2]:>3} failed {lat.get('p50','-'):>7} {lat.get('p99','-'):>8} {lat.get('p99.9','-'):>8} {over:>8}% {max(d)/mean if mean else 0:>6.2f} {cv:>6.3f} {int(pipes)*float(secs):>6.0f}")
 PY
 }
+if [ "${SKIP_ROUTING:-0}" != 1 ]; then
 echo
 echo "scenario               policy                ok   failed  p50 ms   p99 ms  p99.9 ms  over obj  max/mean  CV  pipeline-s"
 HOT=(TIDEMARK_HOT_SHARDS=reactive TIDEMARK_AUTOSCALE_INTERVAL_MS=1000)
@@ -86,7 +91,86 @@ run "(b) + reactive copies" hot least_in_flight "${HOT[@]}"
 for policy in round_robin least_in_flight power_of_two predictive; do
   run "(c) slow pipeline" none "$policy" TIDEMARK_FAULT_SLOW_PIPELINE=n1.p1 TIDEMARK_FAULT_SLOW_MS=20 TIDEMARK_FAULT_SLOW_AFTER_SECS=10
 done
+fi
 
+# (d) Scaling on the real node: a trace of DAYS compressed days (the daily cycle, no
+# scenario), replayed against a node whose clock runs 86,400 / TRACE_S times as fast,
+# so each trace day is one day of the node's clock and its forecaster learns the cycle
+# from the query log over the first DAYS-1 days (the training replay); the last day is
+# replayed and measured alone. Fixed: PIPELINES pipelines throughout. Reactive and
+# predictive: the autoscaler between 1 and PIPELINES pipelines, a decision every
+# DECIDE_MS, forecasts refitted every second. Pipeline-seconds of the last day come
+# from sampling the placed pipelines (about every 0.25 s, integrated over the samples'
+# own times). Each run starts from a copy of the
+# ingested data directory (no query history).
+DAYS=${DAYS:-4}
+# Each fragment holds its slot FRAGMENT_MS longer (fault_fragment_ms): point queries
+# alone need a fraction of one pipeline at these rates, so without it there is nothing
+# to scale; with it a pipeline of 2 slots serves about 2,000 / (FRAGMENT_MS + 0.3)
+# fragments a second.
+FRAGMENT_MS=${FRAGMENT_MS:-10}
+DECIDE_MS=${DECIDE_MS:-500}
+run_scaling() { # mode
+  local mode=$1 dir="$WORK/node-d"
+  rm -rf "$dir" && cp -a "$WORK/node.ingested" "$dir"
+  local scale; scale=$(python3 -c "print(86400 / $TRACE_S)")
+  local extra=()
+  if [ "$mode" != fixed ]; then
+    printf 'autoscale = "%s"\nautoscale_interval_ms = %s\nautoscale_pipelines_min = 1\nautoscale_pipelines_max = %s\nforecast_interval_secs = 1\n' \
+      "$mode" "$DECIDE_MS" "$PIPELINES" >"$WORK/scale.toml"
+  else
+    printf 'forecast_interval_secs = 1\n' >"$WORK/scale.toml"
+  fi
+  local start_pipes=$PIPELINES
+  [ "$mode" != fixed ] && start_pipes=1
+  TIDEMARK_FAULT_FRAGMENT_MS=$FRAGMENT_MS TIDEMARK_PIPELINES=$start_pipes "$BIN" serve --config "$WORK/scale.toml" --data-dir "$dir" --listen "127.0.0.1:$PORT" \
+    --time-scale "$scale" --clock-start 2026-01-20T00:00:00Z >"$WORK/node-d.log" 2>&1 &
+  PID=$!
+  wait_pg
+  "$BIN" replay --trace "$WORK/daily-train.csv" --url "$URL" --clients "$CLIENTS" --slo-ms "$SLO_MS" >/dev/null 2>&1
+  ( while kill -0 "$PID" 2>/dev/null; do n=$(psql_q "SELECT count(*) FROM system.pipelines WHERE local AND shard_replicas > 0" 2>/dev/null) && echo "$(date +%s.%N) $n"; sleep 0.25; done ) >"$WORK/placed.txt" &
+  local sampler=$!
+  local out; out=$("$BIN" replay --trace "$WORK/daily-last.csv" --url "$URL" --clients "$CLIENTS" --slo-ms "$SLO_MS" 2>/dev/null)
+  kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+  local decisions; decisions=$(psql_q "SELECT count(*) FILTER (WHERE action <> 'none'), count(*) FILTER (WHERE reason LIKE 'forecast%') FROM system.scaling_decisions" 2>/dev/null || echo "- -")
+  stop
+  python3 - "$mode" "$PIPELINES" "$TRACE_S" "$WORK/placed.txt" "$decisions" "$out" <<'PY'
+import re, sys
+mode, pipes, secs, placed, decisions, out = sys.argv[1:]
+lat = dict(re.findall(r'(p50|p99\.9|p99) ([\d.]+) ms', out))
+over = re.search(r'\(([\d.]+)%\)', out).group(1)
+sent = re.search(r'sent (\d+), ok (\d+), failed (\d+), unknown (\d+)', out).groups()
+xs = [tuple(map(float, l.split())) for l in open(placed) if len(l.split()) == 2]
+# Each sample holds until the next; the span is the samples' (about the day's), and
+# the fixed fleet's share is PIPELINES over the same span.
+ps = sum(n * (t2 - t1) for (t1, n), (t2, _) in zip(xs, xs[1:]))
+span = xs[-1][0] - xs[0][0] if len(xs) > 1 else 0.0
+print(f"{mode:<12} {sent[1]:>7} ok {sent[2]:>3} failed {lat.get('p50','-'):>7} {lat.get('p99','-'):>8} {lat.get('p99.9','-'):>8} {over:>8}% {ps:>8.1f} {ps / max(1e-9, int(pipes) * span):>6.2f}   {decisions}")
+PY
+}
+if [ "${SKIP_SCALING:-0}" != 1 ]; then
+  "$BIN" gen-trace --out "$WORK/daily.csv" --duration-s "$TRACE_S" --days "$DAYS" --peak-rate "$PEAK" --scenario none --start 2026-01-20T00:00:00Z --seed 11 | tail -1
+  python3 - "$WORK/daily.csv" "$TRACE_S" "$DAYS" <<'PY'
+import csv, sys
+from datetime import datetime
+path, day_s, days = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+rows = list(csv.reader(open(path)))
+head, body = rows[0], rows[1:]
+def secs(v):
+    return datetime.fromisoformat(v.replace('Z', '+00:00')).timestamp()
+start = datetime.fromisoformat('2026-01-20T00:00:00+00:00').timestamp()
+cut = start + day_s * (days - 1)
+for name, keep in (("train", lambda r: secs(r[0]) < cut), ("last", lambda r: secs(r[0]) >= cut)):
+    with open(path.replace('.csv', f'-{name}.csv'), 'w', newline='') as f:
+        w = csv.writer(f); w.writerow(head); w.writerows(r for r in body if keep(r))
+PY
+  echo
+  echo "== (d) scaling on the real node: $DAYS days of $TRACE_S s (the last one measured), node clock x$(python3 -c "print(round(86400 / $TRACE_S))"), 1 to $PIPELINES pipelines"
+  echo "scaling       ok       failed  p50 ms   p99 ms  p99.9 ms  over obj  pipeline-s  of fixed   changes, forecast-driven decisions"
+  for mode in fixed reactive predictive; do run_scaling "$mode"; done
+fi
+
+[ "${SKIP_SIM:-0}" = 1 ] && exit 0
 echo
 echo "== simulation: 1,000 pipelines, 1 million entities"
 "$BIN" simulate

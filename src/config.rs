@@ -60,10 +60,15 @@ pub struct Config {
     pub scale_down_command: Option<String>,
     /// A fault for routing experiments: the in-process pipeline with this id (`n1.p1`)
     /// holds each fragment's slot `fault_slow_ms` longer, starting
-    /// `fault_slow_after_secs` after start. Off when unset.
+    /// `fault_slow_after_secs` after start (instead of `fault_fragment_ms`). Off when
+    /// unset.
     pub fault_slow_pipeline: Option<String>,
     pub fault_slow_ms: u64,
     pub fault_slow_after_secs: u64,
+    /// A workload knob for experiments: every fragment on every in-process pipeline
+    /// (those the autoscaler starts too) holds its slot this many milliseconds longer,
+    /// as heavier queries would; 0 = off.
+    pub fault_fragment_ms: u64,
     /// Largest COPY FROM payload (STDIN or a server-side file) accepted in one statement.
     pub copy_bytes_max: u64,
     /// Directories that `COPY ... FROM 'path'` and `COPY ... TO 'path'` may read and
@@ -199,6 +204,7 @@ impl Default for Config {
             fault_slow_pipeline: None,
             fault_slow_ms: 0,
             fault_slow_after_secs: 0,
+            fault_fragment_ms: 0,
             copy_bytes_max: 1 << 30,
             copy_dirs: Vec::new(),
             copy_overwrite: false,
@@ -262,6 +268,7 @@ pub const ENV_VARS: &[&str] = &[
     "TIDEMARK_FAULT_SLOW_PIPELINE",
     "TIDEMARK_FAULT_SLOW_MS",
     "TIDEMARK_FAULT_SLOW_AFTER_SECS",
+    "TIDEMARK_FAULT_FRAGMENT_MS",
     "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX",
     "TIDEMARK_COMPACTION_INTERVAL_MS",
     "TIDEMARK_WRITE_BUFFER_ROWS_MAX",
@@ -316,6 +323,7 @@ impl Config {
             "TIDEMARK_FAULT_SLOW_PIPELINE" => self.fault_slow_pipeline = Some(value.to_string()),
             "TIDEMARK_FAULT_SLOW_MS" => self.fault_slow_ms = num(key, value)?,
             "TIDEMARK_FAULT_SLOW_AFTER_SECS" => self.fault_slow_after_secs = num(key, value)?,
+            "TIDEMARK_FAULT_FRAGMENT_MS" => self.fault_fragment_ms = num(key, value)?,
             "TIDEMARK_QUERY_LOG_MEMORY_ROWS_MAX" => self.query_log_memory_rows_max = num(key, value)?,
             "TIDEMARK_COMPACTION_INTERVAL_MS" => self.compaction_interval_ms = num(key, value)?,
             "TIDEMARK_WRITE_BUFFER_ROWS_MAX" => self.write_buffer_rows_max = num(key, value)?,

@@ -358,18 +358,25 @@ pub struct LocalPipelineFactory {
     pub cache_bytes_max: u64,
     pub hot_bytes_max: u64,
     pub leading_sort_column: std::collections::HashMap<String, String>,
+    /// `fault_fragment_ms`: every fragment of every pipeline built holds its slot this
+    /// much longer (None = off).
+    pub fragment_delay: Option<Duration>,
 }
 
 impl LocalPipelineFactory {
     pub fn build(&self, index: u32) -> Result<LocalPipeline> {
-        LocalPipeline::new(
+        let p = LocalPipeline::new(
             PipelineId::new(self.node_id, index),
             self.slots,
             self.queue_max,
             Arc::clone(&self.store),
             self.cache_bytes_max,
             Arc::new(HotCache::new(self.hot_bytes_max, self.leading_sort_column.clone())),
-        )
+        )?;
+        Ok(match self.fragment_delay {
+            Some(delay) => p.with_slowdown(crate::pipeline::local::Slowdown { delay, from: std::time::Instant::now() }),
+            None => p,
+        })
     }
 }
 
@@ -402,6 +409,7 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
         cache_bytes_max: cache_each,
         hot_bytes_max: hot_each,
         leading_sort_column,
+        fragment_delay: (config.fault_fragment_ms > 0).then(|| Duration::from_millis(config.fault_fragment_ms)),
     };
     let slow: Option<PipelineId> = config.fault_slow_pipeline.as_deref().map(|s| {
         s.parse::<PipelineId>().map_err(|_| Error::Config(format!("fault_slow_pipeline: not a pipeline id: {s:?}")))
