@@ -109,6 +109,8 @@ DAYS=${DAYS:-4}
 # to scale; with it a pipeline of 2 slots serves about 2,000 / (FRAGMENT_MS + 0.3)
 # fragments a second.
 FRAGMENT_MS=${FRAGMENT_MS:-10}
+# The objective of (d): the routing objective plus that added work per fragment.
+D_SLO_MS=${D_SLO_MS:-$((SLO_MS + FRAGMENT_MS))}
 DECIDE_MS=${DECIDE_MS:-500}
 run_scaling() { # mode
   local mode=$1 dir="$WORK/node-d"
@@ -127,10 +129,10 @@ run_scaling() { # mode
     --time-scale "$scale" --clock-start 2026-01-20T00:00:00Z >"$WORK/node-d.log" 2>&1 &
   PID=$!
   wait_pg
-  "$BIN" replay --trace "$WORK/daily-train.csv" --url "$URL" --clients "$CLIENTS" --slo-ms "$SLO_MS" >/dev/null 2>&1
+  "$BIN" replay --trace "$WORK/daily-train.csv" --url "$URL" --clients "$CLIENTS" --slo-ms "$D_SLO_MS" >/dev/null 2>&1
   ( while kill -0 "$PID" 2>/dev/null; do n=$(psql_q "SELECT count(*) FROM system.pipelines WHERE local AND shard_replicas > 0" 2>/dev/null) && echo "$(date +%s.%N) $n"; sleep 0.25; done ) >"$WORK/placed.txt" &
   local sampler=$!
-  local out; out=$("$BIN" replay --trace "$WORK/daily-last.csv" --url "$URL" --clients "$CLIENTS" --slo-ms "$SLO_MS" 2>/dev/null)
+  local out; out=$("$BIN" replay --trace "$WORK/daily-last.csv" --url "$URL" --clients "$CLIENTS" --slo-ms "$D_SLO_MS" 2>/dev/null)
   kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
   local decisions; decisions=$(psql_q "SELECT count(*) FILTER (WHERE action <> 'none'), count(*) FILTER (WHERE reason LIKE 'forecast%') FROM system.scaling_decisions" 2>/dev/null || echo "- -")
   stop
@@ -165,7 +167,7 @@ for name, keep in (("train", lambda r: secs(r[0]) < cut), ("last", lambda r: sec
         w = csv.writer(f); w.writerow(head); w.writerows(r for r in body if keep(r))
 PY
   echo
-  echo "== (d) scaling on the real node: $DAYS days of $TRACE_S s (the last one measured), node clock x$(python3 -c "print(round(86400 / $TRACE_S))"), 1 to $PIPELINES pipelines"
+  echo "== (d) scaling on the real node: $DAYS days of $TRACE_S s (the last one measured), node clock x$(python3 -c "print(round(86400 / $TRACE_S))"), 1 to $PIPELINES pipelines, $FRAGMENT_MS ms more per fragment, objective $D_SLO_MS ms"
   echo "scaling       ok       failed  p50 ms   p99 ms  p99.9 ms  over obj  pipeline-s  of fixed   changes, forecast-driven decisions"
   for mode in fixed reactive predictive; do run_scaling "$mode"; done
 fi
