@@ -37,14 +37,14 @@ pub fn balanced_rates(shard_rates: &[f64], replicas: &[Vec<usize>], capacity: &[
         .iter()
         .zip(replicas)
         .map(|(r, reps)| {
-            let reps_in: Vec<usize> = reps.iter().copied().filter(|p| *p < n).collect();
+            let held = reps.iter().filter(|p| **p < n).count();
             let r = if r.is_finite() { r.max(0.0) } else { 0.0 };
             reps.iter()
                 .map(|p| {
-                    if *p >= n || reps_in.is_empty() {
+                    if *p >= n {
                         return 0.0;
                     }
-                    let x = r / reps_in.len() as f64;
+                    let x = r / held as f64;
                     load[*p] += x;
                     x
                 })
@@ -67,23 +67,19 @@ pub fn balanced_rates(shard_rates: &[f64], replicas: &[Vec<usize>], capacity: &[
             level.clear();
             level.extend(reps.iter().enumerate().filter(|(_, p)| **p < n).map(|(i, p)| (load[*p] / cap[*p], i)));
             level.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let (mut filled_cap, mut h) = (0.0, 0.0);
-            let mut rest = r;
+            let (mut filled_cap, mut h, mut rest) = (0.0, 0.0, r);
             for (k, (u, i)) in level.iter().enumerate() {
                 filled_cap += cap[reps[*i]];
+                // The first k+1 replicas are at level u; raising them to the next
+                // replica's level takes `room` (all of the rest, after the last).
                 let next = level.get(k + 1).map(|(v, _)| *v).unwrap_or(f64::INFINITY);
-                // Raising the first k+1 replicas from u to `next` takes this much.
                 let room = (next - u) * filled_cap;
-                let base = if k == 0 { *u } else { h };
-                if rest <= room || next.is_infinite() {
-                    h = base + rest / filled_cap;
-                    rest = 0.0;
+                if rest <= room {
+                    h = u + rest / filled_cap;
                     break;
                 }
                 rest -= room;
-                h = next;
             }
-            debug_assert!(rest == 0.0);
             for (i, p) in reps.iter().enumerate() {
                 share[s][i] = if *p < n { cap[*p] * (h - load[*p] / cap[*p]).max(0.0) } else { 0.0 };
             }

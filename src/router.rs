@@ -182,7 +182,8 @@ impl LoadSnapshot {
     }
 }
 
-/// Predictive scores this close (relative, at least 1 apart in units of 1e-9) are ties.
+/// Predictive scores within this fraction of the best one (of 1, when the best is
+/// below 1) are ties.
 pub const TIE_TOLERANCE: f64 = 1e-9;
 
 /// Why the router chose what it chose (shown by EXPLAIN and system.routing_decisions).

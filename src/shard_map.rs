@@ -168,13 +168,14 @@ impl Orphans {
         !kept[shard].contains(&set[p]) && !self.by_shard[shard].iter().any(|&i| i != o && self.slots[i].1 == Some(p))
     }
 
-    fn preference(&mut self, shard: ShardId, set: &[PipelineId]) -> &[u32] {
+    /// Computes `shard`'s preference order once.
+    fn rank(&mut self, shard: ShardId, set: &[PipelineId]) {
         self.preference[shard as usize].get_or_insert_with(|| {
             let mut ranked: Vec<(std::cmp::Reverse<u64>, PipelineId, u32)> =
                 set.iter().enumerate().map(|(i, p)| (std::cmp::Reverse(affinity(shard, *p)), *p, i as u32)).collect();
             ranked.sort_unstable();
             ranked.into_iter().map(|(_, _, i)| i).collect()
-        })
+        });
     }
 
     fn place(&mut self, o: usize, p: usize) {
@@ -197,8 +198,9 @@ impl Orphans {
             return false;
         }
         let shard = self.slots[o].0;
-        let pref = self.preference(shard, set).to_vec();
-        let order: Vec<usize> = pref.into_iter().map(|p| p as usize).filter(|p| self.can_take(o, *p, kept, set)).collect();
+        self.rank(shard, set);
+        let pref = self.preference[shard as usize].as_deref().expect("ranked");
+        let order: Vec<usize> = pref.iter().map(|p| *p as usize).filter(|p| self.can_take(o, *p, kept, set)).collect();
         if let Some(&p) = order.iter().find(|p| self.cap[**p] > 0) {
             self.cap[p] -= 1;
             self.free -= 1;

@@ -141,11 +141,9 @@ pub struct SimResult {
 pub struct Workload {
     cfg: SimConfig,
     scenario: Scenario,
-    /// The whole fleet's shard map, and each shard's replicas in it: the base copies,
-    /// plus more for shards whose base load needs them (as hot-shard replication will
-    /// place them).
+    /// The whole fleet's shard map: each shard's base copies, plus more for shards
+    /// whose base load needs them (as hot-shard replication will place them).
     map: ShardMap,
-    replicas: Vec<Vec<PipelineId>>,
     /// Each shard's share of the base load.
     shard_share: Vec<f64>,
     ids: Vec<PipelineId>,
@@ -179,7 +177,6 @@ impl Workload {
             shard_share[*s as usize] += cdf[r] - if r == 0 { 0.0 } else { cdf[r - 1] };
         }
         let map = placement(None, cfg.replicas, &ids, &shard_share, cfg.peak_utilization);
-        let replicas = map.replicas.clone();
         let capacity = cfg.pipelines as f64 * cfg.slots as f64 / (cfg.service_ms / 1000.0);
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
         let surge: Vec<usize> = (0..20).map(|_| rng.random_range(10..2000)).collect();
@@ -190,7 +187,6 @@ impl Workload {
             cfg: cfg.clone(),
             scenario,
             map,
-            replicas,
             shard_share,
             ids,
             cdf,
@@ -585,7 +581,7 @@ fn run_with(w: &Workload, policy: Policy, scaling: Option<crate::autoscale::Mode
                     if c.target > c.current {
                         push(&mut heap, t + hot_s.warmup_us as f64 / 1e6, Ev::HotReady { shard: c.shard });
                     } else {
-                        let keep = c.target.max(w.replicas[s].len());
+                        let keep = c.target.max(w.map.replicas[s].len());
                         replicas[s].truncate(keep);
                     }
                 }
