@@ -13,8 +13,10 @@
 //! Docker engine runs.
 
 mod common;
+#[path = "common/history.rs"]
+mod history;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,110 +24,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, NodeProcess};
-use datafusion::arrow::array::{Array, AsArray};
-use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
+use history::{audit, check, History, Outcome, ReadOp, Verdict, WriteOp};
 use parking_lot::Mutex;
 
 // ---------------------------------------------------------------------------------
-// The history checker.
-
-/// What a client saw of one write statement.
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    Ok,
-    /// An error, a timeout or a lost connection: the rows may or may not be stored.
-    Unknown,
-}
-
-#[derive(Debug, Clone)]
-struct WriteOp {
-    session: usize,
-    ids: Vec<String>,
-    outcome: Outcome,
-    /// Microseconds since the run started.
-    start_us: u64,
-    end_us: u64,
-}
-
-/// A read of one session's own records.
-#[derive(Debug, Clone)]
-struct ReadOp {
-    session: usize,
-    start_us: u64,
-    saw: BTreeSet<String>,
-}
-
-#[derive(Debug, Default)]
-struct History {
-    writes: Vec<WriteOp>,
-    reads: Vec<ReadOp>,
-}
-
-/// Every way a history and the replicas' contents can disagree.
-#[derive(Debug, Default, PartialEq)]
-struct Verdict {
-    /// (replica, record): acknowledged, missing.
-    lost: Vec<(String, String)>,
-    /// (replica, record, copies): stored more than once.
-    duplicated: Vec<(String, String, usize)>,
-    /// (replica, record): stored, never written by anyone.
-    phantom: Vec<(String, String)>,
-    /// Replicas whose records differ from the first replica's.
-    diverged: Vec<String>,
-    /// (session, record): a read missed a record its session had acknowledged before it.
-    stale_reads: Vec<(usize, String)>,
-}
-
-impl Verdict {
-    fn writes_ok(&self) -> bool {
-        self.lost.is_empty() && self.duplicated.is_empty() && self.phantom.is_empty() && self.diverged.is_empty()
-    }
-}
-
-/// Checks `history` against the records each replica stores (with repeats).
-fn check(history: &History, replicas: &BTreeMap<String, Vec<String>>) -> Verdict {
-    let mut v = Verdict::default();
-    let attempted: BTreeSet<&str> = history.writes.iter().flat_map(|w| w.ids.iter().map(String::as_str)).collect();
-    let acked: BTreeSet<&str> =
-        history.writes.iter().filter(|w| w.outcome == Outcome::Ok).flat_map(|w| w.ids.iter().map(String::as_str)).collect();
-    let mut first: Option<BTreeSet<&str>> = None;
-    for (name, records) in replicas {
-        let mut copies: HashMap<&str, usize> = HashMap::new();
-        for r in records {
-            *copies.entry(r.as_str()).or_default() += 1;
-        }
-        for id in &acked {
-            if !copies.contains_key(id) {
-                v.lost.push((name.clone(), id.to_string()));
-            }
-        }
-        let mut dup: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).map(|(id, n)| (name.clone(), id.to_string(), *n)).collect();
-        dup.sort();
-        v.duplicated.extend(dup);
-        let mut ph: Vec<_> = copies.keys().filter(|id| !attempted.contains(*id)).map(|id| (name.clone(), id.to_string())).collect();
-        ph.sort();
-        v.phantom.extend(ph);
-        let set: BTreeSet<&str> = copies.keys().copied().collect();
-        match &first {
-            None => first = Some(set),
-            Some(f) if *f != set => v.diverged.push(name.clone()),
-            Some(_) => {}
-        }
-    }
-    for r in &history.reads {
-        for w in history.writes.iter().filter(|w| w.session == r.session && w.outcome == Outcome::Ok && w.end_us <= r.start_us) {
-            for id in &w.ids {
-                if !r.saw.contains(id) {
-                    v.stale_reads.push((r.session, id.clone()));
-                }
-            }
-        }
-    }
-    v
-}
+// The history checker, on histories known to be good and bad.
 
 fn w(session: usize, ids: &[&str], outcome: Outcome, end_us: u64) -> WriteOp {
-    WriteOp { session, ids: ids.iter().map(|s| s.to_string()).collect(), outcome, start_us: 0, end_us }
+    WriteOp { session, ids: ids.iter().map(|s| s.to_string()).collect(), whole: false, outcome, start_us: 0, end_us }
 }
 
 fn replicas(sets: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
@@ -161,6 +67,17 @@ fn the_checker_flags_a_lost_ack_a_duplicate_a_phantom_a_divergence_and_a_stale_r
     assert_eq!(v.stale_reads, vec![(0, "b".to_string())]);
     let v = check(&h, &replicas(&[("n1", &["a"])]));
     assert_eq!(v.lost, vec![("n1".to_string(), "b".to_string())]);
+    assert!(!v.writes_ok());
+}
+
+#[test]
+fn the_checker_flags_a_one_shard_statement_stored_in_part() {
+    let whole = |ids: &[&str], outcome| WriteOp { whole: true, ..w(0, ids, outcome, 10) };
+    let h = History { writes: vec![whole(&["a", "b", "c"], Outcome::Unknown), whole(&["d", "e"], Outcome::Unknown)], reads: vec![] };
+    // An unknown statement may be stored whole or not at all, not in part.
+    assert_eq!(check(&h, &replicas(&[("n1", &["a", "b", "c"]), ("n2", &["a", "b", "c"])])), Verdict::default());
+    let v = check(&h, &replicas(&[("n1", &["a", "b", "c", "d"])]));
+    assert_eq!(v.torn, vec![("n1".to_string(), 1, 1, 2)]);
     assert!(!v.writes_ok());
 }
 
@@ -223,54 +140,6 @@ async fn wait_connect(url: &str, within: Duration) -> tokio_postgres::Client {
     }
 }
 
-/// What replica `dir` holds: its segments, plus the entries of its log that its
-/// manifest does not cover yet, applied as a restart would (on a copy). Called after
-/// the replicas converged (every node had applied its whole log), so every entry in a
-/// log is committed, even where the kill came before the node's record of the committed
-/// index reached the disk.
-async fn audit(dir: &Path) -> Vec<String> {
-    let copy = tempfile::tempdir().unwrap();
-    copy_dir(dir, copy.path());
-    let cfg = tidemark::config::Config { data_dir: copy.path().to_path_buf(), ..tidemark::config::Config::default() };
-    let catalog = Arc::new(tidemark::catalog::Catalog::load_or_init(&cfg.data_dir).unwrap());
-    let storage =
-        tidemark::storage::Storage::open_with(&cfg, Arc::clone(&catalog), tidemark::clock::Clock::fixed(0), false).await.unwrap();
-    let db = tidemark::raft::log_store::LogDb::open(&copy.path().join("raft").join("log.redb")).unwrap();
-    let shards = storage.snapshot().tables.iter().map(|t| t.shard_count).max().unwrap();
-    for g in 0..shards {
-        let mut sm = tidemark::raft::state_machine::StateMachine::open(Arc::clone(&storage), g).unwrap();
-        let mut log = db.group(g);
-        let applied = sm.applied_state().await.unwrap().0.map_or(0, |l| l.index + 1);
-        let Some(last) = log.get_log_state().await.unwrap().last_log_id else { continue };
-        if last.index >= applied {
-            let entries = log.try_get_log_entries(applied..=last.index).await.unwrap();
-            sm.apply(entries).await.unwrap();
-        }
-    }
-    storage.flush_buffer().await.unwrap();
-    let mut ids = Vec::new();
-    for seg in storage.snapshot().segments.iter().filter(|s| s.table == "usage") {
-        for b in storage.read_segment(seg, Some("record_id")).await.unwrap() {
-            let col = b.column(0).as_string::<i32>();
-            ids.extend((0..col.len()).map(|i| col.value(i).to_string()));
-        }
-    }
-    ids
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Rows per statement, over random entities (so over most shards).
 const ROWS_PER_STATEMENT: usize = 8;
 
@@ -294,7 +163,7 @@ fn insert_sql(session: usize, i: usize, rng: &mut rand::rngs::StdRng) -> (String
 
 /// One client writing through node `url` until `stop`: each statement's outcome goes
 /// into the history (an error or a timeout is unknown); after an error it reconnects
-/// (to the same node, which may be down for a while). Every tenth statement it also
+/// (to the same node, which may be down for a while). Every fifth statement it also
 /// reads its own records back. It carries its write token across connections as a
 /// dashboard would: `SHOW tidemark.write_token` after each acknowledged write, `SET
 /// tidemark.read_after` on each new connection; so each read must see every write it
@@ -324,7 +193,7 @@ async fn writer(writer: usize, url: String, stop: Arc<AtomicBool>, history: Arc<
             _ => Outcome::Unknown,
         };
         let failed = outcome != Outcome::Ok;
-        history.lock().writes.push(WriteOp { session, ids, outcome, start_us, end_us: t0.elapsed().as_micros() as u64 });
+        history.lock().writes.push(WriteOp { session, ids, whole: false, outcome, start_us, end_us: t0.elapsed().as_micros() as u64 });
         if failed {
             client = None;
             continue;
@@ -337,7 +206,7 @@ async fn writer(writer: usize, url: String, stop: Arc<AtomicBool>, history: Arc<
                 continue;
             }
         }
-        if i % 10 == 9 {
+        if i % 5 == 4 {
             let start_us = t0.elapsed().as_micros() as u64;
             let q = format!("SELECT record_id FROM usage WHERE record_id LIKE 's{writer}-%'");
             // A read that fails (57P03: the replica is behind past read_wait_ms_max)
@@ -347,6 +216,54 @@ async fn writer(writer: usize, url: String, stop: Arc<AtomicBool>, history: Arc<
                 history.lock().reads.push(ReadOp { session, start_us, saw });
             }
         }
+    }
+}
+
+/// Rows per bulk statement: all of one entity, so one shard's part of more rows than
+/// one log entry holds (8,192), written as several entries and stored together.
+const BULK_ROWS: usize = 10_000;
+/// The history's session of the bulk writer.
+const BULK_SESSION: usize = 9_999;
+
+/// One client sending bulk COPY statements (each one shard's part of two log entries)
+/// through the nodes in turn until `stop`; each is stored whole or not at all.
+async fn bulk_writer(urls: Vec<String>, stop: Arc<AtomicBool>, history: Arc<Mutex<History>>, t0: Instant) {
+    let mut client = None;
+    for i in 0..30 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let url = &urls[i % urls.len()];
+        if client.is_none() {
+            client = try_connect(url).await;
+        }
+        let Some(c) = &client else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let ids: Vec<String> = (0..BULK_ROWS).map(|j| format!("bulk-{i}-{j}")).collect();
+        let mut csv = String::from("record_id,entity_id,service,operation,usage_type,quantity,event_time\n");
+        for (j, id) in ids.iter().enumerate() {
+            csv.push_str(&format!("{id},acct-bulk-{},storage,PutObject,Requests,1,2026-01-06 {:02}:{:02}:00\n", i % 4, j / 60 % 24, j % 60));
+        }
+        let start_us = t0.elapsed().as_micros() as u64;
+        let copy = async {
+            let sink = c.copy_in("COPY usage FROM STDIN WITH (FORMAT csv, HEADER)").await?;
+            futures::pin_mut!(sink);
+            futures::SinkExt::send(&mut sink, bytes::Bytes::from(csv)).await?;
+            sink.finish().await
+        };
+        let outcome = match tokio::time::timeout(Duration::from_secs(20), copy).await {
+            Ok(Ok(n)) if n as usize == BULK_ROWS => Outcome::Ok,
+            _ => Outcome::Unknown,
+        };
+        if outcome != Outcome::Ok {
+            client = None;
+        }
+        let end_us = t0.elapsed().as_micros() as u64;
+        history.lock().writes.push(WriteOp { session: BULK_SESSION, ids, whole: true, outcome, start_us, end_us });
+        // Bulk statements are few: the small writers and their reads are the history.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
     }
 }
 
@@ -539,8 +456,9 @@ async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
     let t0 = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> =
+    let mut writers: Vec<_> =
         urls.iter().enumerate().map(|(s, url)| tokio::spawn(writer(s, url.clone(), Arc::clone(&stop), Arc::clone(&history), t0))).collect();
+    writers.push(tokio::spawn(bulk_writer(urls.clone(), Arc::clone(&stop), Arc::clone(&history), t0)));
 
     let mut done = Vec::new();
     for fault in faults {
@@ -565,13 +483,20 @@ async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
     for (i, dir) in nodes.dirs().iter().enumerate() {
         contents.insert(format!("node {}", i + 1), audit(dir).await);
     }
-    let acked = history.writes.iter().filter(|w| w.outcome == Outcome::Ok).count();
-    let unknown = history.writes.len() - acked;
+    let (bulk, small): (Vec<&WriteOp>, Vec<&WriteOp>) = history.writes.iter().partition(|w| w.session == BULK_SESSION);
+    let acked = small.iter().filter(|w| w.outcome == Outcome::Ok).count();
+    let unknown = small.len() - acked;
+    let bulk_acked = bulk.iter().filter(|w| w.outcome == Outcome::Ok).count();
     let verdict = check(&history, &contents);
+    let first: std::collections::HashSet<&str> = contents.values().next().map(|c| c.iter().map(String::as_str).collect()).unwrap_or_default();
     println!(
-        "{} statements of {ROWS_PER_STATEMENT} rows, {acked} acknowledged, {unknown} unknown; {} reads, {} stale; groups with a \
+        "{} statements of {ROWS_PER_STATEMENT} rows, {acked} acknowledged, {unknown} unknown; {} bulk COPYs of {BULK_ROWS} rows \
+         (one shard each), {bulk_acked} acknowledged, {} unknown, {} stored whole, none in part; {} reads, {} stale; groups with a \
          purged log on node 1: {purged}",
-        history.writes.len(),
+        small.len(),
+        bulk.len(),
+        bulk.len() - bulk_acked,
+        bulk.iter().filter(|w| first.contains(w.ids[0].as_str())).count(),
         history.reads.len(),
         verdict.stale_reads.len()
     );
@@ -596,8 +521,10 @@ async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
     assert!(verdict.writes_ok(), "{verdict:?}");
     assert!(verdict.stale_reads.is_empty(), "reads missed their session's acknowledged writes: {:?}", verdict.stale_reads);
     assert!(history.reads.len() >= 3, "too few reads to check read-your-writes: {}", history.reads.len());
+    assert!(bulk_acked > 0, "no bulk statement was acknowledged");
     let stored = contents.values().next().unwrap().len();
-    assert!(stored >= acked * ROWS_PER_STATEMENT, "{stored} rows stored for {acked} acknowledged statements");
+    let acked_rows: usize = history.writes.iter().filter(|w| w.outcome == Outcome::Ok).map(|w| w.ids.len()).sum();
+    assert!(stored >= acked_rows, "{stored} rows stored for {acked_rows} acknowledged rows");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

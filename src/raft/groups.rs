@@ -21,8 +21,11 @@
 //! an error or a crash some shards' parts may be stored and others not; the client did
 //! not get success, and a retry stores exactly the rest (record ids). Where groups span
 //! nodes, a shard's part of more than `ENTRY_ROWS_MAX` rows is several `Rows` entries
-//! (a bulk COPY's too), so it is all-or-nothing per entry, not per part: a failure
-//! between them leaves the first entries stored (the retry rule is the same). A snapshot of each
+//! (a bulk COPY's too) that every replica stages and stores together with the last
+//! one ([`super::parts`]), so it is all-or-nothing too; a part whose leader changed
+//! before its last entry stores nothing, and the statement fails with 57P03. A
+//! leader proposes an `Abort` for a part idle for `parts::IDLE_MS_MAX` (its writer is
+//! gone), so a crashed writer holds no replica's memory for long. A snapshot of each
 //! group is taken once its flushed state is `SNAPSHOT_AFTER_LOGS` entries past the last
 //! one, so logs are purged behind the flushed segments.
 //!
@@ -63,6 +66,9 @@ const START_WAIT_SPANNING: Duration = Duration::from_secs(30);
 /// Rows in one `Rows` entry of a group that spans nodes (a larger statement is several
 /// entries): bounds a message, with `max_payload_entries`, below the Flight limit.
 const ENTRY_ROWS_MAX: usize = 8192;
+/// How a write's error ends when its part may or may not be stored, and when it is not.
+const UNKNOWN: &str = "; whether this shard's part was stored is unknown";
+const NOTHING: &str = "; nothing of this shard's part was stored";
 /// A forwarded write waits this long for the leader's answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Action type of a write forwarded to a shard's leader.
@@ -84,6 +90,8 @@ pub struct Groups {
     node_id: u64,
     storage: Arc<Storage>,
     rafts: Vec<Raft<ShardGroup>>,
+    /// Each group's state machine (a handle on the one its Raft applies to).
+    machines: Vec<StateMachine>,
     /// Statements with more rows than this are written as segments by the leader.
     statement_rows_max: usize,
     /// Every group's voters: this node alone, or this node and its peers.
@@ -193,6 +201,12 @@ impl Groups {
     /// Starts a group per shard. The groups elect (and re-apply their logs) in
     /// [`Groups::ready`], once the internal service that carries their messages runs.
     pub async fn start(cfg: &Config, storage: Arc<Storage>) -> Result<Arc<Groups>> {
+        Groups::start_with(cfg, storage, Peers::default()).await
+    }
+
+    /// [`Groups::start`], reaching the peers through `peers` (the simulation's
+    /// transport).
+    pub async fn start_with(cfg: &Config, storage: Arc<Storage>, peers: Peers) -> Result<Arc<Groups>> {
         let voters = voters(cfg)?;
         let spanning = voters.len() > 1;
         if spanning {
@@ -219,13 +233,14 @@ impl Groups {
         .validate()
         .map_err(|e| raft_error("raft configuration", e))?;
         let config = Arc::new(config);
-        let peers = Peers::default();
         let heartbeats = super::heartbeats::Coalescer::new(peers.clone());
         let mut rafts = Vec::with_capacity(shard_count as usize);
+        let mut machines = Vec::with_capacity(shard_count as usize);
         let mut fences = Vec::with_capacity(shard_count as usize);
         for g in 0..shard_count {
             let sm = StateMachine::open(Arc::clone(&storage), g).map_err(|e| raft_error("shard state", e))?.carrying_files(spanning);
             let network = Network { group: g, peers: peers.clone(), heartbeats: heartbeats.clone() };
+            machines.push(sm.clone());
             let raft = Raft::new(cfg.node_id, Arc::clone(&config), network, db.group(g), sm)
                 .await
                 .map_err(|e| raft_error("raft start", e))?;
@@ -238,6 +253,7 @@ impl Groups {
             node_id: cfg.node_id,
             storage,
             rafts,
+            machines,
             statement_rows_max: cfg.write_buffer_statement_rows_max.min(cfg.write_buffer_rows_max),
             voters,
             peers,
@@ -501,7 +517,7 @@ impl Groups {
         asked
     }
 
-    /// Checks every second for groups to snapshot.
+    /// Checks every second for groups to snapshot, and for parts to abort.
     pub fn spawn_snapshotter(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let groups = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -511,8 +527,34 @@ impl Groups {
                 tick.tick().await;
                 let Some(g) = groups.upgrade() else { return };
                 g.snapshot_flushed().await;
+                g.abort_idle_parts(super::parts::IDLE_MS_MAX).await;
             }
         })
+    }
+
+    /// Proposes an `Abort` for every part of a group this node leads whose latest entry
+    /// it applied more than `max_ms` ago (its writer stopped: crashed, or gave up);
+    /// returns how many were proposed and committed.
+    pub async fn abort_idle_parts(&self, max_ms: u64) -> usize {
+        let mut aborted = 0;
+        for (raft, sm) in self.rafts.iter().zip(&self.machines) {
+            if raft.metrics().borrow().current_leader != Some(self.node_id) {
+                continue;
+            }
+            for part in sm.idle_parts(max_ms) {
+                match raft.client_write(Command::Abort { part }).await {
+                    Ok(_) => aborted += 1,
+                    Err(e) => tracing::debug!(part, error = %e, "abort of an idle part"),
+                }
+            }
+        }
+        aborted
+    }
+
+    /// Parts of several entries that this node's replicas hold, waiting for their last
+    /// entry: (open parts, entries held).
+    pub fn staged_parts(&self) -> (usize, usize) {
+        self.machines.iter().map(|m| m.staged()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Read-your-writes: waits until this node's replica of every shard in `token` has
@@ -562,7 +604,7 @@ impl Groups {
     async fn propose(&self, shard: ShardId, cmd: Command, retry_safe: bool) -> Result<Applied> {
         let raft = self.raft(shard).ok_or_else(|| Error::Internal(format!("shard {shard} has no Raft group")))?;
         let deadline = Instant::now() + LEADER_WAIT;
-        let unknown = |why: String| Error::ShardUnavailable { shard, reason: format!("{why}; whether this shard's part was stored is unknown") };
+        let unknown = |why: String| Error::ShardUnavailable { shard, reason: format!("{why}{UNKNOWN}") };
         // Whether an earlier attempt may have reached a leader.
         let mut maybe_sent = false;
         loop {
@@ -603,7 +645,7 @@ impl Groups {
                 return Err(if maybe_sent {
                     unknown(why)
                 } else {
-                    Error::ShardUnavailable { shard, reason: format!("{why}; nothing of this shard was stored") }
+                    Error::ShardUnavailable { shard, reason: format!("{why}{NOTHING}") }
                 });
             }
             // Wait for a (new) leader, at most a little, then try again.
@@ -632,22 +674,45 @@ impl Groups {
         }
     }
 
-    /// Stores one shard's rows as `Rows` entries of at most `ENTRY_ROWS_MAX` rows, in
-    /// order.
+    /// Stores one shard's rows: one `Rows` entry, or, with more than `chunk` rows, a
+    /// part of several entries of at most `chunk` rows each, proposed in order and
+    /// stored together when the last one is applied (all-or-nothing: see [`super::parts`]).
     async fn append_rows(&self, table: &TableDef, shard: ShardId, rows: RecordBatch, chunk: usize) -> Result<Applied> {
         let retry_safe = table.idempotency_key.is_some();
-        let mut total = Applied::default();
-        let mut at = 0;
-        while at < rows.num_rows() {
-            let n = chunk.min(rows.num_rows() - at);
-            let cmd = Command::Rows { table: table.name.clone(), rows: ipc(&rows.slice(at, n))? };
-            let a = self.propose(shard, cmd, retry_safe).await?;
-            total.stored += a.stored;
-            total.duplicates += a.duplicates;
-            total.index = total.index.max(a.index);
-            at += n;
+        if rows.num_rows() <= chunk {
+            let cmd = Command::Rows { table: table.name.clone(), rows: ipc(&rows)?, part: None };
+            return self.propose(shard, cmd, retry_safe).await;
         }
-        Ok(total)
+        let id: u64 = rand::random();
+        let entries = rows.num_rows().div_ceil(chunk);
+        let nothing = |why: &str| Error::ShardUnavailable { shard, reason: format!("{why}{NOTHING}") };
+        for seq in 0..entries {
+            let at = seq * chunk;
+            let n = chunk.min(rows.num_rows() - at);
+            let last = seq + 1 == entries;
+            let part = super::parts::Part { id, seq: seq as u32, last };
+            let cmd = Command::Rows { table: table.name.clone(), rows: ipc(&rows.slice(at, n))?, part: Some(part) };
+            // Before the last entry nothing of the part is stored, whatever happened to
+            // the entries sent so far.
+            let a = match self.propose(shard, cmd, retry_safe).await {
+                Ok(a) => a,
+                Err(Error::ShardUnavailable { reason, .. }) if !last => {
+                    let why = reason.trim_end_matches(UNKNOWN).trim_end_matches(NOTHING);
+                    return Err(nothing(&format!("entry {} of the part's {entries}: {why}", seq + 1)));
+                }
+                Err(e) => return Err(e),
+            };
+            if a.aborted {
+                return Err(nothing(&format!(
+                    "the shard's leader changed while its part of {} rows ({entries} log entries) was being written",
+                    rows.num_rows()
+                )));
+            }
+            if last {
+                return Ok(a);
+            }
+        }
+        unreachable!("a part has a last entry")
     }
 
     /// Stores `all` as `Rows` entries of each shard's group, the shards at once.

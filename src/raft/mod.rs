@@ -16,7 +16,9 @@
 //! own store (3, first part: every shard on every node, the voters fixed by
 //! `peers`); read-your-writes (4: each `Applied` carries its log index, a write's
 //! outcome its per-shard positions, and [`groups::Groups::wait_applied`] is the read
-//! barrier). Not yet: membership changes (`--join`, removal, replication below the
+//! barrier); parts of several entries stored whole ([`parts`]); fault tests in
+//! processes, containers and a seeded in-process simulation (`tests/raft_sim.rs`, through
+//! [`network::Transport`]). Not yet: membership changes (`--join`, removal, replication below the
 //! node count), the metadata group, containers.
 //!
 //! Owns: what a shard group's log entries carry ([`Command`]) and answer ([`Applied`]).
@@ -25,6 +27,7 @@ pub mod groups;
 pub mod heartbeats;
 pub mod log_store;
 pub mod network;
+pub mod parts;
 pub mod service;
 pub mod state_machine;
 
@@ -48,11 +51,18 @@ pub enum Command {
     /// The rows of one statement that fall in this shard, validated and in the table's
     /// schema, as an Arrow IPC stream. Which of them are new (by record id) is decided
     /// when the entry is applied, in log order, so every replica decides alike.
+    /// A part with more rows than one entry holds is several entries (`part`), stored
+    /// together when its last one is applied ([`parts`]).
     Rows {
         table: String,
         #[serde(with = "serde_bytes")]
         rows: Vec<u8>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<parts::Part>,
     },
+    /// Drops an unfinished part (its writer stopped sending): the leader proposes it
+    /// for a part idle for `parts::IDLE_MS_MAX`.
+    Abort { part: u64 },
     /// Segment files of this shard that the leader wrote for a large statement (named by
     /// no manifest until this entry is applied), and the index keys of their rows
     /// (16 bytes each, little-endian): applied whole, or refused whole if an earlier
@@ -77,6 +87,10 @@ pub struct Applied {
     /// The entry's log index (a replica that applied it holds what it stored).
     #[serde(default)]
     pub index: u64,
+    /// An entry of a part that cannot complete (out of sequence, or the part was
+    /// dropped): nothing of the part is stored.
+    #[serde(default)]
+    pub aborted: bool,
 }
 
 pub type StorageError = openraft::StorageError<u64>;
@@ -148,7 +162,7 @@ mod tests {
     fn entry(index: u64, table: &TableDef, ids: &[&str]) -> openraft::Entry<ShardGroup> {
         openraft::Entry {
             log_id: openraft::testing::log_id(1, 0, index),
-            payload: openraft::EntryPayload::Normal(Command::Rows { table: table.name.clone(), rows: ipc(&rows(table, ids)) }),
+            payload: openraft::EntryPayload::Normal(Command::Rows { table: table.name.clone(), rows: ipc(&rows(table, ids)), part: None }),
         }
     }
 
@@ -328,6 +342,111 @@ mod tests {
         let m = storage.snapshot();
         assert_eq!(m.segments.iter().map(|s| s.rows).sum::<u64>(), 3);
         assert_eq!(StateMachine::open(Arc::clone(&storage), shard()).unwrap().state().applied.map(|l| l.index), Some(3));
+    }
+
+    fn part_entry(term: u64, index: u64, table: &TableDef, ids: &[&str], id: u64, seq: u32, last: bool) -> openraft::Entry<ShardGroup> {
+        let part = Some(parts::Part { id, seq, last });
+        openraft::Entry {
+            log_id: openraft::testing::log_id(term, 0, index),
+            payload: openraft::EntryPayload::Normal(Command::Rows { table: table.name.clone(), rows: ipc(&rows(table, ids)), part }),
+        }
+    }
+
+    async fn stored_ids(storage: &Storage) -> Vec<String> {
+        storage.flush_for_snapshot().await.unwrap();
+        let mut ids: Vec<String> = Vec::new();
+        for seg in storage.group_segments(shard()) {
+            for b in storage.read_segment(&seg, Some("record_id")).await.unwrap() {
+                let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                ids.extend(col.iter().map(|v| v.unwrap().to_string()));
+            }
+        }
+        ids.sort();
+        ids
+    }
+
+    /// A part of several entries is stored when its last entry is applied, not before;
+    /// a crash in the middle (the manifest flushed with the part half applied) restarts
+    /// the group from before the part, and the replica ends with the same rows as one
+    /// that applied the log straight through.
+    #[tokio::test]
+    async fn a_part_of_several_entries_is_stored_whole_after_a_crash_in_its_middle() {
+        use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (_, table) = open_storage(dirs[0].path()).await;
+        let log = vec![
+            entry(1, &table, &["a"]),
+            part_entry(1, 2, &table, &["p1", "p2"], 9, 0, false),
+            entry(3, &table, &["b", "p3"]),
+            part_entry(1, 4, &table, &["p3", "p4"], 9, 1, false),
+            part_entry(1, 5, &table, &["p5"], 9, 2, true),
+            entry(6, &table, &["c"]),
+        ];
+        // Straight through.
+        let (storage, _) = open_storage(dirs[0].path()).await;
+        let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+        let mut answers = Vec::new();
+        for e in &log[..4] {
+            answers.extend(sm.apply([e.clone()]).await.unwrap());
+        }
+        assert_eq!(storage.view().1.rows, 3, "the part's rows wait for its last entry");
+        assert_eq!(sm.staged(), (1, 2));
+        answers.extend(sm.apply(log[4..].to_vec()).await.unwrap());
+        assert_eq!(sm.staged(), (0, 0));
+        let counts: Vec<(u64, u64, bool)> = answers.iter().map(|a| (a.stored, a.duplicates, a.aborted)).collect();
+        assert_eq!(counts, [(1, 0, false), (0, 0, false), (2, 0, false), (0, 0, false), (4, 1, false), (1, 0, false)]);
+        let straight = stored_ids(&storage).await;
+        assert_eq!(straight, ["a", "b", "c", "p1", "p2", "p3", "p4", "p5"]);
+
+        // Crashed with the part open: what the manifest records is from before it.
+        let (storage, _) = open_storage(dirs[1].path()).await;
+        let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+        sm.apply(log[..4].to_vec()).await.unwrap();
+        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(1), "a snapshot in a part's middle is of the state before it");
+        drop(sm);
+        drop(storage);
+        let (storage, _) = open_storage(dirs[1].path()).await;
+        let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+        let from = sm.state().applied.map_or(0, |l| l.index) as usize;
+        assert_eq!(from, 1);
+        // openraft re-applies the committed entries after the recorded state.
+        let again = sm.apply(log[from..].to_vec()).await.unwrap();
+        assert!(again.iter().all(|a| !a.aborted), "{again:?}");
+        assert_eq!(stored_ids(&storage).await, straight);
+        assert_eq!(sm.state().applied.map(|l| l.index), Some(6));
+    }
+
+    /// A part whose leader changed before its last entry stores nothing, on every
+    /// replica alike; so does one that an `Abort` entry dropped.
+    #[tokio::test]
+    async fn a_part_broken_by_a_new_term_or_an_abort_stores_nothing() {
+        use openraft::storage::RaftStateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, table) = open_storage(dir.path()).await;
+        let mut sm = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
+        let blank = openraft::Entry { log_id: openraft::testing::log_id(2, 0, 2), payload: openraft::EntryPayload::Blank };
+        let abort = openraft::Entry {
+            log_id: openraft::testing::log_id(2, 0, 5),
+            payload: openraft::EntryPayload::Normal(Command::Abort { part: 8 }),
+        };
+        let out = sm
+            .apply([
+                part_entry(1, 1, &table, &["x1"], 7, 0, false),
+                blank,
+                part_entry(2, 3, &table, &["x2"], 7, 1, true),
+                part_entry(2, 4, &table, &["y1"], 8, 0, false),
+                abort,
+                part_entry(2, 6, &table, &["y2"], 8, 1, true),
+            ])
+            .await
+            .unwrap();
+        let aborted: Vec<bool> = out.iter().map(|a| a.aborted).collect();
+        assert_eq!(aborted, [false, false, true, false, false, true]);
+        assert_eq!(out.iter().map(|a| a.stored).sum::<u64>(), 0);
+        assert_eq!(sm.staged(), (0, 0));
+        assert!(stored_ids(&storage).await.is_empty());
+        assert_eq!(sm.state().applied.map(|l| l.index), Some(6));
     }
 
     const KILL_CHILD: &str = "TIDEMARK_RAFT_KILL_CHILD";

@@ -7,7 +7,11 @@
 //! manifest commit that makes those rows durable (a flush, an adopted file) records it
 //! too. So after a crash the group's state is the manifest's, the write buffer it had
 //! is gone, and openraft re-applies the committed entries after it from the log, which
-//! rebuilds the buffer: the log is the write-ahead log.
+//! rebuilds the buffer: the log is the write-ahead log. While a part of several
+//! entries is open ([`super::parts`]), the state handed to storage is the one from
+//! before the part began, so that a restart re-applies the log from there and stages
+//! the part again; the entries re-applied after it find their records stored and
+//! count them as duplicates, alike on every replica.
 //!
 //! A snapshot is the shard's committed segment list at a flush (taken so that it holds
 //! everything applied), with the state it reflects, and — when replicas have their own
@@ -19,11 +23,12 @@
 //!
 //! Must never: decide a record's fate other than by log order (the first entry that
 //! carries a record id stores it; later ones count it as a duplicate), or record an
-//! applied state in the manifest ahead of the rows it covers.
+//! applied state in the manifest ahead of the rows it covers or inside an open part.
 
 use std::io::Cursor;
 use std::sync::Arc;
 
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::ipc::reader::StreamReader;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
@@ -31,6 +36,7 @@ use openraft::{BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, O
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::parts::{Staged, Staging};
 use super::{decode_ids, io_error, Applied, Command, ShardGroup, StorageError};
 use crate::shard_map::ShardId;
 use crate::storage::manifest::SegmentMeta;
@@ -72,6 +78,10 @@ pub struct StateMachine {
     built: Arc<std::sync::atomic::AtomicU64>,
     /// Snapshots carry the segment files (replicas have their own stores).
     carry_files: bool,
+    /// Parts of several entries not complete yet.
+    staging: Arc<Mutex<Staging<RecordBatch, GroupState>>>,
+    /// The clock of `staging` (milliseconds since this started; local to this replica).
+    epoch: std::time::Instant,
 }
 
 impl StateMachine {
@@ -88,6 +98,8 @@ impl StateMachine {
             current: Arc::new(Mutex::new(None)),
             built: Arc::default(),
             carry_files: false,
+            staging: Arc::default(),
+            epoch: std::time::Instant::now(),
         })
     }
 
@@ -103,20 +115,74 @@ impl StateMachine {
         self.state.lock().clone()
     }
 
+    /// Parts (open, entries held) waiting for their last entry.
+    pub fn staged(&self) -> (usize, usize) {
+        self.staging.lock().held()
+    }
+
+    /// Parts whose latest entry this replica applied more than `max_ms` ago.
+    pub fn idle_parts(&self, max_ms: u64) -> Vec<u64> {
+        self.staging.lock().idle(self.now_ms(), max_ms)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn table(&self, name: &str) -> Result<Arc<crate::catalog::TableDef>, StorageError> {
         self.storage.catalog().get(name).cloned().ok_or_else(|| sm_error(ErrorVerb::Read, format!("log entry names unknown table {name}")))
+    }
+
+    fn decode_rows(&self, table: &str, rows: &[u8]) -> Result<(Arc<crate::catalog::TableDef>, RecordBatch), StorageError> {
+        let tdef = self.table(table)?;
+        let reader = StreamReader::try_new(Cursor::new(rows), None).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| sm_error(ErrorVerb::Read, e))?;
+        let batch = concat_batches(&tdef.schema, &batches).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+        Ok((tdef, batch))
+    }
+
+    /// Applies an entry of a part of several entries: held until its last entry, which
+    /// stores the whole part (`state`: the group's state before this entry, `next`:
+    /// after it).
+    async fn apply_part(&self, id: LogId<u64>, cmd: &Command, state: &GroupState, next: &GroupState) -> Result<Applied, StorageError> {
+        let Command::Rows { table, rows, part: Some(part) } = cmd else { unreachable!("apply_part takes parts") };
+        let (tdef, batch) = self.decode_rows(table, rows)?;
+        let staged = self.staging.lock().stage(*part, id.leader_id.term, id.index, state, batch, self.now_ms());
+        match staged {
+            Staged::Held => Ok(Applied::default()),
+            Staged::Complete(batches) => {
+                let all = concat_batches(&tdef.schema, &batches).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+                let value = self.durable_state(next)?;
+                let (stored, duplicates) =
+                    self.storage.apply_rows(self.group, value, &tdef, all).await.map_err(|e| sm_error(ErrorVerb::Write, e))?;
+                Ok(Applied { stored, duplicates, ..Default::default() })
+            }
+            Staged::Broken => {
+                self.storage.note_group(self.group, self.durable_state(next)?).await;
+                Ok(Applied { aborted: true, ..Default::default() })
+            }
+        }
+    }
+
+    /// The state to record with what an entry stores: `next`, or, while parts are
+    /// open, the state from before the earliest of them (so that a restart re-applies
+    /// the log from there and stages them again).
+    fn durable_state(&self, next: &GroupState) -> Result<serde_json::Value, StorageError> {
+        let staging = self.staging.lock();
+        serde_json::to_value(staging.safe().unwrap_or(next)).map_err(|e| sm_error(ErrorVerb::Write, e))
     }
 
     async fn apply_command(&self, cmd: &Command, state: serde_json::Value) -> Result<Applied, StorageError> {
         let write = |e: crate::error::Error| sm_error(ErrorVerb::Write, e);
         match cmd {
-            Command::Rows { table, rows } => {
-                let tdef = self.table(table)?;
-                let reader = StreamReader::try_new(Cursor::new(rows.as_slice()), None).map_err(|e| sm_error(ErrorVerb::Read, e))?;
-                let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| sm_error(ErrorVerb::Read, e))?;
-                let batch = concat_batches(&tdef.schema, &batches).map_err(|e| sm_error(ErrorVerb::Read, e))?;
+            Command::Rows { table, rows, .. } => {
+                let (tdef, batch) = self.decode_rows(table, rows)?;
                 let (stored, duplicates) = self.storage.apply_rows(self.group, state, &tdef, batch).await.map_err(write)?;
                 Ok(Applied { stored, duplicates, ..Default::default() })
+            }
+            Command::Abort { .. } => {
+                self.storage.note_group(self.group, state).await;
+                Ok(Applied::default())
             }
             Command::Adopt { table, segments, ids } => {
                 let tdef = self.table(table)?;
@@ -174,19 +240,26 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
         let mut out = Vec::new();
         for e in entries {
             let id = *e.get_log_id();
+            self.staging.lock().before_entry(id.leader_id.term, id.index);
+            let before = self.state.lock().clone();
             let next = {
-                let mut s = self.state.lock().clone();
+                let mut s = before.clone();
                 s.applied = Some(id);
                 if let EntryPayload::Membership(m) = &e.payload {
                     s.membership = StoredMembership::new(Some(id), m.clone());
                 }
                 s
             };
-            let value = serde_json::to_value(&next).map_err(|e| sm_error(ErrorVerb::Write, e))?;
             let mut applied = match &e.payload {
-                EntryPayload::Normal(cmd) => self.apply_command(cmd, value).await?,
+                EntryPayload::Normal(cmd @ Command::Rows { part: Some(_), .. }) => self.apply_part(id, cmd, &before, &next).await?,
+                EntryPayload::Normal(cmd) => {
+                    if let Command::Abort { part } = cmd {
+                        self.staging.lock().abort(*part);
+                    }
+                    self.apply_command(cmd, self.durable_state(&next)?).await?
+                }
                 EntryPayload::Blank | EntryPayload::Membership(_) => {
-                    self.storage.note_group(self.group, value).await;
+                    self.storage.note_group(self.group, self.durable_state(&next)?).await;
                     Applied::default()
                 }
             };
@@ -228,6 +301,8 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
             .await
             .map_err(|e| io_error(ErrorSubject::Snapshot(sig), ErrorVerb::Write, Failed(e.to_string())))?;
         *self.state.lock() = state;
+        // The entries after the snapshot are applied again from its state on.
+        self.staging.lock().clear();
         *self.current.lock() = Some((meta.clone(), snapshot.into_inner()));
         Ok(())
     }
