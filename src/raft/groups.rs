@@ -71,6 +71,10 @@ const UNKNOWN: &str = "; whether this shard's part was stored is unknown";
 const NOTHING: &str = "; nothing of this shard's part was stored";
 /// A forwarded write waits this long for the leader's answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A forwarded write that is safe to re-send waits this long for one leader's answer,
+/// then asks the next leader (a leader cut off from its peers cannot commit, and
+/// is replaced within an election timeout or two).
+const FORWARD_ATTEMPT: Duration = Duration::from_secs(3);
 /// Action type of a write forwarded to a shard's leader.
 pub const FORWARD: &str = "raft.write";
 /// Action type of "do you hold this group?" (answer: CBOR bool).
@@ -602,6 +606,13 @@ impl Groups {
     /// whether re-sending `cmd` after an unknown outcome is harmless (rows with record
     /// ids: a second copy is counted as a duplicate).
     async fn propose(&self, shard: ShardId, cmd: Command, retry_safe: bool) -> Result<Applied> {
+        self.propose_resent(shard, cmd, retry_safe).await.map(|(a, _)| a)
+    }
+
+    /// [`Groups::propose`], saying whether `cmd` was sent more than once (so the answer
+    /// may be the second copy's: a duplicate, or a broken part, while the first copy
+    /// stored it).
+    async fn propose_resent(&self, shard: ShardId, cmd: Command, retry_safe: bool) -> Result<(Applied, bool)> {
         let raft = self.raft(shard).ok_or_else(|| Error::Internal(format!("shard {shard} has no Raft group")))?;
         let deadline = Instant::now() + LEADER_WAIT;
         let unknown = |why: String| Error::ShardUnavailable { shard, reason: format!("{why}{UNKNOWN}") };
@@ -610,13 +621,15 @@ impl Groups {
         loop {
             let was_leader = raft.metrics().borrow().current_leader == Some(self.node_id);
             let leader = match raft.client_write(cmd.clone()).await {
-                Ok(r) => return Ok(r.data),
+                Ok(r) => return Ok((r.data, maybe_sent)),
                 // A leader that stepped down while the entry was in flight: the next
                 // leader may still commit it.
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) if was_leader && !retry_safe => {
                     return Err(unknown("this node stopped leading the shard meanwhile".into()))
                 }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    // Led here when proposed: the entry may be in the next leader's log.
+                    maybe_sent |= was_leader;
                     f.leader_id.filter(|l| *l != self.node_id).map(|l| (l, f.leader_node.map(|n| n.addr).unwrap_or_default()))
                 }
                 Err(e) => return Err(unknown(e.to_string())),
@@ -624,15 +637,27 @@ impl Groups {
             if let Some((leader, addr)) = &leader {
                 let leader = *leader;
                 let body = envelope(shard, &ForwardedWrite { command: cmd.clone() }).map_err(|e| Error::Internal(e.to_string()))?;
-                match self.peers.call(addr, FORWARD, body, FORWARD_TIMEOUT).await {
+                // A re-sendable write asks the next leader rather than wait out one
+                // that may be cut off; a second copy is counted as a duplicate.
+                let wait = if retry_safe {
+                    FORWARD_ATTEMPT.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(100))
+                } else {
+                    FORWARD_TIMEOUT
+                };
+                match self.peers.call(addr, FORWARD, body, wait).await {
                     Ok(bytes) => match from_cbor::<ForwardAnswer>(&bytes) {
-                        Ok(ForwardAnswer::Applied(a)) => return Ok(a),
+                        Ok(ForwardAnswer::Applied(a)) => return Ok((a, maybe_sent)),
                         Ok(ForwardAnswer::NotLeader { .. }) => {}
+                        Ok(ForwardAnswer::Unknown(why)) if retry_safe => {
+                            maybe_sent = true;
+                            tracing::debug!(shard, leader, why, "forwarded write's outcome unknown; re-sending through the next leader")
+                        }
                         Ok(ForwardAnswer::Unknown(why)) => return Err(unknown(format!("leader node {leader}: {why}"))),
                         Err(e) => return Err(unknown(format!("leader node {leader} answered {e}"))),
                     },
-                    // The leader is gone (or not serving): wait for the next one.
-                    Err((true, e)) if retry_safe => {
+                    // The leader is gone, not serving, or did not answer in time: wait
+                    // for the next one.
+                    Err((_, e)) if retry_safe => {
                         maybe_sent = true;
                         tracing::debug!(shard, leader, error = %e, "forward failed; waiting for a leader")
                     }
@@ -694,7 +719,7 @@ impl Groups {
             let cmd = Command::Rows { table: table.name.clone(), rows: ipc(&rows.slice(at, n))?, part: Some(part) };
             // Before the last entry nothing of the part is stored, whatever happened to
             // the entries sent so far.
-            let a = match self.propose(shard, cmd, retry_safe).await {
+            let (a, resent) = match self.propose_resent(shard, cmd, retry_safe).await {
                 Ok(a) => a,
                 Err(Error::ShardUnavailable { reason, .. }) if !last => {
                     let why = reason.trim_end_matches(UNKNOWN).trim_end_matches(NOTHING);
@@ -702,6 +727,13 @@ impl Groups {
                 }
                 Err(e) => return Err(e),
             };
+            if a.aborted && last && resent {
+                // The first copy of the last entry may have completed the part.
+                return Err(Error::ShardUnavailable {
+                    shard,
+                    reason: format!("the last of the part's {entries} log entries was re-sent after a lost answer{UNKNOWN}"),
+                });
+            }
             if a.aborted {
                 return Err(nothing(&format!(
                     "the shard's leader changed while its part of {} rows ({entries} log entries) was being written",
