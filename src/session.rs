@@ -213,17 +213,23 @@ impl Session {
         &self.tokens
     }
 
-    /// Read-your-writes: before a statement reads stored rows (`reads`: its plan scans
-    /// a segment table, or it is a COPY TO), waits at most `read_wait_ms_max` until
-    /// this node's replicas have applied the session's writes. The scan's manifest
-    /// snapshot and write-buffer rows are taken after this.
-    async fn read_barrier(&self, reads: impl FnOnce() -> bool) -> Result<()> {
+    /// Read-your-writes: before a statement reads stored rows (`reads`: the shards its
+    /// plan's segment scans may read, `None` if none, `Some(None)` for any; see
+    /// `provider::shards_read`), waits at most `read_wait_ms_max` until this node's
+    /// replicas of those shards have applied the session's writes to them. The scan's
+    /// manifest snapshot and write-buffer rows are taken after this.
+    async fn read_barrier(&self, reads: impl FnOnce() -> Option<Option<std::collections::BTreeSet<crate::shard_map::ShardId>>>) -> Result<()> {
         let Some(groups) = self.node.groups() else { return Ok(()) };
         let token = self.tokens.get();
         // A session that wrote nothing (most reads) pays no more than this.
-        if token.is_empty() || !reads() {
+        if token.is_empty() {
             return Ok(());
         }
+        let token = match reads() {
+            None => return Ok(()),
+            Some(None) => token,
+            Some(Some(shards)) => token.only(&shards),
+        };
         groups.wait_applied(&token, std::time::Duration::from_millis(self.node.config().read_wait_ms_max)).await
     }
 
@@ -329,13 +335,15 @@ impl Session {
             return Err(Error::NotSupported(reason.into()));
         }
         if let Statement::Copy { source, to, target, options, legacy_options, .. } = stmt {
-            self.read_barrier(|| *to).await?;
+            self.read_barrier(|| to.then_some(None)).await?;
             return self.copy(source, *to, target, options, legacy_options, tracker).await;
         }
         let started = Instant::now();
         let timeout = self.info.statement_timeout.or_else(|| self.node.statement_timeout());
         if let (Some(generic), Some(plan), Some(params), Statement::Query(_)) = (generic, plan, &params, stmt) {
-            self.read_barrier(|| crate::storage::provider::reads_segments(plan)).await?;
+            // With the statement's values, so that `entity_id = $1` names its shard.
+            self.read_barrier(|| crate::storage::provider::shards_read(&plan.clone().replace_params_with_values(params).unwrap_or_else(|_| plan.clone())))
+                .await?;
             let counters = self.node.plan_counters();
             // A plan built already needs no planning state at all.
             let reused = match generic.ready(params)? {
@@ -404,7 +412,7 @@ impl Session {
         if is_insert {
             ingest::check_insert_casts(&logical)?;
         }
-        self.read_barrier(|| !is_insert && crate::storage::provider::reads_segments(&logical)).await?;
+        self.read_barrier(|| if is_insert { None } else { crate::storage::provider::shards_read(&logical) }).await?;
         let planned = started.elapsed();
         let run = async {
             let physical = state.create_physical_plan(&logical).await?;

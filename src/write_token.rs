@@ -49,6 +49,11 @@ impl WriteToken {
         }
     }
 
+    /// The part of the token that names `shards`.
+    pub fn only(&self, shards: &std::collections::BTreeSet<ShardId>) -> WriteToken {
+        WriteToken(self.0.iter().filter(|(s, _)| shards.contains(s)).map(|(s, i)| (*s, *i)).collect())
+    }
+
     /// (shard, index) pairs, shards ascending.
     pub fn iter(&self) -> impl Iterator<Item = (ShardId, u64)> + '_ {
         self.0.iter().map(|(s, i)| (*s, *i))

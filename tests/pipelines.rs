@@ -416,3 +416,45 @@ async fn a_busy_reused_plan_is_not_shared() {
     assert_eq!(load(&counters.reused) - r0, 2, "a plan handed back is reused");
     assert_eq!(count_of(third.collect::<Vec<_>>().await.remove(0).unwrap()), want(entity_id(3)).await);
 }
+
+/// The read-your-writes barrier waits only for the shards a statement may read: those
+/// its shard-key filters name, every shard when they name none, none when it reads no
+/// segment table (subqueries included; a statement's values count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_barrier_names_the_shards_a_statement_reads() {
+    use std::collections::BTreeSet;
+    use tidemark::storage::provider::shards_read;
+    let n = TestNode::start().await;
+    let session = n.session();
+    let shard = |e: &str| tidemark::shard_map::shard_of(e, 8);
+    let read = |sql: &'static str| {
+        let session = &session;
+        async move {
+            let stmt = session.parse(sql).unwrap().remove(0);
+            shards_read(&session.plan(&stmt).await.unwrap().unwrap())
+        }
+    };
+    let one = |e: &str| Some(Some(BTreeSet::from([shard(e)])));
+    assert_eq!(read("SELECT count(*) FROM usage WHERE entity_id = 'acct-001'").await, one("acct-001"));
+    assert_eq!(read("SELECT sum(quantity) FROM usage u WHERE u.entity_id = 'acct-002' AND quantity > 1").await, one("acct-002"));
+    assert_eq!(
+        read("SELECT count(*) FROM usage WHERE entity_id IN ('acct-001', 'acct-003')").await,
+        Some(Some(BTreeSet::from([shard("acct-001"), shard("acct-003")])))
+    );
+    assert_eq!(read("SELECT (SELECT count(*) FROM usage WHERE entity_id = 'acct-004')").await, one("acct-004"));
+    assert_eq!(read("SELECT count(*) FROM usage").await, Some(None));
+    assert_eq!(read("SELECT count(*) FROM usage WHERE entity_id = 'acct-001' OR service = 'storage'").await, Some(None));
+    // A filter above a join is not read (yet): every shard.
+    assert_eq!(
+        read("SELECT count(*) FROM usage a JOIN usage b ON a.record_id = b.record_id WHERE a.entity_id = 'acct-001'").await,
+        Some(None)
+    );
+    assert_eq!(read("SELECT 1").await, None);
+    assert_eq!(read("SELECT count(*) FROM system.pipelines").await, None);
+    // A prepared statement's values name its shard once bound.
+    let stmt = session.parse("SELECT count(*) FROM usage WHERE entity_id = $1").unwrap().remove(0);
+    let plan = session.plan(&stmt).await.unwrap().unwrap();
+    assert_eq!(shards_read(&plan), Some(None));
+    let params = datafusion::common::ParamValues::List(vec![datafusion::common::ScalarValue::Utf8(Some("acct-005".into())).into()]);
+    assert_eq!(shards_read(&plan.replace_params_with_values(&params).unwrap()), one("acct-005"));
+}

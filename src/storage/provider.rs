@@ -563,21 +563,48 @@ impl SegmentTable {
     }
 }
 
-/// Whether `plan` (subqueries included) reads a table stored in segments.
-pub fn reads_segments(plan: &datafusion::logical_expr::LogicalPlan) -> bool {
+/// Which shards the segment scans of `plan` (subqueries included) may read: `None`
+/// when it scans no segment table, `Some(None)` when a scan may read any shard (no
+/// shard key in its filters), else `Some(Some(shards))`. Read off the filters on each
+/// scan and a `Filter` right above it (the planner has not pushed them down yet), as
+/// `prune` derives them: an over-approximation, so a read barrier on these shards
+/// covers every row the plan can read.
+pub fn shards_read(plan: &datafusion::logical_expr::LogicalPlan) -> Option<Option<BTreeSet<ShardId>>> {
     use datafusion::common::tree_node::TreeNodeRecursion;
-    let mut found = false;
+    use datafusion::logical_expr::LogicalPlan;
+    let mut above: std::collections::HashMap<*const LogicalPlan, Vec<Expr>> = std::collections::HashMap::new();
+    let mut any = false;
+    let mut all = false;
+    let mut shards = BTreeSet::new();
     let _ = plan.apply_with_subqueries(|node| {
-        if let datafusion::logical_expr::LogicalPlan::TableScan(ts) = node {
-            let segment = datafusion::datasource::source_as_provider(&ts.source).is_ok_and(|p| p.is::<SegmentTable>());
-            if segment {
-                found = true;
-                return Ok(TreeNodeRecursion::Stop);
+        match node {
+            LogicalPlan::Filter(f) => {
+                let mut input = f.input.as_ref();
+                while let LogicalPlan::SubqueryAlias(a) = input {
+                    input = a.input.as_ref();
+                }
+                if matches!(input, LogicalPlan::TableScan(_)) {
+                    let conj = datafusion::logical_expr::utils::split_conjunction(&f.predicate).into_iter().cloned();
+                    above.entry(input as *const LogicalPlan).or_default().extend(conj);
+                }
             }
+            LogicalPlan::TableScan(ts) => {
+                let table = datafusion::datasource::source_as_provider(&ts.source).ok();
+                if let Some(t) = table.as_ref().and_then(|p| p.downcast_ref::<SegmentTable>()) {
+                    any = true;
+                    let mut filters = ts.filters.clone();
+                    filters.extend(above.get(&(node as *const LogicalPlan)).cloned().unwrap_or_default());
+                    match (shard_key::key_values(&filters, &t.def.shard_key).values(), t.storage.layout(&t.def.name)) {
+                        (Some(keys), Ok(layout)) => shards.extend(keys.iter().map(|k| shard_of(k, layout.shard_count))),
+                        _ => all = true,
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    found
+    any.then(|| (!all).then_some(shards))
 }
 
 #[async_trait]
