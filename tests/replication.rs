@@ -546,6 +546,25 @@ fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `docker_ok` of a command on container `name`; a failure also says what became of
+/// the container (its state and the end of its log).
+fn docker_on(name: &str, args: &[&str]) -> String {
+    let out = docker(args);
+    if !out.status.success() {
+        let state = docker(&["inspect", "-f", "{{.State.Status}} exit {{.State.ExitCode}} {{.State.Error}}", name]);
+        let logs = docker(&["logs", "--tail", "40", name]);
+        panic!(
+            "docker {}: {}\ncontainer {name}: {}\nits log:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&state.stdout).trim(),
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Three containers of an image made by `docker/image.sh` from the binary under test,
 /// on a network of their own; removed (with the network and the image) when dropped.
 struct Containers {
@@ -634,7 +653,7 @@ impl Nodes for Containers {
         let name = self.names[victim].clone();
         match fault {
             Fault::Kill | Fault::LoseDisk => {
-                docker_ok(&["kill", &name]);
+                docker_on(&name, &["kill", &name]);
                 if matches!(fault, Fault::LoseDisk) {
                     for e in std::fs::read_dir(self.dirs[victim].path()).unwrap() {
                         let p = e.unwrap().path();
@@ -646,18 +665,18 @@ impl Nodes for Containers {
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                docker_ok(&["start", &name]);
+                docker_on(&name, &["start", &name]);
                 wait_connect(&self.urls()[victim], Duration::from_secs(60)).await;
             }
             Fault::Pause => {
-                docker_ok(&["pause", &name]);
+                docker_on(&name, &["pause", &name]);
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                docker_ok(&["unpause", &name]);
+                docker_on(&name, &["unpause", &name]);
             }
             Fault::Partition => {
-                docker_ok(&["network", "disconnect", &self.network, &name]);
+                docker_on(&name, &["network", "disconnect", &self.network, &name]);
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                docker_ok(&["network", "connect", "--ip", &self.ips[victim], &self.network, &name]);
+                docker_on(&name, &["network", "connect", "--ip", &self.ips[victim], &self.network, &name]);
                 wait_connect(&self.urls()[victim], Duration::from_secs(60)).await;
             }
         }

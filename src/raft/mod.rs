@@ -42,7 +42,7 @@ openraft::declare_raft_types!(
         R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// One entry of a shard's log.

@@ -17,15 +17,17 @@
 //! everything applied), with the state it reflects, and — when replicas have their own
 //! segment stores — the files' bytes; installing one writes the files it carries and
 //! then adopts them in one manifest commit. openraft sends it to a peer in chunks of
-//! `snapshot_max_chunk_size`. Snapshots are kept in memory (whole: a limit on the
-//! shard size a snapshot can move today): after a restart openraft builds a new one
-//! when a peer needs it.
+//! `snapshot_max_chunk_size`. A snapshot is a file under `raft/snapshots/` (written and
+//! read a segment at a time, so its size is bounded by the disk, not by memory); the
+//! files of an earlier run are removed at start, and openraft builds a new one when a
+//! peer needs it.
 //!
 //! Must never: decide a record's fate other than by log order (the first entry that
 //! carries a record id stores it; later ones count it as a duplicate), or record an
 //! applied state in the manifest ahead of the rows it covers or inside an open part.
 
-use std::io::Cursor;
+use std::io::{Cursor, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
@@ -34,6 +36,7 @@ use datafusion::arrow::ipc::reader::StreamReader;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, StoredMembership};
 use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
 use super::parts::{Staged, Staging};
@@ -49,17 +52,6 @@ pub struct GroupState {
     pub membership: StoredMembership<u64, BasicNode>,
 }
 
-/// A snapshot's content (CBOR).
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotData {
-    state: GroupState,
-    segments: Vec<SegmentMeta>,
-    /// The segments' bytes, in the same order, when replicas do not share the
-    /// segment store (empty when they do).
-    #[serde(default)]
-    files: Vec<serde_bytes::ByteBuf>,
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Failed(String);
@@ -68,13 +60,41 @@ fn sm_error(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
     io_error(ErrorSubject::StateMachine, verb, Failed(e.to_string()))
 }
 
+/// A snapshot file: `TMS1`, the header's length (u64, little-endian), the header
+/// (CBOR), then, if the header says so, the segments' bytes one after the other.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"TMS1";
+/// A header longer than this is not a header (a segment list of millions of files).
+const SNAPSHOT_HEADER_BYTES_MAX: u64 = 256 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotHeader {
+    state: GroupState,
+    segments: Vec<SegmentMeta>,
+    /// The segments' bytes follow (replicas do not share the segment store).
+    files: bool,
+}
+
+fn snapshot_dir(storage: &Storage) -> PathBuf {
+    storage.data_dir().join("raft").join("snapshots")
+}
+
+async fn create_file(path: &Path) -> std::io::Result<tokio::fs::File> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).await
+}
+
 /// The state machine of one shard group. Clones share it (the snapshot builder is one).
 #[derive(Clone)]
 pub struct StateMachine {
     storage: Arc<Storage>,
     group: ShardId,
     state: Arc<Mutex<GroupState>>,
-    current: Arc<Mutex<Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>>>,
+    /// The latest snapshot built or installed, and its file.
+    current: Arc<Mutex<Option<(SnapshotMeta<u64, BasicNode>, PathBuf)>>>,
+    /// The file a snapshot from the leader is being received into.
+    receiving: Arc<Mutex<Option<PathBuf>>>,
     built: Arc<std::sync::atomic::AtomicU64>,
     /// Snapshots carry the segment files (replicas have their own stores).
     carry_files: bool,
@@ -91,11 +111,22 @@ impl StateMachine {
             Some(v) => serde_json::from_value(v).map_err(|e| sm_error(ErrorVerb::Read, e))?,
             None => GroupState::default(),
         };
+        // Snapshot files of an earlier run are not used again (a new one is built when
+        // a peer needs one).
+        let prefix = format!("g{group}-");
+        if let Ok(dir) = std::fs::read_dir(snapshot_dir(&storage)) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(StateMachine {
             storage,
             group,
             state: Arc::new(Mutex::new(state)),
             current: Arc::new(Mutex::new(None)),
+            receiving: Arc::default(),
             built: Arc::default(),
             carry_files: false,
             staging: Arc::default(),
@@ -113,6 +144,15 @@ impl StateMachine {
     /// A copy of the applied state.
     pub fn state(&self) -> GroupState {
         self.state.lock().clone()
+    }
+
+    /// Makes `path` the current snapshot's file (and removes the one before it: a peer
+    /// still reading it keeps its open handle).
+    async fn keep_current(&self, meta: SnapshotMeta<u64, BasicNode>, path: PathBuf) {
+        let old = self.current.lock().replace((meta, path.clone()));
+        if let Some((_, old)) = old.filter(|(_, p)| *p != path) {
+            let _ = tokio::fs::remove_file(old).await;
+        }
     }
 
     /// Parts (open, entries held) waiting for their last entry.
@@ -210,17 +250,30 @@ impl RaftSnapshotBuilder<ShardGroup> for StateMachine {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
             None => format!("none-{n}"),
         };
-        let meta = SnapshotMeta { last_log_id: state.applied, last_membership: state.membership.clone(), snapshot_id: id };
-        let mut files = Vec::new();
-        if self.carry_files {
-            for seg in &segments {
+        let meta = SnapshotMeta { last_log_id: state.applied, last_membership: state.membership.clone(), snapshot_id: id.clone() };
+        // Written to a file, a segment at a time: a snapshot's size is bounded by the
+        // disk, not by memory; openraft sends it to a peer in chunks read from it.
+        let write = |e: std::io::Error| sm_error(ErrorVerb::Write, e);
+        let path = snapshot_dir(&self.storage).join(format!("g{}-{id}.snap", self.group));
+        let mut f = create_file(&path).await.map_err(write)?;
+        let header = SnapshotHeader { state, segments, files: self.carry_files };
+        let bytes = super::network::to_cbor(&header).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        f.write_all(SNAPSHOT_MAGIC).await.map_err(write)?;
+        f.write_all(&(bytes.len() as u64).to_le_bytes()).await.map_err(write)?;
+        f.write_all(&bytes).await.map_err(write)?;
+        if header.files {
+            for seg in &header.segments {
                 let b = self.storage.segment_bytes(seg).await.map_err(|e| sm_error(ErrorVerb::Read, e))?;
-                files.push(serde_bytes::ByteBuf::from(b.to_vec()));
+                if b.len() as u64 != seg.bytes {
+                    return Err(sm_error(ErrorVerb::Read, format!("segment {} has {} bytes, its manifest says {}", seg.path, b.len(), seg.bytes)));
+                }
+                f.write_all(&b).await.map_err(write)?;
             }
         }
-        let data = super::network::to_cbor(&SnapshotData { state, segments, files }).map_err(|e| sm_error(ErrorVerb::Write, e))?;
-        *self.current.lock() = Some((meta.clone(), data.clone()));
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        f.flush().await.map_err(write)?;
+        f.seek(SeekFrom::Start(0)).await.map_err(write)?;
+        self.keep_current(meta.clone(), path).await;
+        Ok(Snapshot { meta, snapshot: Box::new(f) })
     }
 }
 
@@ -274,41 +327,84 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let n = self.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let path = snapshot_dir(&self.storage).join(format!("g{}-recv-{n}.part", self.group));
+        let f = create_file(&path).await.map_err(|e| io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        // A receive that never finished leaves its file: only the latest is kept.
+        if let Some(old) = self.receiving.lock().replace(path) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(Box::new(f))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, snapshot: Box<tokio::fs::File>) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
-        let data: SnapshotData = super::network::from_cbor(snapshot.get_ref())
-            .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, Failed(e.to_string())))?;
-        if !data.files.is_empty() && data.files.len() != data.segments.len() {
-            return Err(io_error(ErrorSubject::Snapshot(sig), ErrorVerb::Read, Failed("snapshot files do not match its segments".into())));
+        let bad = |why: String| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, Failed(why));
+        let mut f = *snapshot;
+        f.seek(SeekFrom::Start(0)).await.map_err(|e| bad(e.to_string()))?;
+        let mut magic = [0u8; 4];
+        let mut len = [0u8; 8];
+        f.read_exact(&mut magic).await.map_err(|e| bad(format!("snapshot header: {e}")))?;
+        f.read_exact(&mut len).await.map_err(|e| bad(format!("snapshot header: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if &magic != SNAPSHOT_MAGIC || len > SNAPSHOT_HEADER_BYTES_MAX {
+            return Err(bad("not a snapshot of a shard group".into()));
         }
-        for (seg, bytes) in data.segments.iter().zip(data.files) {
-            if bytes.len() as u64 != seg.bytes {
-                return Err(io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, Failed(format!("snapshot file {} is truncated", seg.path))));
+        let mut bytes = vec![0u8; len as usize];
+        f.read_exact(&mut bytes).await.map_err(|e| bad(format!("snapshot header: {e}")))?;
+        let header: SnapshotHeader = super::network::from_cbor(&bytes).map_err(|e| bad(e.to_string()))?;
+        if header.files {
+            // One segment in memory at a time.
+            for seg in &header.segments {
+                let mut b = vec![0u8; seg.bytes as usize];
+                f.read_exact(&mut b).await.map_err(|_| bad(format!("snapshot file {} is truncated", seg.path)))?;
+                self.storage
+                    .put_segment_bytes(seg, b)
+                    .await
+                    .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, Failed(e.to_string())))?;
             }
-            self.storage
-                .put_segment_bytes(seg, bytes.into_vec())
-                .await
-                .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, Failed(e.to_string())))?;
         }
         let state = GroupState { applied: meta.last_log_id, membership: meta.last_membership.clone() };
         let value = serde_json::to_value(&state).map_err(|e| sm_error(ErrorVerb::Write, e))?;
         self.storage
-            .install_group(self.group, value, data.segments)
+            .install_group(self.group, value, header.segments)
             .await
-            .map_err(|e| io_error(ErrorSubject::Snapshot(sig), ErrorVerb::Write, Failed(e.to_string())))?;
+            .map_err(|e| io_error(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, Failed(e.to_string())))?;
         *self.state.lock() = state;
         // The entries after the snapshot are applied again from its state on.
         self.staging.lock().clear();
-        *self.current.lock() = Some((meta.clone(), snapshot.into_inner()));
+        // The received file is this replica's current snapshot now.
+        let kept = snapshot_dir(&self.storage).join(format!("g{}-{}.snap", self.group, meta.snapshot_id));
+        let received = self.receiving.lock().take();
+        let kept_ok = match received {
+            Some(from) => tokio::fs::rename(&from, &kept).await.is_ok(),
+            None => {
+                // Not received here (handed in whole): copied.
+                let copied = async {
+                    f.seek(SeekFrom::Start(0)).await?;
+                    let mut to = create_file(&kept).await?;
+                    tokio::io::copy(&mut f, &mut to).await?;
+                    to.flush().await
+                };
+                copied.await.is_ok()
+            }
+        };
+        if kept_ok {
+            self.keep_current(meta.clone(), kept).await;
+        }
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<ShardGroup>>, StorageError> {
-        let cur = self.current.lock();
-        Ok(cur.as_ref().map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.clone())) }))
+        let cur = self.current.lock().clone();
+        let Some((meta, path)) = cur else { return Ok(None) };
+        // Each reader its own handle (two peers may be sent it at once).
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => Ok(Some(Snapshot { meta, snapshot: Box::new(f) })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e)),
+        }
     }
+
 }

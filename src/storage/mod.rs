@@ -142,6 +142,8 @@ pub struct Storage {
     buffer_rows_max: usize,
     buffer_statement_rows_max: usize,
     flush_wanted: tokio::sync::Notify,
+    /// The node's data directory (local files of the storage's users: Raft snapshots).
+    data_dir: std::path::PathBuf,
 }
 
 /// The write buffer's content.
@@ -194,6 +196,7 @@ impl Storage {
             manifest_file.commit(&manifest)?;
         }
         let storage = Arc::new(Storage {
+            data_dir: cfg.data_dir.clone(),
             store,
             local_root,
             manifest_file,
@@ -275,6 +278,11 @@ impl Storage {
 
     pub fn object_store_url() -> ObjectStoreUrl {
         ObjectStoreUrl::parse(SEGMENT_STORE_URL).expect("static url")
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
