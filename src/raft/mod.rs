@@ -449,6 +449,47 @@ mod tests {
         assert_eq!(sm.state().applied.map(|l| l.index), Some(6));
     }
 
+    /// A snapshot carries a shard's segment files, from a file, in chunks, to a replica
+    /// with a store of its own, which then holds the same rows; a truncated one is
+    /// refused and installs nothing.
+    #[tokio::test]
+    async fn a_snapshot_file_carries_the_segments_to_another_replica() {
+        use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (from, table) = open_storage(dirs[0].path()).await;
+        let mut leader = StateMachine::open(Arc::clone(&from), shard()).unwrap().carrying_files(true);
+        leader.apply([entry(1, &table, &["a", "b"]), entry(2, &table, &["c"])]).await.unwrap();
+        let mut snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let mut bytes = Vec::new();
+        snap.snapshot.read_to_end(&mut bytes).await.unwrap();
+        assert!(std::fs::read_dir(dirs[0].path().join("raft/snapshots")).unwrap().count() == 1);
+        let current = leader.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snap.meta);
+
+        // Received in chunks, as openraft writes them.
+        let (to, _) = open_storage(dirs[1].path()).await;
+        let mut follower = StateMachine::open(Arc::clone(&to), shard()).unwrap().carrying_files(true);
+        let mut recv = follower.begin_receiving_snapshot().await.unwrap();
+        for chunk in bytes.chunks(7) {
+            recv.write_all(chunk).await.unwrap();
+        }
+        recv.flush().await.unwrap();
+        follower.install_snapshot(&snap.meta, recv).await.unwrap();
+        assert_eq!(stored_ids(&to).await, ["a", "b", "c"]);
+        assert_eq!(follower.state().applied.map(|l| l.index), Some(2));
+        assert_eq!(follower.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+
+        let (other, _) = open_storage(dirs[2].path()).await;
+        let mut third = StateMachine::open(Arc::clone(&other), shard()).unwrap().carrying_files(true);
+        let mut recv = third.begin_receiving_snapshot().await.unwrap();
+        recv.write_all(&bytes[..bytes.len() - 10]).await.unwrap();
+        recv.flush().await.unwrap();
+        assert!(third.install_snapshot(&snap.meta, recv).await.is_err());
+        assert!(stored_ids(&other).await.is_empty());
+        assert_eq!(third.state().applied, None);
+    }
+
     const KILL_CHILD: &str = "TIDEMARK_RAFT_KILL_CHILD";
 
     /// kill -9 of a process in the middle of appends: after a reopen every entry whose
