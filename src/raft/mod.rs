@@ -287,15 +287,7 @@ mod tests {
             assert_eq!(storage.group_state(shard()), None, "nothing durable before a flush");
             let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
             assert_eq!(snap.meta.last_log_id, Some(openraft::testing::log_id(1, 0, 4)));
-            let mut ids: Vec<String> = Vec::new();
-            for seg in storage.group_segments(shard()) {
-                for b in storage.read_segment(&seg, Some("record_id")).await.unwrap() {
-                    let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-                    ids.extend(col.iter().map(|v| v.unwrap().to_string()));
-                }
-            }
-            ids.sort();
-            stored.push(ids);
+            stored.push(stored_ids(&storage).await);
             let reopened = StateMachine::open(Arc::clone(&storage), shard()).unwrap();
             assert_eq!(reopened.state().applied, Some(openraft::testing::log_id(1, 0, 4)));
         }
