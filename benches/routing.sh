@@ -97,13 +97,15 @@ fi
 # scenario), replayed against a node whose clock runs 86,400 / TRACE_S times as fast,
 # so each trace day is one day of the node's clock and its forecaster learns the cycle
 # from the query log over the first DAYS-1 days (the training replay); the last day is
-# replayed and measured alone. Fixed: PIPELINES pipelines throughout. Reactive and
-# predictive: the autoscaler between 1 and PIPELINES pipelines, a decision every
+# replayed and measured alone. Fixed: D_PIPELINES pipelines throughout. Reactive and
+# predictive: the autoscaler between 1 and D_PIPELINES pipelines, a decision every
 # DECIDE_MS, forecasts refitted every second. Pipeline-seconds of the last day come
 # from sampling the placed pipelines (about every 0.25 s, integrated over the samples'
 # own times). Each run starts from a copy of the
 # ingested data directory (no query history).
 DAYS=${DAYS:-4}
+# The fleet of (d): the fixed one, and the autoscaler's ceiling.
+D_PIPELINES=${D_PIPELINES:-$PIPELINES}
 # Each fragment holds its slot FRAGMENT_MS longer (fault_fragment_ms): point queries
 # alone need a fraction of one pipeline at these rates, so without it there is nothing
 # to scale; with it a pipeline of 2 slots serves about 2,000 / (FRAGMENT_MS + 0.3)
@@ -119,11 +121,11 @@ run_scaling() { # mode
   local extra=()
   if [ "$mode" != fixed ]; then
     printf 'autoscale = "%s"\nautoscale_interval_ms = %s\nautoscale_pipelines_min = 1\nautoscale_pipelines_max = %s\nforecast_interval_secs = 1\n' \
-      "$mode" "$DECIDE_MS" "$PIPELINES" >"$WORK/scale.toml"
+      "$mode" "$DECIDE_MS" "$D_PIPELINES" >"$WORK/scale.toml"
   else
     printf 'forecast_interval_secs = 1\n' >"$WORK/scale.toml"
   fi
-  local start_pipes=$PIPELINES
+  local start_pipes=$D_PIPELINES
   [ "$mode" != fixed ] && start_pipes=1
   TIDEMARK_FAULT_FRAGMENT_MS=$FRAGMENT_MS TIDEMARK_PIPELINES=$start_pipes "$BIN" serve --config "$WORK/scale.toml" --data-dir "$dir" --listen "127.0.0.1:$PORT" \
     --time-scale "$scale" --clock-start 2026-01-20T00:00:00Z >"$WORK/node-d.log" 2>&1 &
@@ -136,7 +138,7 @@ run_scaling() { # mode
   kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
   local decisions; decisions=$(psql_q "SELECT count(*) FILTER (WHERE action <> 'none'), count(*) FILTER (WHERE reason LIKE 'forecast%') FROM system.scaling_decisions" 2>/dev/null || echo "- -")
   stop
-  python3 - "$mode" "$PIPELINES" "$TRACE_S" "$WORK/placed.txt" "$decisions" "$out" <<'PY'
+  python3 - "$mode" "$D_PIPELINES" "$TRACE_S" "$WORK/placed.txt" "$decisions" "$out" <<'PY'
 import re, sys
 mode, pipes, secs, placed, decisions, out = sys.argv[1:]
 lat = dict(re.findall(r'(p50|p99\.9|p99) ([\d.]+) ms', out))
@@ -144,7 +146,7 @@ over = re.search(r'\(([\d.]+)%\)', out).group(1)
 sent = re.search(r'sent (\d+), ok (\d+), failed (\d+), unknown (\d+)', out).groups()
 xs = [tuple(map(float, l.split())) for l in open(placed) if len(l.split()) == 2]
 # Each sample holds until the next; the span is the samples' (about the day's), and
-# the fixed fleet's share is PIPELINES over the same span.
+# the fixed fleet's share is D_PIPELINES over the same span.
 ps = sum(n * (t2 - t1) for (t1, n), (t2, _) in zip(xs, xs[1:]))
 span = xs[-1][0] - xs[0][0] if len(xs) > 1 else 0.0
 print(f"{mode:<12} {sent[1]:>7} ok {sent[2]:>3} failed {lat.get('p50','-'):>7} {lat.get('p99','-'):>8} {lat.get('p99.9','-'):>8} {over:>8}% {ps:>8.1f} {ps / max(1e-9, int(pipes) * span):>6.2f}   {decisions}")
@@ -167,7 +169,7 @@ for name, keep in (("train", lambda r: secs(r[0]) < cut), ("last", lambda r: sec
         w = csv.writer(f); w.writerow(head); w.writerows(r for r in body if keep(r))
 PY
   echo
-  echo "== (d) scaling on the real node: $DAYS days of $TRACE_S s (the last one measured), node clock x$(python3 -c "print(round(86400 / $TRACE_S))"), 1 to $PIPELINES pipelines, $FRAGMENT_MS ms more per fragment, objective $D_SLO_MS ms"
+  echo "== (d) scaling on the real node: $DAYS days of $TRACE_S s (the last one measured), node clock x$(python3 -c "print(round(86400 / $TRACE_S))"), 1 to $D_PIPELINES pipelines, $FRAGMENT_MS ms more per fragment, objective $D_SLO_MS ms"
   echo "scaling       ok       failed  p50 ms   p99 ms  p99.9 ms  over obj  pipeline-s  of fixed   changes, forecast-driven decisions"
   for mode in fixed reactive predictive; do run_scaling "$mode"; done
 fi

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod memory;
 pub mod node;
 pub mod patterns;
+pub mod pg_datetime;
 pub mod pg_functions;
 pub mod pipeline;
 pub mod planner;

@@ -555,3 +555,74 @@ async fn a_copy_larger_than_its_memory_budget_streams_and_stays_all_or_nothing()
     assert_eq!(send(csv(None)).await.unwrap(), 0);
     assert_eq!(count(&c).await, rows as i64);
 }
+
+/// Date/time parameters sent as text with no type (pgbench `-M prepared`, JDBC) or
+/// typed `timestamp`/`timestamptz`/`date` by the client are read as PostgreSQL reads
+/// them: a bare date, `T`, fractions, zones, `infinity`; 22007 for text that is not a
+/// date/time and 22008 for a field out of range, the connection kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_datetime_parameters_read_as_postgresql_reads_them() {
+    let n = TestNode::start().await;
+    let c = n.client().await;
+    for (id, at) in [("a", "2026-01-05 09:59:59.5"), ("b", "2026-01-05 10:00:00"), ("c", "2026-01-05 12:30:00"), ("d", "2026-01-06 00:00:00")] {
+        c.batch_execute(&insert(id).replace("2026-01-05 10:00:00", at)).await.unwrap();
+    }
+    let mut raw = Raw::connect(n.server.local_addr).await;
+    // Parse with parameter types: `oids` (0: unspecified).
+    let parse = |name: &str, sql: &str, oids: &[u32]| {
+        let mut b = format!("{name}\0{sql}\0").into_bytes();
+        b.extend_from_slice(&(oids.len() as i16).to_be_bytes());
+        for o in oids {
+            b.extend_from_slice(&o.to_be_bytes());
+        }
+        b
+    };
+    let bind = |name: &str, values: &[&str]| {
+        let mut b = format!("\0{name}\0").into_bytes();
+        b.extend_from_slice(&0i16.to_be_bytes()); // every value text
+        b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(v.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    };
+    let sql = "SELECT count(*) FROM usage WHERE event_time >= $1 AND event_time < $2";
+    // 1114 timestamp, 1184 timestamptz, 1082 date.
+    for (name, oids) in [("untyped", vec![0, 0]), ("ts", vec![1114, 1114]), ("tstz", vec![1184, 1184]), ("date", vec![1082, 1082])] {
+        raw.send(b'P', &parse(name, sql, &oids)).await;
+        raw.send(b'S', b"").await;
+        assert_eq!(error_code(&raw.until_ready().await), None, "{name}");
+    }
+    let cases: Vec<(&str, &str, &str, &str)> = vec![
+        ("untyped", "2026-01-05", "2026-01-06", "3"),
+        ("untyped", "2026-01-05 10:00", "2026-01-05T12:30:00.000001", "2"),
+        ("untyped", "2026-01-05 09:59:59.5", "infinity", "4"),
+        ("untyped", "-infinity", "2026-01-05T10:00:00Z", "1"),
+        ("untyped", "  2026-01-05 10:00:00+02  ", "2026-01-05 10:00:01", "1"),
+        ("ts", "2026-01-05T10:00", "2026-01-06", "2"),
+        // With a zone: 12:00+02 is 10:00 UTC.
+        ("tstz", "2026-01-05 12:00:00+02", "2026-01-05 12:30:00+00:00", "1"),
+        ("date", "2026-01-05", "2026-01-06 23:59", "3"),
+        ("untyped", "2026-01-05", "not a time", "22007"),
+        ("untyped", "2026/01/05", "2026-01-06", "22007"),
+        ("untyped", "2026-13-05", "2026-01-06", "22008"),
+        ("ts", "2026-01-05 25:00", "2026-01-06", "22008"),
+    ];
+    for (name, lo, hi, want) in cases {
+        raw.send(b'B', &bind(name, &[lo, hi])).await;
+        raw.send(b'E', b"\0\0\0\0\0").await;
+        raw.send(b'S', b"").await;
+        let answer = raw.until_ready().await;
+        let got = match error_code(&answer) {
+            Some(code) => code,
+            None => {
+                let (_, row) = answer.iter().find(|(t, _)| *t == b'D').expect("a row");
+                String::from_utf8_lossy(&row[6..]).to_string()
+            }
+        };
+        assert_eq!(got, want, "{name}: [{lo}, {hi})");
+    }
+    assert_eq!(count(&c).await, 4);
+}

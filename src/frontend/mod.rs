@@ -13,6 +13,7 @@
 //! ErrorResponse messages), or accept more connections than `connections_max`.
 
 mod admission;
+mod params;
 pub mod settings;
 pub mod framing;
 mod wire;
@@ -796,7 +797,7 @@ impl ExtendedQueryHandler for Frontend {
             return Ok(Response::EmptyQuery);
         };
         let types: Vec<Option<&DataType>> = prepared.param_types.iter().map(|t| t.as_ref()).collect();
-        let params = match arrow_pg::datatypes::df::deserialize_parameters(portal, &types) {
+        let params = match params::decode(portal, &types) {
             Ok(p) => p,
             Err(e) => {
                 let info = pgwire_error_info(e);
