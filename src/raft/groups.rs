@@ -240,6 +240,7 @@ impl Groups {
         let heartbeats = super::heartbeats::Coalescer::new(peers.clone());
         let mut rafts = Vec::with_capacity(shard_count as usize);
         let mut machines = Vec::with_capacity(shard_count as usize);
+        super::state_machine::remove_snapshot_files(&storage);
         let mut fences = Vec::with_capacity(shard_count as usize);
         for g in 0..shard_count {
             let sm = StateMachine::open(Arc::clone(&storage), g).map_err(|e| raft_error("shard state", e))?.carrying_files(spanning);
@@ -553,12 +554,6 @@ impl Groups {
             }
         }
         aborted
-    }
-
-    /// Parts of several entries that this node's replicas hold, waiting for their last
-    /// entry: (open parts, entries held).
-    pub fn staged_parts(&self) -> (usize, usize) {
-        self.machines.iter().map(|m| m.staged()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Read-your-writes: waits until this node's replica of every shard in `token` has

@@ -78,6 +78,12 @@ fn snapshot_dir(storage: &Storage) -> PathBuf {
     storage.data_dir().join("raft").join("snapshots")
 }
 
+/// Removes the snapshot files of an earlier run (at start, before any group opens: a
+/// new snapshot is built when a peer needs one).
+pub fn remove_snapshot_files(storage: &Storage) {
+    let _ = std::fs::remove_dir_all(snapshot_dir(storage));
+}
+
 async fn create_file(path: &Path) -> std::io::Result<tokio::fs::File> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
@@ -111,16 +117,6 @@ impl StateMachine {
             Some(v) => serde_json::from_value(v).map_err(|e| sm_error(ErrorVerb::Read, e))?,
             None => GroupState::default(),
         };
-        // Snapshot files of an earlier run are not used again (a new one is built when
-        // a peer needs one).
-        let prefix = format!("g{group}-");
-        if let Ok(dir) = std::fs::read_dir(snapshot_dir(&storage)) {
-            for e in dir.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
         Ok(StateMachine {
             storage,
             group,
@@ -355,6 +351,13 @@ impl RaftStateMachine<ShardGroup> for StateMachine {
         f.read_exact(&mut bytes).await.map_err(|e| bad(format!("snapshot header: {e}")))?;
         let header: SnapshotHeader = super::network::from_cbor(&bytes).map_err(|e| bad(e.to_string()))?;
         if header.files {
+            // The header's sizes are checked against the file before anything is
+            // allocated or written: a truncated or lying snapshot installs nothing.
+            let size = f.metadata().await.map_err(|e| bad(e.to_string()))?.len();
+            let declared = header.segments.iter().try_fold(0u64, |a, s| a.checked_add(s.bytes));
+            if declared.is_none_or(|d| 12 + len + d != size) {
+                return Err(bad(format!("snapshot file holds {size} bytes, not what its header declares")));
+            }
             // One segment in memory at a time.
             for seg in &header.segments {
                 let mut b = vec![0u8; seg.bytes as usize];
