@@ -114,17 +114,18 @@ FRAGMENT_MS=${FRAGMENT_MS:-10}
 # The objective of (d): the routing objective plus that added work per fragment.
 D_SLO_MS=${D_SLO_MS:-$((SLO_MS + FRAGMENT_MS))}
 DECIDE_MS=${DECIDE_MS:-500}
-run_scaling() { # mode
-  local mode=$1 dir="$WORK/node-d"
+run_scaling() { # mode: fixed, reactive, predictive, or predictive+copies (hot-shard copies too)
+  local label=$1 mode=${1%+copies} dir="$WORK/node-d"
   rm -rf "$dir" && cp -a "$WORK/node.ingested" "$dir"
   local scale; scale=$(python3 -c "print(86400 / $TRACE_S)")
-  local extra=()
   if [ "$mode" != fixed ]; then
     printf 'autoscale = "%s"\nautoscale_interval_ms = %s\nautoscale_pipelines_min = 1\nautoscale_pipelines_max = %s\nforecast_interval_secs = 1\n' \
       "$mode" "$DECIDE_MS" "$D_PIPELINES" >"$WORK/scale.toml"
   else
     printf 'forecast_interval_secs = 1\n' >"$WORK/scale.toml"
   fi
+  # With copies: hot shards get more replicas than the map's, from the shard forecasts.
+  [ "$label" != "$mode" ] && printf 'hot_shards = "%s"\n' "$mode" >>"$WORK/scale.toml"
   local start_pipes=$D_PIPELINES
   [ "$mode" != fixed ] && start_pipes=1
   TIDEMARK_FAULT_FRAGMENT_MS=$FRAGMENT_MS TIDEMARK_PIPELINES=$start_pipes "$BIN" serve --config "$WORK/scale.toml" --data-dir "$dir" --listen "127.0.0.1:$PORT" \
@@ -138,7 +139,7 @@ run_scaling() { # mode
   kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
   local decisions; decisions=$(psql_q "SELECT count(*) FILTER (WHERE action <> 'none'), count(*) FILTER (WHERE reason LIKE 'forecast%') FROM system.scaling_decisions" 2>/dev/null || echo "- -")
   stop
-  python3 - "$mode" "$D_PIPELINES" "$TRACE_S" "$WORK/placed.txt" "$decisions" "$out" <<'PY'
+  python3 - "$label" "$D_PIPELINES" "$TRACE_S" "$WORK/placed.txt" "$decisions" "$out" <<'PY'
 import re, sys
 mode, pipes, secs, placed, decisions, out = sys.argv[1:]
 lat = dict(re.findall(r'(p50|p99\.9|p99) ([\d.]+) ms', out))
@@ -149,7 +150,7 @@ xs = [tuple(map(float, l.split())) for l in open(placed) if len(l.split()) == 2]
 # the fixed fleet's share is D_PIPELINES over the same span.
 ps = sum(n * (t2 - t1) for (t1, n), (t2, _) in zip(xs, xs[1:]))
 span = xs[-1][0] - xs[0][0] if len(xs) > 1 else 0.0
-print(f"{mode:<12} {sent[1]:>7} ok {sent[2]:>3} failed {lat.get('p50','-'):>7} {lat.get('p99','-'):>8} {lat.get('p99.9','-'):>8} {over:>8}% {ps:>8.1f} {ps / max(1e-9, int(pipes) * span):>6.2f}   {decisions}")
+print(f"{mode:<18} {sent[1]:>7} ok {sent[2]:>3} failed {lat.get('p50','-'):>7} {lat.get('p99','-'):>8} {lat.get('p99.9','-'):>8} {over:>8}% {ps:>8.1f} {ps / max(1e-9, int(pipes) * span):>6.2f}   {decisions}")
 PY
 }
 if [ "${SKIP_SCALING:-0}" != 1 ]; then
@@ -171,7 +172,7 @@ PY
   echo
   echo "== (d) scaling on the real node: $DAYS days of $TRACE_S s (the last one measured), node clock x$(python3 -c "print(round(86400 / $TRACE_S))"), 1 to $D_PIPELINES pipelines, $FRAGMENT_MS ms more per fragment, objective $D_SLO_MS ms"
   echo "scaling       ok       failed  p50 ms   p99 ms  p99.9 ms  over obj  pipeline-s  of fixed   changes, forecast-driven decisions"
-  for mode in fixed reactive predictive; do run_scaling "$mode"; done
+  for mode in ${D_MODES:-fixed reactive predictive predictive+copies}; do run_scaling "$mode"; done
 fi
 
 [ "${SKIP_SIM:-0}" = 1 ] && exit 0

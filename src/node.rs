@@ -146,6 +146,12 @@ impl Node {
             Some(addr) => {
                 let service = FragmentService::new(ctx.clone(), Arc::clone(&cluster), config.query_memory_bytes_max, exec_handle);
                 if let Some(g) = &groups {
+                    service.set_replica_reader(Arc::new(OwnReplicas {
+                        groups: Arc::downgrade(g),
+                        storage: Arc::clone(&storage),
+                        wait_max: Duration::from_millis(config.read_wait_ms_max.min(REPLICA_WAIT_MS_MAX)),
+                        node_id: config.node_id,
+                    }));
                     // The groups' messages arrive over the same service.
                     let handler: std::sync::Weak<dyn crate::pipeline::flight::ActionHandler> =
                         Arc::downgrade(&(Arc::clone(g) as Arc<dyn crate::pipeline::flight::ActionHandler>));
@@ -380,6 +386,41 @@ impl LocalPipelineFactory {
     }
 }
 
+/// How long a peer's fragment waits at most for this node's replica to apply what the
+/// session wrote before it answers unavailable (and the gateway tries another replica).
+const REPLICA_WAIT_MS_MAX: u64 = 1_000;
+
+/// Reads a replicated cluster's fragments from this node's replicas.
+struct OwnReplicas {
+    groups: std::sync::Weak<crate::raft::groups::Groups>,
+    storage: Arc<Storage>,
+    wait_max: Duration,
+    node_id: u64,
+}
+
+#[async_trait::async_trait]
+impl crate::pipeline::flight::ReplicaReader for OwnReplicas {
+    async fn read(
+        &self,
+        shard: crate::shard_map::ShardId,
+        read_after: Option<u64>,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let unavailable = |reason: String| Error::PipelineUnavailable { pipeline: format!("node {}", self.node_id), reason };
+        if let Some(index) = read_after {
+            let groups = self.groups.upgrade().ok_or_else(|| unavailable("the node is stopping".into()))?;
+            let mut token = crate::write_token::WriteToken::default();
+            token.note(shard, index);
+            match groups.wait_applied(&token, self.wait_max).await {
+                Ok(()) => {}
+                Err(e @ Error::ReplicaBehind { .. }) => return Err(unavailable(e.message())),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(crate::storage::replica_scan::resolve(&self.storage, plan)?)
+    }
+}
+
 fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &Clock) -> Result<(Arc<Cluster>, LocalPipelineFactory)> {
     let local = config.local_pipelines();
     let cache_each = config.segment_cache_bytes_max / u64::from(local.max(1));
@@ -387,10 +428,10 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
     let leading_sort_column: std::collections::HashMap<String, String> =
         catalog.tables().filter_map(|t| t.sort_key.first().map(|k| (t.name.clone(), k.clone()))).collect();
     let mut pipelines: Vec<Arc<dyn Pipeline>> = Vec::new();
-    // With replicated shards each node reads its own replica: a fragment names the
-    // files of the gateway's store, which a peer's store does not have (its replica
-    // wrote its own), so fragments stay on this node's pipelines.
-    let peers = if config.replicas_span_nodes() { Vec::new() } else { config.parsed_peers()? };
+    // Peers' pipelines: in a shared store they read the gateway's files; with
+    // replicated shards a fragment sent to a peer reads the peer's own replica
+    // (`storage::replica_scan`), since each replica writes its own files.
+    let peers = config.parsed_peers()?;
     for (node, addr) in peers {
         for i in 0..config.peer_pipeline_count() {
             pipelines.push(Arc::new(RemotePipeline::new(
@@ -433,7 +474,10 @@ fn build_cluster(config: &Config, catalog: &Catalog, storage: &Storage, clock: &
         .filter_map(|t| manifest.layout(&t.name).map(|l| l.shard_count))
         .max()
         .unwrap_or(config.shard_count);
-    let cluster = Cluster::new(config.node_id, clock.clone(), shard_count, config.shard_replicas, pipelines, config.routing_log_rows_max);
+    let mut cluster = Cluster::new(config.node_id, clock.clone(), shard_count, config.shard_replicas, pipelines, config.routing_log_rows_max);
+    if config.replicas_span_nodes() {
+        cluster = cluster.with_replicated_reads();
+    }
     cluster.set_policy(crate::router::Policy::parse(&config.routing_policy).unwrap_or_default());
     Ok((Arc::new(cluster), factory))
 }

@@ -54,6 +54,11 @@ impl WriteToken {
         WriteToken(self.0.iter().filter(|(s, _)| shards.contains(s)).map(|(s, i)| (*s, *i)).collect())
     }
 
+    /// The index the writes reached in `shard`, if any.
+    pub fn index_of(&self, shard: ShardId) -> Option<u64> {
+        self.0.get(&shard).copied()
+    }
+
     /// (shard, index) pairs, shards ascending.
     pub fn iter(&self) -> impl Iterator<Item = (ShardId, u64)> + '_ {
         self.0.iter().map(|(s, i)| (*s, *i))

@@ -90,6 +90,8 @@ struct Member {
     pg: u16,
     internal: u16,
     dir: PathBuf,
+    /// A TOML file of settings (`--config`), if any.
+    config: Option<PathBuf>,
 }
 
 impl Member {
@@ -104,9 +106,13 @@ fn start(m: &Member, all: &[Member]) -> NodeProcess {
         std::fs::OpenOptions::new().create(true).append(true).open(Path::new(&d).join(format!("node{}.log", m.id))).expect("node log")
     });
     let peers: Vec<String> = all.iter().filter(|o| o.id != m.id).map(|o| format!("{}={}:{}", o.id, o.host, o.internal)).collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidemark"));
+    cmd.arg("serve");
+    if let Some(c) = &m.config {
+        cmd.arg("--config").arg(c);
+    }
     NodeProcess::new(
-        Command::new(env!("CARGO_BIN_EXE_tidemark"))
-            .args(["serve", "--data-dir"])
+        cmd.arg("--data-dir")
             .arg(&m.dir)
             .args(["--listen", &format!("{}:{}", m.host, m.pg)])
             .args(["--node-id", &m.id.to_string()])
@@ -351,6 +357,11 @@ struct Processes {
 
 impl Processes {
     fn start() -> Processes {
+        Processes::start_with(&[None, None, None])
+    }
+
+    /// Three nodes, node i with the settings `settings[i]` (TOML text).
+    fn start_with(settings: &[Option<&str>; 3]) -> Processes {
         let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         let members: Vec<Member> = (0..3)
             .map(|i| Member {
@@ -359,6 +370,11 @@ impl Processes {
                 pg: free_port(),
                 internal: free_port(),
                 dir: dirs[i].path().join("data"),
+                config: settings[i].map(|text| {
+                    let path = dirs[i].path().join("settings.toml");
+                    std::fs::write(&path, text).unwrap();
+                    path
+                }),
             })
             .collect();
         let procs = members.iter().map(|m| Some(start(m, &members))).collect();
@@ -531,6 +547,136 @@ async fn exercise<N: Nodes>(nodes: &mut N, faults: &[Fault]) {
 async fn three_processes_replicate_through_a_kill_a_pause_and_a_lost_disk() {
     let mut nodes = Processes::start();
     exercise(&mut nodes, &[Fault::Kill, Fault::Pause, Fault::LoseDisk]).await;
+}
+
+/// Waits until every node sees a leader for each shard.
+async fn wait_leaders(urls: &[String]) {
+    for (i, url) in urls.iter().enumerate() {
+        let c = wait_connect(url, Duration::from_secs(60)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = c.query_one("SELECT count(*), count(*) FILTER (WHERE leader IS NOT NULL) FROM system.replicas", &[]).await.unwrap();
+            if row.get::<_, i64>(0) > 0 && row.get::<_, i64>(0) == row.get::<_, i64>(1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {}: groups without a leader", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A replicated cluster's fragments run on every node's pipelines, each read from the
+/// replica of the node that runs it (its own segments and write buffer, which differ
+/// between replicas): the answers are the same through every node, under every
+/// routing, over rows in segments and rows still buffered, through plans made per
+/// statement and reused prepared plans; and a session reads its own writes through
+/// fragments its gateway sends to peers, whose replicas may not have applied them yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_run_each_others_fragments_from_their_own_replicas() {
+    // Replicas that hold the same rows differently: node 1 flushes its write buffer only
+    // when it holds 12,000 rows (the COPY below), so it keeps the small writes that
+    // follow in its buffer for the whole test, while nodes 2 and 3 write every applied
+    // entry straight into segments. A fragment must read a shard's rows from one
+    // replica's view.
+    let nodes = Processes::start_with(&[
+        Some("write_buffer_flush_interval_ms = 600000\nwrite_buffer_rows_max = 12000\n"),
+        Some("write_buffer_rows_max = 0\n"),
+        Some("write_buffer_rows_max = 0\n"),
+    ]);
+    let urls = nodes.urls();
+    wait_leaders(&urls).await;
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    // Rows in segments: one COPY of more rows than a buffered statement holds.
+    let c1 = wait_connect(&urls[0], Duration::from_secs(10)).await;
+    let mut csv = String::from("record_id,entity_id,service,operation,usage_type,quantity,event_time\n");
+    for j in 0..12_000 {
+        let (e, q) = (format!("acct-{:02}", j % 40), j % 7 + 1);
+        csv.push_str(&format!("bulk-{j},{e},storage,GetObject,Requests,{q},2026-01-06 {:02}:{:02}:00\n", j / 60 % 24, j % 60));
+        let x = expected.entry(e).or_default();
+        x.0 += 1;
+        x.1 += q;
+    }
+    let sink = c1.copy_in("COPY usage FROM STDIN WITH (FORMAT csv, HEADER)").await.unwrap();
+    futures::pin_mut!(sink);
+    futures::SinkExt::send(&mut sink, bytes::Bytes::from(csv)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 12_000);
+    // Rows in write buffers: small INSERTs through every node.
+    for i in 0..30 {
+        let c = wait_connect(&urls[i % 3], Duration::from_secs(10)).await;
+        let mut values = Vec::new();
+        for j in 0..10 {
+            let e = format!("acct-{:02}", (i * 10 + j) % 40);
+            values.push(format!("('small-{i}-{j}', '{e}', 'compute', 'Run', 'Seconds', 2, '2026-01-07 08:{j:02}:00')"));
+            let x = expected.entry(e).or_default();
+            x.0 += 1;
+            x.1 += 2;
+        }
+        let sql = format!("INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES {}", values.join(", "));
+        c.execute(&sql, &[]).await.unwrap();
+    }
+    assert!(wait_converged(&urls, Duration::from_secs(30)).await, "the replicas did not converge");
+    let total = expected.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+    for (n, url) in urls.iter().enumerate() {
+        let c = wait_connect(url, Duration::from_secs(10)).await;
+        for policy in ["round_robin", "least_in_flight", "power_of_two"] {
+            c.batch_execute(&format!("SET tidemark.routing_policy = '{policy}'")).await.unwrap();
+            for _ in 0..3 {
+                // The simple protocol: planned for this statement.
+                let rows = c.simple_query("SELECT count(*)::bigint, CAST(sum(quantity) AS bigint) FROM usage").await.unwrap();
+                let got = rows.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some((r.get(0).unwrap().parse::<i64>().unwrap(), r.get(1).unwrap().parse::<i64>().unwrap()))
+                    }
+                    _ => None,
+                });
+                assert_eq!(got, Some(total), "node {}: the whole table under {policy}", n + 1);
+            }
+            // A prepared statement's plan is reused: its shards are resolved and routed per execution.
+            let one = c.prepare("SELECT count(*)::bigint, CAST(sum(quantity) AS bigint) FROM usage WHERE entity_id = $1").await.unwrap();
+            for (e, want) in expected.iter().take(12) {
+                for _ in 0..2 {
+                    let r = c.query_one(&one, &[e]).await.unwrap();
+                    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), *want, "node {}: {e} under {policy}", n + 1);
+                }
+            }
+        }
+        // Some of this node's fragments ran on the other nodes' pipelines.
+        let remote = c
+            .query_one(&format!("SELECT count(*) FROM system.routing_decisions WHERE choice NOT LIKE 'n{}.%'", n + 1), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if remote == 0 {
+            let rows = c.simple_query("SELECT choice, reason, candidates, count(*) FROM system.routing_decisions GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 10").await.unwrap();
+            for r in rows {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = r {
+                    eprintln!("{:?} {:?} {:?} {:?}", r.get(0), r.get(1), r.get(2), r.get(3));
+                }
+            }
+        }
+        assert!(remote > 0, "node {}: no fragment ran on another node", n + 1);
+    }
+    // Read-your-writes through peers: each read follows its own write at once, its
+    // fragment routed round robin over the shard's pipelines on every node.
+    let c = wait_connect(&urls[0], Duration::from_secs(10)).await;
+    c.batch_execute("SET tidemark.routing_policy = 'round_robin'").await.unwrap();
+    let one = c.prepare("SELECT count(*)::bigint FROM usage WHERE entity_id = $1").await.unwrap();
+    for k in 0..30 {
+        let e = format!("ryw-{k}");
+        c.execute(
+            &format!("INSERT INTO usage (record_id, entity_id, service, operation, usage_type, quantity, event_time) VALUES ('ryw-{k}', '{e}', 'storage', 'GetObject', 'Requests', 1, '2026-01-08 00:00:00')"),
+            &[],
+        )
+        .await
+        .unwrap();
+        let seen: i64 = if k % 2 == 0 {
+            c.query_one(&one, &[&e]).await.unwrap().get(0)
+        } else {
+            c.query_one(&format!("SELECT count(*)::bigint FROM usage WHERE entity_id = '{e}'"), &[]).await.unwrap().get(0)
+        };
+        assert_eq!(seen, 1, "a read right after its own write missed it ({e})");
+    }
+    drop(nodes);
 }
 
 // ---------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ pub struct TicketHeader {
     pub pipeline: u32,
     pub query_id: u64,
     pub shard: Option<ShardId>,
+    /// A replicated cluster's fragment: the log index of `shard` that the session's
+    /// writes reached, which this node's replica applies before it reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_after: Option<u64>,
 }
 
 pub fn encode_ticket(header: &TicketHeader, plan: &Arc<dyn ExecutionPlan>) -> Result<Bytes> {
@@ -102,6 +106,16 @@ pub trait ActionHandler: Send + Sync {
     async fn handle(&self, kind: &str, body: Bytes) -> std::result::Result<Bytes, Status>;
 }
 
+/// Reads a replicated cluster's fragment from this node's replica: waits until the
+/// replica of `shard` has applied `read_after` (bounded; a replica that stays behind
+/// answers unavailable, so the gateway tries another), then replaces the plan's replica
+/// scans by this node's rows ([`crate::storage::replica_scan`]). Set by the node once
+/// its shard groups exist.
+#[async_trait::async_trait]
+pub trait ReplicaReader: Send + Sync {
+    async fn read(&self, shard: ShardId, read_after: Option<u64>, plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>>;
+}
+
 /// Where the service finds its [`ActionHandler`] (weakly held: the handler's owner
 /// stops it).
 pub type ActionSlot = Arc<std::sync::OnceLock<std::sync::Weak<dyn ActionHandler>>>;
@@ -110,6 +124,7 @@ pub type ActionSlot = Arc<std::sync::OnceLock<std::sync::Weak<dyn ActionHandler>
 #[derive(Clone)]
 pub struct FragmentService {
     actions: ActionSlot,
+    replicas: Arc<std::sync::OnceLock<Arc<dyn ReplicaReader>>>,
     ctx: SessionContext,
     /// Fragments run on the node's execution runtime, apart from its connections.
     exec: tokio::runtime::Handle,
@@ -120,7 +135,12 @@ pub struct FragmentService {
 
 impl FragmentService {
     pub fn new(ctx: SessionContext, cluster: Arc<Cluster>, memory_bytes_max: u64, exec: tokio::runtime::Handle) -> FragmentService {
-        FragmentService { actions: ActionSlot::default(), ctx, exec, cluster, memory_bytes_max }
+        FragmentService { actions: ActionSlot::default(), replicas: Arc::default(), ctx, exec, cluster, memory_bytes_max }
+    }
+
+    /// Sets how this node reads replica scans (once).
+    pub fn set_replica_reader(&self, reader: Arc<dyn ReplicaReader>) {
+        let _ = self.replicas.set(reader);
     }
 
     /// The slot where the node puts the handler of its other actions.
@@ -138,13 +158,26 @@ impl FragmentService {
             &FragmentCodec,
         )
         .map_err(|e| Error::InvalidParameter(format!("malformed fragment plan: {e}")))?;
+        let plan = if crate::storage::replica_scan::contains(&plan) {
+            let shards = crate::storage::replica_scan::shards(&plan);
+            let (Some(shard), true) = (header.shard, shards.iter().all(|s| Some(*s) == header.shard)) else {
+                return Err(Error::InvalidParameter(format!("a fragment of shard {:?} reads replicas of shards {shards:?}", header.shard)));
+            };
+            let reader = self
+                .replicas
+                .get()
+                .ok_or_else(|| Error::InvalidParameter("this node holds no replicas: it cannot run a replicated cluster's fragment".into()))?;
+            reader.read(shard, header.read_after, plan).await?
+        } else {
+            plan
+        };
         let id = PipelineId::new(self.cluster.node_id(), header.pipeline);
         let pipeline = self
             .cluster
             .pipeline(id)
             .filter(|p| p.is_local())
             .ok_or_else(|| Error::InvalidParameter(format!("this node has no pipeline {id}")))?;
-        pipeline.run(Fragment { query_id: header.query_id, shard: header.shard, plan, alone: false }, task_ctx).await
+        pipeline.run(Fragment { query_id: header.query_id, shard: header.shard, plan, alone: false, read_after: None }, task_ctx).await
     }
 }
 
@@ -303,7 +336,7 @@ mod tests {
                 true,
             )]),
         )));
-        let h = TicketHeader { pipeline: 3, query_id: 77, shard: Some(5) };
+        let h = TicketHeader { pipeline: 3, query_id: 77, shard: Some(5), read_after: Some(9) };
         let t = encode_ticket(&h, &plan).unwrap();
         let (back, rest) = decode_ticket(&t).unwrap();
         assert_eq!(back, h);

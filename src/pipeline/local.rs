@@ -214,7 +214,7 @@ mod tests {
         let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from_iter_values(0..rows))]).unwrap();
         let plan: Arc<dyn ExecutionPlan> =
             datafusion::datasource::memory::MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None).unwrap();
-        Fragment { query_id: 1, shard: Some(0), plan, alone: false }
+        Fragment { query_id: 1, shard: Some(0), plan, alone: false, read_after: None }
     }
 
     #[tokio::test]

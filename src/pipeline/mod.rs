@@ -48,6 +48,9 @@ pub struct Fragment {
     /// drives it on the consumer's task instead of spawning one (no hand-off between
     /// threads for a point query).
     pub alone: bool,
+    /// For a fragment of a replicated cluster run by a peer: the log index of its shard
+    /// that the session's writes reached, which the peer's replica applies first.
+    pub read_after: Option<u64>,
 }
 
 /// A worker that runs fragments.
@@ -273,6 +276,10 @@ pub struct Cluster {
     /// Fragments routed per shard (first tries) since the hot-shard planner last took
     /// them; at most one entry per shard.
     shard_fragments: Mutex<BTreeMap<ShardId, u64>>,
+    /// Every node holds its own replica of every shard (a replicated cluster): a
+    /// fragment of a shard reads that shard's buffered rows beside its segments, and
+    /// one sent to a peer reads the peer's replica ([`crate::storage::replica_scan`]).
+    replicated_reads: bool,
 }
 
 /// One autoscaler decision, as `system.scaling_decisions` shows it.
@@ -345,7 +352,18 @@ impl Cluster {
             scaling_log: Mutex::new(VecDeque::new()),
             reaped_completed: AtomicU64::new(0),
             shard_fragments: Mutex::new(BTreeMap::new()),
+            replicated_reads: false,
         }
+    }
+
+    /// Marks the cluster as replicated: each node reads its own replica of a shard.
+    pub fn with_replicated_reads(mut self) -> Cluster {
+        self.replicated_reads = true;
+        self
+    }
+
+    pub fn replicated_reads(&self) -> bool {
+        self.replicated_reads
     }
 
     /// Adds a pipeline and places shards on it: the shard map moves to the next epoch

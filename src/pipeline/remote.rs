@@ -108,7 +108,7 @@ impl Pipeline for RemotePipeline {
 
     async fn run(&self, fragment: Fragment, _ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let mut flight = InFlight::start(&self.stats);
-        let header = TicketHeader { pipeline: self.id.index, query_id: fragment.query_id, shard: fragment.shard };
+        let header = TicketHeader { pipeline: self.id.index, query_id: fragment.query_id, shard: fragment.shard, read_after: fragment.read_after };
         let plan = crate::storage::provider::materialize_segment_files(Arc::clone(&fragment.plan))?;
         let ticket = encode_ticket(&header, &plan)?;
         let schema = fragment.plan.schema();

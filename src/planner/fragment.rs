@@ -54,7 +54,8 @@ use crate::error::Error;
 use crate::pipeline::{Cluster, Fragment, RoutingRecord};
 use crate::router::{self, Decision, Policy};
 use crate::shard_map::{PipelineId, ShardId};
-use crate::storage::provider::{BufferExec, DeferredScanExec, ResolvedScan, ScanReport, SegmentRef};
+use crate::storage::provider::{BufferExec, DeferredScanExec, ResolvedScan, ScanReport, SegmentFilesExec, SegmentRef};
+use crate::storage::replica_scan::ReplicaScanExec;
 use crate::storage::Storage;
 
 datafusion::common::extensions_options! {
@@ -151,10 +152,10 @@ impl Fragmenter {
         let seq = self.cluster.next_route_seq(shard_list.len());
         let mut fragments: Vec<FragmentSpec> = router::route_all_with(policy, seq, &shard_list, &map, &snapshot)
             .into_iter()
-            .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d, plan: None })
+            .map(|d| FragmentSpec { shard: Some(d.shard), segments: shards[&d.shard], decision: d, plan: None, remote_leaf: None })
             .collect();
         if has_buffer {
-            fragments.push(FragmentSpec { shard: None, segments: 0, decision: route_buffer(&self.cluster, &snapshot), plan: None });
+            fragments.push(FragmentSpec { shard: None, segments: 0, decision: route_buffer(&self.cluster, &snapshot), plan: None, remote_leaf: None });
         }
         let exec: Arc<dyn ExecutionPlan> = Arc::new(DistributeExec::new(
             Arc::clone(template),
@@ -276,39 +277,59 @@ pub fn fragmentable(plan: &Arc<dyn ExecutionPlan>) -> bool {
     walk(plan, &mut sources) && sources > 0
 }
 
-/// The template cut down to one fragment: segment scans keep only `shard`'s files
-/// (in one file group), the buffer stays only in the buffer fragment (`shard` None),
-/// and branches left without input disappear. The result has one output partition.
-pub fn restrict(template: &Arc<dyn ExecutionPlan>, shard: Option<ShardId>) -> DfResult<Arc<dyn ExecutionPlan>> {
-    let plan = match restrict_inner(template, shard)? {
+/// What one fragment reads of the template (see [`restrict`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Cut<'a> {
+    /// One shard's segments. `buffer`: with that shard's buffered rows too (a
+    /// replicated cluster, where a shard's rows are read from one replica's view);
+    /// `remote`: as a [`ReplicaScanExec`], for a peer to read from its own replica.
+    Shard { shard: ShardId, buffer: bool, remote: bool },
+    /// The write buffer's rows, except those of shards in `except` (whose fragments
+    /// read them).
+    Buffer { except: &'a BTreeSet<ShardId> },
+}
+
+/// The template cut down to one fragment: segment scans keep only the shard's files
+/// (in one file group), buffered rows stay as `cut` says, and branches left without
+/// input disappear. The result has one output partition.
+pub fn restrict(template: &Arc<dyn ExecutionPlan>, cut: Cut<'_>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let plan = match restrict_inner(template, cut)? {
         Some(p) => p,
         None => Arc::new(EmptyExec::new(template.schema())),
     };
     Ok(if plan.output_partitioning().partition_count() > 1 { merge(plan, template) } else { plan })
 }
 
-fn restrict_inner(plan: &Arc<dyn ExecutionPlan>, shard: Option<ShardId>) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
+fn restrict_inner(plan: &Arc<dyn ExecutionPlan>, cut: Cut<'_>) -> DfResult<Option<Arc<dyn ExecutionPlan>>> {
     if let Some(files) = segment_files(plan) {
-        let Some(shard) = shard else { return Ok(None) };
+        let Cut::Shard { shard, remote, .. } = cut else { return Ok(None) };
         let mine: Vec<_> =
             files.into_iter().filter(|f| f.extensions.get::<SegmentRef>().is_some_and(|r| r.shard == shard)).collect();
-        if mine.is_empty() {
+        let Some(info) = mine.first().and_then(|f| f.extensions.get::<SegmentRef>()).map(|r| Arc::clone(&r.scan)) else {
             return Ok(None);
-        }
+        };
         let ds = plan.downcast_ref::<DataSourceExec>().expect("segment_files checked");
         let config = ds.data_source().downcast_ref::<FileScanConfig>().expect("segment_files checked");
         let config = FileScanConfigBuilder::from(config.clone()).with_file_groups(vec![FileGroup::new(mine)]).build();
-        return Ok(Some(DataSourceExec::from_data_source(config)));
+        let scan = DataSourceExec::from_data_source(config);
+        if remote {
+            return Ok(Some(Arc::new(ReplicaScanExec::new(info.table.clone(), shard, info.time, scan)?)));
+        }
+        return Ok(Some(scan));
     }
-    if plan.is::<BufferExec>() {
-        return Ok(shard.is_none().then(|| Arc::clone(plan)));
+    if let Some(b) = plan.downcast_ref::<BufferExec>() {
+        return Ok(match cut {
+            Cut::Shard { shard, buffer: true, remote: false } => b.restricted(&|s| s == Some(shard)),
+            Cut::Shard { .. } => None,
+            Cut::Buffer { except } => b.restricted(&|s| s.is_none_or(|s| !except.contains(&s))),
+        });
     }
     if plan.is::<EmptyExec>() {
         return Ok(None);
     }
     let mut kept = Vec::new();
     for c in plan.children() {
-        if let Some(c) = restrict_inner(c, shard)? {
+        if let Some(c) = restrict_inner(c, cut)? {
             kept.push(c);
         }
     }
@@ -325,6 +346,63 @@ fn restrict_inner(plan: &Arc<dyn ExecutionPlan>, shard: Option<ShardId>) -> DfRe
     Ok(Some(Arc::clone(plan).replace_children(kept, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?))
 }
 
+/// A deferred scan's part of one shard (a [`SegmentFilesExec`]) as a peer reads it
+/// from its own replica.
+fn replica_leaf(scan: &Arc<dyn ExecutionPlan>, shard: ShardId) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let files = scan
+        .downcast_ref::<SegmentFilesExec>()
+        .ok_or_else(|| Error::Internal("a deferred shard part that is not a scan of segment files".into()))?;
+    let info = files
+        .config()
+        .file_groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .find_map(|f| f.extensions.get::<SegmentRef>())
+        .map(|r| Arc::clone(&r.scan))
+        .ok_or_else(|| Error::Internal("segment files without their scan".into()))?;
+    let ds = crate::storage::provider::materialize_segment_files(Arc::clone(scan))?;
+    Ok(Arc::new(ReplicaScanExec::new(info.table.clone(), shard, info.time, ds)?))
+}
+
+/// The plans one fragment may run, by where it runs: on this node (its segments and,
+/// in a replicated cluster, its buffered rows) or on a peer of a replicated cluster
+/// (read from the peer's replica).
+#[derive(Clone)]
+struct FragmentPlans {
+    template: Arc<dyn ExecutionPlan>,
+    shard: Option<ShardId>,
+    /// Built already (a deferred distribution): the local plan, and the shard's part to
+    /// turn into a replica scan when a peer runs it.
+    built: Option<Arc<dyn ExecutionPlan>>,
+    remote_leaf: Option<Arc<dyn ExecutionPlan>>,
+    replicated: bool,
+    /// The shards that have fragments (their buffered rows are theirs, in a
+    /// replicated cluster).
+    fragment_shards: Arc<BTreeSet<ShardId>>,
+}
+
+impl FragmentPlans {
+    fn plan(&self, remote: bool) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let remote = remote && self.replicated && self.shard.is_some();
+        match (&self.built, remote) {
+            (Some(p), false) => return Ok(Arc::clone(p)),
+            (Some(_), true) => {
+                let (Some(leaf), Some(shard)) = (&self.remote_leaf, self.shard) else {
+                    return Err(Error::Internal("a fragment of a replicated shard without its remote form".into()).into());
+                };
+                return with_leaf(&self.template, replica_leaf(leaf, shard)?);
+            }
+            (None, _) => {}
+        }
+        let none = BTreeSet::new();
+        let cut = match self.shard {
+            Some(shard) => Cut::Shard { shard, buffer: self.replicated, remote },
+            None => Cut::Buffer { except: if self.replicated { &self.fragment_shards } else { &none } },
+        };
+        restrict(&self.template, cut)
+    }
+}
+
 /// One fragment as planned: the shard it reads and where the router sent it.
 #[derive(Debug, Clone)]
 pub struct FragmentSpec {
@@ -335,6 +413,9 @@ pub struct FragmentSpec {
     /// The fragment's plan when it was built already (a deferred distribution);
     /// otherwise it is cut from the template when it runs.
     pub plan: Option<Arc<dyn ExecutionPlan>>,
+    /// With `plan`, in a replicated cluster: the shard's part of the resolved scan, which
+    /// becomes a replica scan if a peer runs the fragment.
+    pub remote_leaf: Option<Arc<dyn ExecutionPlan>>,
 }
 
 /// Where the write buffer's fragment runs: the buffer lives in this process, so one of
@@ -378,6 +459,8 @@ pub struct DistributeExec {
     /// The template's scans are [`DeferredScanExec`]s: shards, segments and routes are
     /// chosen at each execution, and the fragments' outputs merged into one partition.
     deferred: bool,
+    /// The shards of `fragments`.
+    fragment_shards: Arc<BTreeSet<ShardId>>,
 }
 
 impl DistributeExec {
@@ -395,7 +478,9 @@ impl DistributeExec {
             Boundedness::Bounded,
         );
         let runs = Arc::new(Mutex::new(vec![FragmentRun::default(); fragments.len()]));
+        let fragment_shards = Arc::new(fragments.iter().filter_map(|f| f.shard).collect());
         DistributeExec {
+            fragment_shards,
             template,
             fragments,
             epoch,
@@ -429,13 +514,32 @@ impl DistributeExec {
             resolved.shards.into_iter().map(|(s, n, p)| (s, (n, p))).collect();
         let mut fragments = Vec::new();
         let seq = self.cluster.next_route_seq(shard_list.len());
+        let replicated = self.cluster.replicated_reads();
+        let buffer = resolved.buffer;
+        let buffered = buffer.as_ref().and_then(|b| b.downcast_ref::<BufferExec>());
         for d in router::route_all_with(policy, seq, &shard_list, &map, &snapshot) {
             let Some((segments, scan)) = parts.remove(&d.shard) else { continue };
-            fragments.push(FragmentSpec { shard: Some(d.shard), segments, plan: Some(with_leaf(&self.template, scan)?), decision: d });
+            if !replicated {
+                fragments.push(FragmentSpec { shard: Some(d.shard), segments, plan: Some(with_leaf(&self.template, scan)?), decision: d, remote_leaf: None });
+                continue;
+            }
+            // A replicated shard's fragment reads its buffered rows with its segments.
+            let leaf = match buffered.and_then(|b| b.restricted(&|s| s == Some(d.shard))) {
+                Some(rows) => Arc::new(CoalescePartitionsExec::new(UnionExec::try_new(vec![Arc::clone(&scan), rows])?)) as Arc<dyn ExecutionPlan>,
+                None => Arc::clone(&scan),
+            };
+            fragments.push(FragmentSpec { shard: Some(d.shard), segments, plan: Some(with_leaf(&self.template, leaf)?), decision: d, remote_leaf: Some(scan) });
         }
-        if let Some(buffer) = resolved.buffer {
+        let rest = match (replicated, buffered) {
+            (true, Some(b)) => {
+                let with_fragments: BTreeSet<ShardId> = fragments.iter().filter_map(|f| f.shard).collect();
+                b.restricted(&|s| s.is_none_or(|s| !with_fragments.contains(&s)))
+            }
+            _ => buffer,
+        };
+        if let Some(rest) = rest {
             let decision = route_buffer(&self.cluster, &snapshot);
-            fragments.push(FragmentSpec { shard: None, segments: 0, plan: Some(with_leaf(&self.template, buffer)?), decision });
+            fragments.push(FragmentSpec { shard: None, segments: 0, plan: Some(with_leaf(&self.template, rest)?), decision, remote_leaf: None });
         }
         if fragments.is_empty() {
             return with_leaf(&self.template, Arc::new(EmptyExec::new(leaf_schema)));
@@ -581,6 +685,7 @@ impl ExecutionPlan for DistributeExec {
                     metrics: ExecutionPlanMetricsSet::new(),
                     runs: Arc::new(Mutex::new(vec![FragmentRun::default(); self.fragments.len()])),
                     deferred: self.deferred,
+                    fragment_shards: Arc::clone(&self.fragment_shards),
                 }))
             }
             #[allow(deprecated)]
@@ -612,19 +717,25 @@ impl ExecutionPlan for DistributeExec {
             .get(partition)
             .cloned()
             .ok_or_else(|| DataFusionError::Internal(format!("DistributeExec has no partition {partition}")))?;
-        let plan = match &spec.plan {
-            Some(p) => Arc::clone(p),
-            None => restrict(&self.template, spec.shard)?,
+        let plans = FragmentPlans {
+            template: Arc::clone(&self.template),
+            shard: spec.shard,
+            built: spec.plan.clone(),
+            remote_leaf: spec.remote_leaf.clone(),
+            replicated: self.cluster.replicated_reads(),
+            fragment_shards: Arc::clone(&self.fragment_shards),
         };
-        let query_id = ctx.session_config().get_extension::<ScanReport>().map(|r| r.query_id).unwrap_or(0);
-        let fragment = Fragment { query_id, shard: spec.shard, plan, alone: self.fragments.len() == 1 };
+        let report = ctx.session_config().get_extension::<ScanReport>();
+        let query_id = report.as_ref().map(|r| r.query_id).unwrap_or(0);
+        let read_after = spec.shard.zip(report.as_ref()).and_then(|(s, r)| r.read_after(s));
+        let fragment = Fragment { query_id, shard: spec.shard, plan: Arc::new(EmptyExec::new(self.template.schema())), alone: self.fragments.len() == 1, read_after };
         let cluster = Arc::clone(&self.cluster);
         let runs = Arc::clone(&self.runs);
         let metrics = BaselineMetrics::new(&self.metrics, partition);
         let epoch = self.epoch;
         let schema = self.schema();
         let open = async move {
-            let stream = open_fragment(&cluster, epoch, spec, fragment, ctx, &runs, partition).await?;
+            let stream = open_fragment(&cluster, epoch, spec, &plans, fragment, ctx, &runs, partition).await?;
             let runs = Arc::clone(&runs);
             Ok::<_, DataFusionError>(stream.inspect_ok(move |b| {
                 metrics.record_output(b.num_rows());
@@ -656,18 +767,30 @@ fn is_retryable(e: &Error) -> bool {
 }
 
 /// Starts a fragment on its chosen pipeline; when that pipeline is unavailable before
-/// the fragment produced anything, routes it once more, away from that pipeline.
+/// the fragment produced anything, routes it once more, away from that pipeline. The
+/// fragment's plan is chosen for where it runs (`plans`).
+#[allow(clippy::too_many_arguments)]
 async fn open_fragment(
     cluster: &Arc<Cluster>,
     epoch: u64,
     spec: FragmentSpec,
-    fragment: Fragment,
+    plans: &FragmentPlans,
+    mut fragment: Fragment,
     ctx: Arc<TaskContext>,
     runs: &Mutex<Vec<FragmentRun>>,
     partition: usize,
 ) -> DfResult<SendableRecordBatchStream> {
     let mut decision = spec.decision.clone();
     let mut excluded: Vec<PipelineId> = Vec::new();
+    // In a replicated cluster this node holds every shard: when none of a shard's
+    // pipelines can take it, this node's own pipelines read its replica.
+    let local_fallback = |decision: &Decision, excluded: &[PipelineId]| {
+        let local: Vec<PipelineId> = cluster.local_pipelines().iter().map(|p| p.id()).collect();
+        router::route_with(decision.policy, cluster.next_route_seq(1), decision.shard, &local, &cluster.load_snapshot(), excluded)
+    };
+    if plans.replicated && spec.shard.is_some() && decision.choice.is_none() {
+        decision = local_fallback(&decision, &excluded);
+    }
     for attempt in 1..=2u32 {
         if spec.shard.is_some() {
             record(cluster, epoch, fragment.query_id, &decision, attempt);
@@ -679,7 +802,7 @@ async fn open_fragment(
         let Some(choice) = decision.choice else {
             if spec.shard.is_none() {
                 // No local pipeline: the gateway reads its own write buffer.
-                return fragment.plan.execute(0, ctx);
+                return plans.plan(false)?.execute(0, ctx);
             }
             return Err(Error::PipelineUnavailable {
                 pipeline: format!("for shard {}", decision.shard),
@@ -690,6 +813,7 @@ async fn open_fragment(
         let pipeline = cluster
             .pipeline(choice)
             .ok_or_else(|| Error::Internal(format!("routed to unknown pipeline {choice}")))?;
+        fragment.plan = plans.plan(!pipeline.is_local())?;
         let err: Error = match pipeline.run(fragment.clone(), Arc::clone(&ctx)).await {
             Ok(mut stream) => match stream.next().await {
                 Some(Err(e)) => Error::from(e),
@@ -702,6 +826,10 @@ async fn open_fragment(
         }
         tracing::warn!(pipeline = %choice, shard = decision.shard, error = %err, "fragment failed before sending rows; retrying on another replica");
         excluded.push(choice);
+        if plans.replicated {
+            decision = local_fallback(&decision, &excluded);
+            continue;
+        }
         let map = cluster.shard_map();
         decision = router::route_with(
             decision.policy,

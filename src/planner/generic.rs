@@ -532,7 +532,8 @@ impl ScalarUDFImpl for ParamUdf {
 const PARAM_TAG: &[u8] = b"TMP1";
 
 /// The codec of fragments sent to other nodes: a [`ParamUdf`] call travels as the value
-/// bound to it for the running execution and arrives as a constant; plans and other
+/// bound to it for the running execution and arrives as a constant; a replica scan
+/// ([`crate::storage::replica_scan`]) as its table, shard and interval; plans and other
 /// functions as datafusion-proto encodes them by default.
 #[derive(Debug, Default)]
 pub struct FragmentCodec;
@@ -545,6 +546,9 @@ impl datafusion_proto::physical_plan::PhysicalExtensionCodec for FragmentCodec {
         ctx: &datafusion::execution::TaskContext,
         converter: &dyn datafusion_proto::physical_plan::PhysicalProtoConverterExtension,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        if let Some(replica) = crate::storage::replica_scan::ReplicaScanExec::decode(buf, inputs) {
+            return replica;
+        }
         datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {}.try_decode(buf, inputs, ctx, converter)
     }
 
@@ -554,6 +558,9 @@ impl datafusion_proto::physical_plan::PhysicalExtensionCodec for FragmentCodec {
         buf: &mut Vec<u8>,
         converter: &dyn datafusion_proto::physical_plan::PhysicalProtoConverterExtension,
     ) -> datafusion::common::Result<()> {
+        if let Some(replica) = node.downcast_ref::<crate::storage::replica_scan::ReplicaScanExec>() {
+            return replica.encode(buf);
+        }
         datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {}.try_encode(node, buf, converter)
     }
 

@@ -22,6 +22,7 @@ pub mod cache;
 pub mod hot;
 pub mod manifest;
 pub mod provider;
+pub mod replica_scan;
 pub mod segment;
 pub mod wal;
 
@@ -149,13 +150,23 @@ pub struct Storage {
 /// The write buffer's content.
 #[derive(Debug, Default)]
 pub struct Buffered {
-    pub tables: HashMap<String, Vec<RecordBatch>>,
+    pub tables: HashMap<String, Vec<BufferedBatch>>,
     pub rows: usize,
     /// When the oldest buffered row arrived.
     pub since: Option<Instant>,
     /// The applied state of each Raft group whose entries changed the buffer (opaque
     /// here), written into the manifest by the flush that stores those rows.
     pub groups: BTreeMap<ShardId, serde_json::Value>,
+}
+
+/// Rows of one table in the write buffer, with the shard they belong to when one
+/// shard group's entry put them there (`None`: rows of several shards, from the
+/// write-ahead log of a node without shard groups). A replicated cluster's fragment of
+/// one shard reads that shard's buffered rows with its segments, from one replica.
+#[derive(Debug, Clone)]
+pub struct BufferedBatch {
+    pub shard: Option<ShardId>,
+    pub batch: RecordBatch,
 }
 
 /// Segment files written at once by one append.
@@ -439,7 +450,7 @@ impl Storage {
                 since: b.since.or_else(|| Some(Instant::now())),
                 groups: b.groups.clone(),
             };
-            push_buffered(next.tables.entry(table.name.clone()).or_default(), all)?;
+            push_buffered(next.tables.entry(table.name.clone()).or_default(), None, all)?;
             let full = next.rows >= self.buffer_rows_max;
             *b = Arc::new(next);
             full
@@ -470,7 +481,7 @@ impl Storage {
         for (name, batches) in &buffered.tables {
             let tdef = self.catalog.get(name).cloned().ok_or_else(|| Error::UndefinedTable(name.clone()))?;
             let layout = self.layout(name)?;
-            let all = concat_batches(&tdef.schema, batches)?;
+            let all = concat_batches(&tdef.schema, batches.iter().map(|b| &b.batch))?;
             match self.write_segments(&tdef, &layout, &all, &mut next_id).await {
                 Ok(segs) => new_segments.extend(segs),
                 Err(e) => {
@@ -672,7 +683,7 @@ impl Storage {
                     groups: b.groups.clone(),
                 };
                 if n > 0 {
-                    push_buffered(next.tables.entry(table.name.clone()).or_default(), all)?;
+                    push_buffered(next.tables.entry(table.name.clone()).or_default(), Some(group), all)?;
                 }
                 next.groups.insert(group, state);
                 let full = next.rows >= self.buffer_rows_max.max(1);
@@ -1008,16 +1019,20 @@ fn time_bounds(table: &TableDef, batch: &RecordBatch) -> Result<(i64, i64)> {
 /// Buffered batches smaller than this absorb the next one: many small statements
 /// make a few batches of useful size (cheaper to copy on each write, and to scan).
 const BUFFER_BATCH_MERGE_ROWS: usize = 4096;
+/// How many of the latest buffered batches a new part may be merged into.
+const BUFFER_MERGE_LOOKBACK: usize = 64;
 
 /// Adds `batch` to a table's buffered batches, merged into the last one while that
 /// is small.
-fn push_buffered(batches: &mut Vec<RecordBatch>, batch: RecordBatch) -> Result<()> {
-    match batches.last_mut() {
-        Some(last) if last.num_rows() < BUFFER_BATCH_MERGE_ROWS => {
-            let merged = concat_batches(&batch.schema(), [&*last, &batch])?;
-            *last = merged;
+fn push_buffered(batches: &mut Vec<BufferedBatch>, shard: Option<ShardId>, batch: RecordBatch) -> Result<()> {
+    // Merged into the latest small batch of the same shard (looking back a few
+    // batches: parts of many shards interleave), so that scans see few batches.
+    let recent = batches.len().saturating_sub(BUFFER_MERGE_LOOKBACK);
+    match batches[recent..].iter_mut().rev().find(|b| b.shard == shard) {
+        Some(last) if last.batch.num_rows() < BUFFER_BATCH_MERGE_ROWS => {
+            last.batch = concat_batches(&batch.schema(), [&last.batch, &batch])?;
         }
-        _ => batches.push(batch),
+        _ => batches.push(BufferedBatch { shard, batch }),
     }
     Ok(())
 }

@@ -46,6 +46,9 @@ pub struct ScanReport {
     /// The statement's query id (fragments and routing decisions carry it).
     pub query_id: u64,
     inner: Mutex<ScanReportInner>,
+    /// The session's write token as the statement started: a replica of another node
+    /// that runs one of its fragments first applies the token's index for that shard.
+    read_after: Mutex<crate::write_token::WriteToken>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -63,7 +66,16 @@ pub struct ScanReportInner {
 
 impl ScanReport {
     pub fn for_query(query_id: u64) -> ScanReport {
-        ScanReport { query_id, inner: Mutex::default() }
+        ScanReport { query_id, inner: Mutex::default(), read_after: Mutex::default() }
+    }
+
+    pub fn set_read_after(&self, token: crate::write_token::WriteToken) {
+        *self.read_after.lock() = token;
+    }
+
+    /// The log index of `shard` the session's writes reached, if it wrote there.
+    pub fn read_after(&self, shard: ShardId) -> Option<u64> {
+        self.read_after.lock().index_of(shard)
     }
 
     pub fn snapshot(&self) -> ScanReportInner {
@@ -221,26 +233,10 @@ fn plan_scan(
         r.filters.extend(filters.iter().cloned());
     }
     // Rows still in the write buffer: filtered and projected here, unioned below.
-    let mut memory = Vec::new();
-    if let Some(batches) = buffered.tables.get(&def.name) {
-        let predicate = predicate()?;
-        for b in batches {
-            let b = match &predicate {
-                Some(p) => {
-                    let mask = p.evaluate(b)?.into_array(b.num_rows())?;
-                    let mask = datafusion::common::cast::as_boolean_array(&mask)?;
-                    datafusion::arrow::compute::filter_record_batch(b, mask)?
-                }
-                None => b.clone(),
-            };
-            if b.num_rows() > 0 {
-                memory.push(match projection {
-                    Some(p) => b.project(p)?,
-                    None => b,
-                });
-            }
-        }
-    }
+    let memory = match buffered.tables.get(&def.name) {
+        Some(batches) => buffered_rows(batches, &|_| true, predicate()?.as_ref(), projection)?,
+        None => Vec::new(),
+    };
     let memory: Option<Arc<dyn ExecutionPlan>> =
         (!memory.is_empty()).then(|| Arc::new(BufferExec::new(Arc::clone(&projected), memory)) as _);
     if pruned.segments.is_empty() {
@@ -750,23 +746,62 @@ impl DataSink for SegmentSink {
     }
 }
 
-/// Rows of the write buffer that a scan matched (already filtered and projected).
-/// Runs only in the process that holds the buffer: it is never sent to another node.
+/// The rows of `batches` (a table's buffered rows) of the shards `keep` accepts that
+/// match `predicate` (over the table schema), projected with `projection`.
+pub(crate) fn buffered_rows(
+    batches: &[super::BufferedBatch],
+    keep: &dyn Fn(Option<ShardId>) -> bool,
+    predicate: Option<&Arc<dyn PhysicalExpr>>,
+    projection: Option<&Vec<usize>>,
+) -> DfResult<Vec<super::BufferedBatch>> {
+    let mut out = Vec::new();
+    for b in batches.iter().filter(|b| keep(b.shard)) {
+        let batch = match predicate {
+            Some(p) => {
+                let mask = p.evaluate(&b.batch)?.into_array(b.batch.num_rows())?;
+                let mask = datafusion::common::cast::as_boolean_array(&mask)?;
+                datafusion::arrow::compute::filter_record_batch(&b.batch, mask)?
+            }
+            None => b.batch.clone(),
+        };
+        if batch.num_rows() > 0 {
+            let batch = match projection {
+                Some(p) => batch.project(p)?,
+                None => batch,
+            };
+            out.push(super::BufferedBatch { shard: b.shard, batch });
+        }
+    }
+    Ok(out)
+}
+
+/// Rows of the write buffer that a scan matched (already filtered and projected), each
+/// batch with its shard. Runs only in the process that holds the buffer: it is never
+/// sent to another node.
 #[derive(Debug)]
 pub struct BufferExec {
-    batches: Vec<datafusion::arrow::record_batch::RecordBatch>,
+    batches: Vec<super::BufferedBatch>,
     props: Arc<datafusion::physical_plan::PlanProperties>,
 }
 
 impl BufferExec {
-    pub fn new(schema: SchemaRef, batches: Vec<datafusion::arrow::record_batch::RecordBatch>) -> BufferExec {
+    pub fn new(schema: SchemaRef, batches: Vec<super::BufferedBatch>) -> BufferExec {
         BufferExec { batches, props: one_partition(schema) }
+    }
+
+    /// The rows of the shards `keep` accepts; None when there are none.
+    pub fn restricted(&self, keep: &dyn Fn(Option<ShardId>) -> bool) -> Option<Arc<dyn ExecutionPlan>> {
+        let batches: Vec<_> = self.batches.iter().filter(|b| keep(b.shard)).cloned().collect();
+        if batches.is_empty() {
+            return None;
+        }
+        Some(Arc::new(BufferExec { batches, props: Arc::clone(&self.props) }))
     }
 }
 
 impl DisplayAs for BufferExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows: usize = self.batches.iter().map(|b| b.num_rows()).sum();
+        let rows: usize = self.batches.iter().map(|b| b.batch.num_rows()).sum();
         write!(f, "BufferExec: rows={rows}")
     }
 }
@@ -786,6 +821,7 @@ impl ExecutionPlan for BufferExec {
         if partition != 0 {
             return Err(datafusion::error::DataFusionError::Internal(format!("BufferExec has one partition, not {partition}")));
         }
-        Ok(Box::pin(datafusion::physical_plan::memory::MemoryStream::try_new(self.batches.clone(), self.schema(), None)?))
+        let batches = self.batches.iter().map(|b| b.batch.clone()).collect();
+        Ok(Box::pin(datafusion::physical_plan::memory::MemoryStream::try_new(batches, self.schema(), None)?))
     }
 }
