@@ -28,6 +28,7 @@ pub mod memory;
 pub mod node;
 pub mod patterns;
 pub mod pg_datetime;
+pub mod pg_numeric;
 pub mod pg_functions;
 pub mod pipeline;
 pub mod planner;

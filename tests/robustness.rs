@@ -568,30 +568,10 @@ async fn text_datetime_parameters_read_as_postgresql_reads_them() {
         c.batch_execute(&insert(id).replace("2026-01-05 10:00:00", at)).await.unwrap();
     }
     let mut raw = Raw::connect(n.server.local_addr).await;
-    // Parse with parameter types: `oids` (0: unspecified).
-    let parse = |name: &str, sql: &str, oids: &[u32]| {
-        let mut b = format!("{name}\0{sql}\0").into_bytes();
-        b.extend_from_slice(&(oids.len() as i16).to_be_bytes());
-        for o in oids {
-            b.extend_from_slice(&o.to_be_bytes());
-        }
-        b
-    };
-    let bind = |name: &str, values: &[&str]| {
-        let mut b = format!("\0{name}\0").into_bytes();
-        b.extend_from_slice(&0i16.to_be_bytes()); // every value text
-        b.extend_from_slice(&(values.len() as i16).to_be_bytes());
-        for v in values {
-            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-            b.extend_from_slice(v.as_bytes());
-        }
-        b.extend_from_slice(&0i16.to_be_bytes());
-        b
-    };
     let sql = "SELECT count(*) FROM usage WHERE event_time >= $1 AND event_time < $2";
     // 1114 timestamp, 1184 timestamptz, 1082 date.
     for (name, oids) in [("untyped", vec![0, 0]), ("ts", vec![1114, 1114]), ("tstz", vec![1184, 1184]), ("date", vec![1082, 1082])] {
-        raw.send(b'P', &parse(name, sql, &oids)).await;
+        raw.send(b'P', &parse_msg(name, sql, &oids)).await;
         raw.send(b'S', b"").await;
         assert_eq!(error_code(&raw.until_ready().await), None, "{name}");
     }
@@ -611,18 +591,89 @@ async fn text_datetime_parameters_read_as_postgresql_reads_them() {
         ("ts", "2026-01-05 25:00", "2026-01-06", "22008"),
     ];
     for (name, lo, hi, want) in cases {
-        raw.send(b'B', &bind(name, &[lo, hi])).await;
-        raw.send(b'E', b"\0\0\0\0\0").await;
+        assert_eq!(bound_answer(&mut raw, name, &[lo, hi]).await, want, "{name}: [{lo}, {hi})");
+    }
+    assert_eq!(count(&c).await, 4);
+}
+
+/// A Parse of statement `name` with parameter types `oids` (0: unspecified).
+fn parse_msg(name: &str, sql: &str, oids: &[u32]) -> Vec<u8> {
+    let mut b = format!("{name}\0{sql}\0").into_bytes();
+    b.extend_from_slice(&(oids.len() as i16).to_be_bytes());
+    for o in oids {
+        b.extend_from_slice(&o.to_be_bytes());
+    }
+    b
+}
+
+/// A Bind of statement `name` to `values`, every one text.
+fn bind_msg(name: &str, values: &[&str]) -> Vec<u8> {
+    let mut b = format!("\0{name}\0").into_bytes();
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+    for v in values {
+        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        b.extend_from_slice(v.as_bytes());
+    }
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b
+}
+
+/// Binds statement `name` to `values`, executes it and answers its one value, or the
+/// SQLSTATE of its error.
+async fn bound_answer(raw: &mut Raw, name: &str, values: &[&str]) -> String {
+    raw.send(b'B', &bind_msg(name, values)).await;
+    raw.send(b'E', b"\0\0\0\0\0").await;
+    raw.send(b'S', b"").await;
+    let answer = raw.until_ready().await;
+    match error_code(&answer) {
+        Some(code) => code,
+        None => {
+            let (_, row) = answer.iter().find(|(t, _)| *t == b'D').expect("a row");
+            String::from_utf8_lossy(&row[6..]).to_string()
+        }
+    }
+}
+
+/// Numbers sent as text, untyped or typed, are read as PostgreSQL reads them:
+/// surrounding spaces, exponents, more digits than 28, rounding to the column's scale;
+/// 22P02 for text that is not a number, 22003 for one out of range, the connection kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_numeric_parameters_read_as_postgresql_reads_them() {
+    let n = TestNode::start().await;
+    let c = n.client().await;
+    for (id, q) in [("a", "0.000001"), ("b", "1.5"), ("c", "1000"), ("d", "12345678901234567890123456789.5")] {
+        c.batch_execute(&insert(id).replace("'Requests', 1,", &format!("'Requests', {q},"))).await.unwrap();
+    }
+    let mut raw = Raw::connect(n.server.local_addr).await;
+    // 1700 numeric, 20 bigint.
+    let sql = "SELECT count(*) FROM usage WHERE quantity >= $1 AND quantity < $2";
+    for (name, oids) in [("untyped", vec![0, 0]), ("numeric", vec![1700, 1700])] {
+        raw.send(b'P', &parse_msg(name, sql, &oids)).await;
         raw.send(b'S', b"").await;
-        let answer = raw.until_ready().await;
-        let got = match error_code(&answer) {
-            Some(code) => code,
-            None => {
-                let (_, row) = answer.iter().find(|(t, _)| *t == b'D').expect("a row");
-                String::from_utf8_lossy(&row[6..]).to_string()
-            }
-        };
-        assert_eq!(got, want, "{name}: [{lo}, {hi})");
+        assert_eq!(error_code(&raw.until_ready().await), None, "{name}");
+    }
+    raw.send(b'P', &parse_msg("limit", "SELECT count(*) FROM usage WHERE quantity < $1 LIMIT $2", &[0, 20])).await;
+    raw.send(b'S', b"").await;
+    assert_eq!(error_code(&raw.until_ready().await), None);
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("untyped", vec!["0", "2"], "2"),
+        ("untyped", vec!["  1.5  ", "1e3"], "1"),
+        ("untyped", vec!["1.5e0", "+1.0000000000000000000000000000000000001e30"], "3"),
+        ("numeric", vec![".000001", "1.5"], "1"),
+        // Rounded to the column's scale (6) as PostgreSQL rounds a value stored there.
+        ("numeric", vec!["0.0000005", "1.5000005"], "2"),
+        ("untyped", vec!["-Infinity", "1"], "22003"),
+        ("untyped", vec!["1e40", "2"], "22003"),
+        ("untyped", vec!["1.2.3", "2"], "22P02"),
+        ("numeric", vec!["0x10", "2"], "22P02"),
+        ("untyped", vec!["NaN", "2"], "0A000"),
+        ("limit", vec!["2", " 10 "], "2"),
+        ("limit", vec!["2", "9223372036854775808"], "22003"),
+        ("limit", vec!["2", "1.0"], "22P02"),
+    ];
+    for (name, values, want) in cases {
+        assert_eq!(bound_answer(&mut raw, name, &values).await, want, "{name}: {values:?}");
     }
     assert_eq!(count(&c).await, 4);
 }

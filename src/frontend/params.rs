@@ -1,8 +1,11 @@
 //! A Bind's parameter values, decoded for the types the plan infers. Date/time values
 //! sent as text — as pgbench (`-M prepared`), JDBC and most drivers send them, often
 //! with no type — are read as PostgreSQL reads them ([`crate::pg_datetime`]: a bare
-//! date, a `T`, fractions, zones, `infinity`; 22007 / 22008 otherwise); every other
-//! value by arrow-pg, whose text reader takes only one timestamp layout.
+//! date, a `T`, fractions, zones, `infinity`; 22007 / 22008 otherwise), and so are
+//! numbers for `numeric`, integer and float parameters ([`crate::pg_numeric`]:
+//! spaces, exponents, rounding to the column's scale, `Infinity`; 22P02 / 22003);
+//! every other value by arrow-pg, whose text readers take one timestamp layout and
+//! decimals of at most 28 digits without an exponent.
 //!
 //! Owns: which parameters are read here, and the scalar each becomes.
 
@@ -15,6 +18,7 @@ use pgwire::api::Type;
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 
 use crate::pg_datetime::{parse_date, parse_timestamp, DateTimeError, MINUS_INFINITY, PLUS_INFINITY};
+use crate::pg_numeric::{parse_decimal, parse_float, parse_int, NumericError};
 
 /// The parameters of `portal`, for the plan's `types` (one per parameter, if known).
 pub fn decode<S: Clone>(portal: &Portal<S>, types: &[Option<&DataType>]) -> PgWireResult<ParamValues> {
@@ -25,7 +29,12 @@ pub fn decode<S: Clone>(portal: &Portal<S>, types: &[Option<&DataType>]) -> PgWi
         }
         let Some(Some(bytes)) = portal.parameters.get(i) else { continue };
         let hint = portal.statement.parameter_types.get(i).cloned().flatten();
-        if let Some(v) = text_datetime(bytes, hint.as_ref(), types.get(i).copied().flatten())? {
+        let inferred = types.get(i).copied().flatten();
+        let v = match text_datetime(bytes, hint.as_ref(), inferred)? {
+            Some(v) => Some(v),
+            None => text_number(bytes, hint.as_ref(), inferred)?,
+        };
+        if let Some(v) = v {
             ours.push((i, v));
         }
     }
@@ -126,5 +135,62 @@ fn text_datetime(bytes: &[u8], hint: Option<&Type>, inferred: Option<&DataType>)
         _ if kind == Kind::Date => ScalarValue::Date32(Some(days())),
         _ if kind == Kind::TimestampTz => ScalarValue::TimestampMicrosecond(Some(us), Some("+00:00".into())),
         _ => ScalarValue::TimestampMicrosecond(Some(us), None),
+    }))
+}
+
+/// A text value read as a number: when the plan wants a decimal, an integer or a
+/// float and the client typed it as a number of that family or left it untyped. The
+/// client's integer or float type reads it (as PostgreSQL would), then it must fit the
+/// plan's. `None`: not such a parameter (arrow-pg reads it).
+fn text_number(bytes: &[u8], hint: Option<&Type>, inferred: Option<&DataType>) -> PgWireResult<Option<ScalarValue>> {
+    let untyped = hint.is_none_or(|t| *t == Type::UNKNOWN);
+    let int_hint = hint.and_then(|t| match *t {
+        Type::INT8 => Some(64),
+        Type::INT4 => Some(32),
+        Type::INT2 => Some(16),
+        _ => None,
+    });
+    let float_hint = hint.and_then(|t| match *t {
+        Type::FLOAT8 => Some(false),
+        Type::FLOAT4 => Some(true),
+        _ => None,
+    });
+    let text = String::from_utf8_lossy(bytes);
+    let fail = |e: NumericError, type_name: &str, p: u8, s: i8| user_error(e.sqlstate(), e.message(type_name, &text, p, s));
+    let int_name = |bits: u32| match bits {
+        64 => "bigint",
+        32 => "integer",
+        _ => "smallint",
+    };
+    Ok(Some(match inferred {
+        Some(DataType::Decimal128(p, s)) if untyped || hint == Some(&Type::NUMERIC) => {
+            ScalarValue::Decimal128(Some(parse_decimal(&text, *p, *s).map_err(|e| fail(e, "numeric", *p, *s))?), *p, *s)
+        }
+        Some(t @ (DataType::Int64 | DataType::Int32 | DataType::Int16)) if untyped || int_hint.is_some() => {
+            let want = match t {
+                DataType::Int64 => 64,
+                DataType::Int32 => 32,
+                _ => 16,
+            };
+            let read = int_hint.unwrap_or(want);
+            let v = parse_int(&text, read).map_err(|e| fail(e, int_name(read), 0, 0))?;
+            // Read as the client's type, then it must fit the plan's.
+            let v = parse_int(&v.to_string(), want).map_err(|e| fail(e, int_name(want), 0, 0))?;
+            match want {
+                64 => ScalarValue::Int64(Some(v)),
+                32 => ScalarValue::Int32(Some(v as i32)),
+                _ => ScalarValue::Int16(Some(v as i16)),
+            }
+        }
+        Some(t @ (DataType::Float64 | DataType::Float32)) if untyped || float_hint.is_some() => {
+            let single = float_hint.unwrap_or(*t == DataType::Float32);
+            let name = if single { "real" } else { "double precision" };
+            let v = parse_float(&text, single).map_err(|e| fail(e, name, 0, 0))?;
+            match t {
+                DataType::Float64 => ScalarValue::Float64(Some(v)),
+                _ => ScalarValue::Float32(Some(v as f32)),
+            }
+        }
+        _ => return Ok(None),
     }))
 }
