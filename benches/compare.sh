@@ -2,8 +2,9 @@
 # Side by side, on the same generated data: Tidemark, PostgreSQL 15 (btree index on
 # (entity_id, event_time), primary key on record_id) and DuckDB (in-process, Python).
 # Prints p50/p99 latency and throughput of the point query (pgbench, -M prepared, 1 and
-# 16 clients), the full-table aggregate, and Parquet/CSV ingestion rows per second, with
-# ratios. Not part of the tests.
+# 16 clients, two forms, 1-day and 7-day windows, Zipf-popular entities), the full-table aggregate, and Parquet/CSV ingestion rows per second, with
+# ratios; a sample of point-query answers is compared between the two servers before
+# anything is timed. Not part of the tests.
 #
 #   bash benches/compare.sh                 # 5 million rows, 20 s per point-query run
 #   ROWS=500000 DURATION=5 bash benches/compare.sh
@@ -73,30 +74,92 @@ t0=$(now_ms)
 t1=$(now_ms)
 TM_INGEST_MS=$((t1 - t0))
 
-cat > "$WORK/point.sql" <<'SQL'
-\set e random(0, 9999)
-SELECT sum(quantity) FROM usage WHERE entity_id = 'acct-' || lpad(:e::text, 5, '0') AND service = 'storage' AND operation = 'GetObject' AND event_time >= '2026-01-20 00:00:00' AND event_time < '2026-01-21 00:00:00';
+# Point queries, two forms, each over a 1-day and a 7-day window ending 2026-01-21:
+# - expr: entities drawn Zipf(1.1) over the 10,000 entities, the key built in SQL
+#   ('acct-' || lpad(:e::text, 5, '0')), literal times;
+# - plain: `entity_id = $1 AND service = $2 AND event_time >= $3 AND event_time < $4`,
+#   every value sent as untyped text as pgbench -M prepared sends them (dates like
+#   2026-01-20): POINT_ENTITIES entities (one script each, `-D` variables), weighted by
+#   Zipf(1.1) over their rank.
+POINT_ENTITIES=${POINT_ENTITIES:-100}
+declare -A LO=([1d]='2026-01-20' [7d]='2026-01-14')
+HI='2026-01-21'
+for w in 1d 7d; do
+  cat > "$WORK/point-expr-$w.sql" <<SQL
+\set e random_zipfian(0, 9999, 1.1)
+SELECT sum(quantity) FROM usage WHERE entity_id = 'acct-' || lpad(:e::text, 5, '0') AND service = 'storage' AND operation = 'GetObject' AND event_time >= '${LO[$w]} 00:00:00' AND event_time < '$HI 00:00:00';
 SQL
+done
+python3 - "$WORK" "$POINT_ENTITIES" <<'PY'
+import random, sys
+work, n = sys.argv[1], int(sys.argv[2])
+random.seed(7)
+ents = random.sample(range(10000), n)
+args = []
+for k, e in enumerate(ents):
+    w = max(1, round(1000 / (k + 1) ** 1.1))
+    with open(f"{work}/plain-{k}.sql", "w") as f:
+        f.write(f"SELECT sum(quantity) FROM usage WHERE entity_id = :e{k} AND service = :svc AND event_time >= :lo AND event_time < :hi;\n")
+    args.append(f"-f {work}/plain-{k}.sql@{w} -D e{k}=acct-{e:05d}")
+open(f"{work}/plain.args", "w").write(" ".join(args))
+open(f"{work}/plain.entities", "w").write(" ".join(f"acct-{e:05d}" for e in ents))
+PY
 cat > "$WORK/agg.sql" <<'SQL'
 SELECT service, date_trunc('day', event_time) AS day, sum(quantity) FROM usage GROUP BY 1, 2;
 SQL
 
-# run NAME PORT USER DB SCRIPT CLIENTS (duration-based) -> per-transaction log
+# run NAME PORT USER DB CLIENTS MODE SCRIPT-ARGS... (duration- or count-based) -> per-transaction log
 run_pgbench() {
-  local name=$1 port=$2 user=$3 db=$4 script=$5 clients=$6 mode=$7
+  local name=$1 port=$2 user=$3 db=$4 clients=$5 mode=$6
+  shift 6
   local dir="$WORK/log-$name"
   mkdir -p "$dir" && chmod 777 "$dir"
-  (cd "$dir" && pgbench -n -M prepared -h 127.0.0.1 -p "$port" -U "$user" "$db" -f "$script" \
+  (cd "$dir" && pgbench -n -M prepared -h 127.0.0.1 -p "$port" -U "$user" "$db" "$@" \
       -c "$clients" -j "$(( clients < 2 ? 1 : 2 ))" $mode -l --log-prefix=tx >/dev/null 2>"$dir/stderr" \
       || { echo "pgbench $name failed:"; cat "$dir/stderr"; exit 1; })
 }
 
+# Answers first: a sample of point queries (both forms' shapes, both windows, the
+# plain form's entities and Zipf-drawn ones) must give the same sums on both servers,
+# else nothing is timed.
+echo "== checking answers"
+python3 - "$WORK" "$PG_PORT" "$TM_PORT" "$HI" "${LO[1d]}" "${LO[7d]}" <<'PY'
+import psycopg, random, sys
+work, pg_port, tm_port, hi, lo1, lo7 = sys.argv[1:]
+ents = open(f"{work}/plain.entities").read().split()
+random.seed(3)
+ents = ents[:10] + ["acct-%05d" % random.randint(0, 9999) for _ in range(10)]
+pg = psycopg.connect(f"host=127.0.0.1 port={pg_port} user=postgres dbname=postgres", autocommit=True)
+tm = psycopg.connect(f"host=127.0.0.1 port={tm_port} user=tidemark dbname=tidemark", autocommit=True)
+plain = "SELECT sum(quantity)::text FROM usage WHERE entity_id = %s AND service = %s AND event_time >= %s AND event_time < %s"
+expr = "SELECT sum(quantity)::text FROM usage WHERE entity_id = 'acct-' || lpad(%s::text, 5, '0') AND service = 'storage' AND operation = 'GetObject' AND event_time >= %s::timestamp AND event_time < %s::timestamp"
+checked = nonnull = 0
+for e in ents:
+    for lo in (lo1, lo7):
+        for sql, args in ((plain, (e, "storage", lo, hi)), (expr, (str(int(e[5:])), lo, hi))):
+            a = pg.execute(sql, args).fetchone()[0]
+            b = tm.execute(sql, args).fetchone()[0]
+            norm = lambda v: None if v is None else format(__import__("decimal").Decimal(v).normalize(), "f")
+            if norm(a) != norm(b):
+                raise SystemExit(f"answers differ for {sql % args}: PostgreSQL {a}, Tidemark {b}")
+            checked += 1
+            nonnull += a is not None
+if nonnull < checked // 2:
+    raise SystemExit(f"only {nonnull} of {checked} sampled point queries found rows: the sample checks nothing")
+print(f"{checked} point queries give the same sums on both ({nonnull} with rows)")
+PY
+
 echo "== point query, aggregate"
 for sys in pg tm; do
   if [ $sys = pg ]; then port=$PG_PORT; user=postgres; db=postgres; else port=$TM_PORT; user=tidemark; db=tidemark; fi
-  run_pgbench "$sys-point-1" $port $user $db "$WORK/point.sql" 1 "-T $DURATION"
-  run_pgbench "$sys-point-16" $port $user $db "$WORK/point.sql" 16 "-T $DURATION"
-  run_pgbench "$sys-agg" $port $user $db "$WORK/agg.sql" 1 "-t 5"
+  for w in 1d 7d; do
+    for c in 1 16; do
+      run_pgbench "$sys-expr-$w-$c" $port $user $db $c "-T $DURATION" -f "$WORK/point-expr-$w.sql"
+      # shellcheck disable=SC2046
+      run_pgbench "$sys-plain-$w-$c" $port $user $db $c "-T $DURATION" $(cat "$WORK/plain.args") -D svc=storage -D lo="${LO[$w]}" -D hi="$HI"
+    done
+  done
+  run_pgbench "$sys-agg" $port $user $db 1 "-t 5" -f "$WORK/agg.sql"
 done
 
 python3 - "$WORK" "$ROWS" "$PG_INGEST_MS" "$TM_INGEST_MS" "$DURATION" <<'PY'
@@ -132,8 +195,9 @@ while time.time() < end:
 pts.sort()
 
 res = {}
+names = [f"{f}-{w}-{c}" for f in ("expr", "plain") for w in ("1d", "7d") for c in ("1", "16")] + ["agg"]
 for sysname in ("pg", "tm"):
-    res[sysname] = {k: lat(f"{sysname}-{k}") for k in ("point-1", "point-16", "agg")}
+    res[sysname] = {k: lat(f"{sysname}-{k}") for k in names}
 
 def row(label, pg, tm, duck=None, unit="ms", lower_better=True):
     # Ratios > 1 always mean Tidemark is better.
@@ -142,20 +206,23 @@ def row(label, pg, tm, duck=None, unit="ms", lower_better=True):
     dr = ""
     if duck is not None:
         dr = f"  DuckDB/Tidemark = {duck / tm:5.2f}x" if lower_better else f"  Tidemark/DuckDB = {tm / duck:5.2f}x"
-    print(f"{label:<34} {pg:12.2f} {tm:12.2f} {d}   {unit:<6} {how} = {ratio:6.2f}x{dr}")
+    print(f"{label:<44} {pg:12.2f} {tm:12.2f} {d}   {unit:<6} {how} = {ratio:6.2f}x{dr}")
 
 print()
-print(f"rows: {rows}; point-query runs: {duration:.0f} s each; pgbench -M prepared")
-print(f"{'':<34} {'PG 15':>12} {'Tidemark':>12} {'DuckDB':>10}")
-for c in ("1", "16"):
-    pg, tm = res["pg"][f"point-{c}"], res["tm"][f"point-{c}"]
-    duck50 = pts[len(pts)//2] if c == "1" else None
-    duck99 = pts[int(0.99*len(pts))] if c == "1" else None
-    row(f"point p50, {c} client(s)", pg[0], tm[0], duck50)
-    row(f"point p99, {c} client(s)", pg[1], tm[1], duck99)
-    row(f"point throughput, {c} client(s)", pg[2]/duration, tm[2]/duration, (len(pts)/min(duration,10)) if c == "1" else None, "q/s", lower_better=False)
+print(f"rows: {rows}; point-query runs: {duration:.0f} s each; pgbench -M prepared; entities Zipf(1.1)")
+print(f"{'':<44} {'PG 15':>12} {'Tidemark':>12} {'DuckDB':>10}")
+for f in ("expr", "plain"):
+    for w in ("1d", "7d"):
+        for c in ("1", "16"):
+            pg, tm = res["pg"][f"{f}-{w}-{c}"], res["tm"][f"{f}-{w}-{c}"]
+            one = c == "1" and f == "expr" and w == "1d"
+            duck50 = pts[len(pts)//2] if one else None
+            duck99 = pts[int(0.99*len(pts))] if one else None
+            row(f"point {f} {w} p50, {c} client(s)", pg[0], tm[0], duck50)
+            row(f"point {f} {w} p99, {c} client(s)", pg[1], tm[1], duck99)
+            row(f"point {f} {w} throughput, {c} client(s)", pg[2]/duration, tm[2]/duration, (len(pts)/min(duration,10)) if one else None, "q/s", lower_better=False)
 pg, tm = res["pg"]["agg"], res["tm"]["agg"]
 row("full aggregate (median of 5)", pg[0], tm[0], statistics.median(aggs))
 row("ingestion", rows/(pg_ms/1000), rows/(tm_ms/1000), rows/duck_ingest, "rows/s", lower_better=False)
-print("(every ratio > 1 means Tidemark is better; DuckDB runs in-process, without a network hop)")
+print("(every ratio > 1 means Tidemark is better; DuckDB runs in-process, without a network hop, its point query on uniform entities)")
 PY

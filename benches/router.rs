@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use datafusion::prelude::{col, lit};
 use datafusion::scalar::ScalarValue;
-use tidemark::planner::shard_key;
+use tidemark::shard_key;
 use tidemark::router::{self, LoadSnapshot, PipelineLoad};
 use tidemark::shard_map::{shard_of, PipelineId, ShardMap};
 

@@ -33,7 +33,7 @@ use crate::ingest::{self, CsvStream, DECODE_BATCH_ROWS};
 use crate::session::CopyFormat;
 use crate::storage::bulk::BulkAppend;
 use crate::storage::{AppendOutcome, Storage};
-use crate::write_stage::WriteStage;
+use crate::storage::write_stage::WriteStage;
 
 /// CSV input gathered before it is decoded (fewer, larger decoder calls).
 const CSV_PIECE_BYTES: usize = 1 << 20;

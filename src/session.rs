@@ -30,11 +30,11 @@ use crate::error::{Error, Result};
 use crate::ingest::{self, CsvOptions};
 use crate::node::Node;
 use crate::planner::generic::GenericPlan;
-use crate::planner::shard_key;
+use crate::shard_key;
 use crate::query_log::{self, QueryLogEntry};
 use crate::storage::provider::ScanReport;
 use crate::storage::AppendOutcome;
-use crate::write_stage::WriteStage;
+use crate::storage::write_stage::WriteStage;
 use crate::write_token::TokenCell;
 use crate::copy_in::{CopyContext, CopySink};
 

@@ -8,7 +8,7 @@
 //! `node::EXEC_STACK_BYTES`); the connection's task forwards their rows and stops them
 //! on a CancelRequest, at the statement timeout, or when the client goes away
 //! (`interrupt`). A multi-statement simple query is one implicit transaction: its
-//! writes are held (`write_stage`) and stored only if every statement succeeded.
+//! writes are held (`storage::write_stage`) and stored only if every statement succeeded.
 //! Must never: end a connection because a statement failed (errors become
 //! ErrorResponse messages), or accept more connections than `connections_max`.
 
@@ -55,7 +55,7 @@ use tokio::net::TcpListener;
 use crate::error::Error;
 use crate::interrupt::{self, CancelRegistry, CancelSlot, Probe, Registration, Stop};
 use crate::node::Node;
-use crate::write_stage::WriteStage;
+use crate::storage::write_stage::WriteStage;
 use crate::planner::generic::GenericPlan;
 use crate::copy_in::CopySink;
 use crate::session::{statement_kind, CopyIn, Outcome, Session, SessionInfo};

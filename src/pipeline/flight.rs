@@ -23,7 +23,7 @@ use arrow_flight::{
 use bytes::Bytes;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
-use crate::planner::generic::FragmentCodec;
+use super::codec::FragmentCodec;
 use futures::{Stream, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 

@@ -9,6 +9,7 @@
 //! Must never: let a fragment wait in an unbounded queue, or count a pipeline's
 //! request as finished before its stream ends.
 
+pub mod codec;
 pub mod flight;
 pub mod local;
 pub mod remote;

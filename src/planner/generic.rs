@@ -28,12 +28,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::common::ParamValues;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::expr::{Placeholder, ScalarFunction};
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, LogicalPlan, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
-};
+use datafusion::logical_expr::{Expr, LogicalPlan, ScalarUDF, Volatility};
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::optimizer::eliminate_filter::EliminateFilter;
@@ -44,7 +42,8 @@ use datafusion::optimizer::simplify_expressions::SimplifyExpressions;
 use datafusion::optimizer::{Optimizer, OptimizerContext, OptimizerRule};
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::param_udf::{ParamSlot, ParamUdf};
 use crate::planner::fragment::DistributeExec;
 use crate::storage::provider::{DeferScans, DeferredScanExec};
 
@@ -452,135 +451,3 @@ fn with_param_functions(plan: &LogicalPlan, types: &[DataType], values: &Arc<Par
     Ok((!missing).then_some(replaced.data))
 }
 
-/// The values bound to the execution of a reused plan that is running now.
-#[derive(Debug, Default)]
-pub struct ParamSlot(parking_lot::RwLock<Vec<ScalarValue>>);
-
-impl ParamSlot {
-    fn set(&self, values: Vec<ScalarValue>) {
-        *self.0.write() = values;
-    }
-
-    fn get(&self, index: usize) -> datafusion::common::Result<ScalarValue> {
-        self.0.read().get(index).cloned().ok_or_else(|| {
-            datafusion::error::DataFusionError::from(Error::Internal(format!("no value bound for ${}", index + 1)))
-        })
-    }
-}
-
-/// `$n` in a reused physical plan: a constant for one execution, read from the plan's
-/// [`ParamSlot`]. Stable, not volatile: it may be pushed into scans like a literal.
-#[derive(Debug)]
-pub struct ParamUdf {
-    index: usize,
-    name: String,
-    data_type: DataType,
-    values: Arc<ParamSlot>,
-    signature: Signature,
-}
-
-impl ParamUdf {
-    fn new(index: usize, data_type: DataType, values: Arc<ParamSlot>) -> ParamUdf {
-        ParamUdf { index, name: format!("${}", index + 1), data_type, values, signature: Signature::nullary(Volatility::Stable) }
-    }
-
-    /// A parameter whose value is fixed: how a fragment's `$n` arrives at another node.
-    fn constant(name: &str, value: ScalarValue) -> ParamUdf {
-        let data_type = value.data_type();
-        let values = Arc::new(ParamSlot::default());
-        values.set(vec![value]);
-        ParamUdf { index: 0, name: name.to_string(), data_type, values, signature: Signature::nullary(Volatility::Stable) }
-    }
-
-    /// The value bound to this parameter for the running execution.
-    pub fn value(&self) -> datafusion::common::Result<ScalarValue> {
-        self.values.get(self.index)
-    }
-}
-
-impl PartialEq for ParamUdf {
-    fn eq(&self, other: &Self) -> bool {
-        self.index == other.index && self.data_type == other.data_type && Arc::ptr_eq(&self.values, &other.values)
-    }
-}
-impl Eq for ParamUdf {}
-impl std::hash::Hash for ParamUdf {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.index.hash(state);
-        self.data_type.hash(state);
-    }
-}
-
-impl ScalarUDFImpl for ParamUdf {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _args: &[DataType]) -> datafusion::common::Result<DataType> {
-        Ok(self.data_type.clone())
-    }
-
-    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> datafusion::common::Result<ColumnarValue> {
-        Ok(ColumnarValue::Scalar(self.value()?))
-    }
-}
-
-const PARAM_TAG: &[u8] = b"TMP1";
-
-/// The codec of fragments sent to other nodes: a [`ParamUdf`] call travels as the value
-/// bound to it for the running execution and arrives as a constant; a replica scan
-/// ([`crate::storage::replica_scan`]) as its table, shard and interval; plans and other
-/// functions as datafusion-proto encodes them by default.
-#[derive(Debug, Default)]
-pub struct FragmentCodec;
-
-impl datafusion_proto::physical_plan::PhysicalExtensionCodec for FragmentCodec {
-    fn try_decode(
-        &self,
-        buf: &[u8],
-        inputs: &[Arc<dyn ExecutionPlan>],
-        ctx: &datafusion::execution::TaskContext,
-        converter: &dyn datafusion_proto::physical_plan::PhysicalProtoConverterExtension,
-    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        if let Some(replica) = crate::storage::replica_scan::ReplicaScanExec::decode(buf, inputs) {
-            return replica;
-        }
-        datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {}.try_decode(buf, inputs, ctx, converter)
-    }
-
-    fn try_encode(
-        &self,
-        node: Arc<dyn ExecutionPlan>,
-        buf: &mut Vec<u8>,
-        converter: &dyn datafusion_proto::physical_plan::PhysicalProtoConverterExtension,
-    ) -> datafusion::common::Result<()> {
-        if let Some(replica) = node.downcast_ref::<crate::storage::replica_scan::ReplicaScanExec>() {
-            return replica.encode(buf);
-        }
-        datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {}.try_encode(node, buf, converter)
-    }
-
-    fn try_decode_udf(&self, name: &str, buf: &[u8]) -> datafusion::common::Result<Arc<ScalarUDF>> {
-        use datafusion_proto::bytes::Serializeable;
-        let Some(value) = buf.strip_prefix(PARAM_TAG) else {
-            return Err(Error::InvalidParameter(format!("unknown function {name} in a fragment")).into());
-        };
-        match Expr::from_bytes(value)? {
-            Expr::Literal(v, _) => Ok(Arc::new(ScalarUDF::new_from_impl(ParamUdf::constant(name, v)))),
-            other => Err(Error::InvalidParameter(format!("parameter {name} of a fragment is not a value: {other}")).into()),
-        }
-    }
-
-    fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> datafusion::common::Result<()> {
-        use datafusion_proto::bytes::Serializeable;
-        if let Some(p) = node.inner().downcast_ref::<ParamUdf>() {
-            buf.extend_from_slice(PARAM_TAG);
-            buf.extend_from_slice(&Expr::Literal(p.value()?, None).to_bytes()?);
-        }
-        Ok(())
-    }
-}

@@ -1,7 +1,7 @@
-//! Planning helpers that sit between DataFusion's logical plan and Tidemark's storage:
-//! what a query's predicates say about shard keys and time.
+//! Planning helpers that sit between DataFusion's plans and Tidemark's pipelines:
+//! fragmenting, generic plans of prepared statements, yield points. (What a query's
+//! predicates say about shard keys and time is `crate::shard_key`, below storage.)
 
-pub mod shard_key;
 pub mod fragment;
 pub mod generic;
 pub mod yield_points;

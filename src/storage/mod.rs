@@ -25,6 +25,7 @@ pub mod provider;
 pub mod replica_scan;
 pub mod segment;
 pub mod wal;
+pub mod write_stage;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};

@@ -35,7 +35,7 @@ use crate::catalog::TableDef;
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::ingest;
-use crate::planner::shard_key::{self, KeySet, TimeRange};
+use crate::shard_key::{self, KeySet, TimeRange};
 use crate::shard_map::{shard_of, ShardId};
 
 /// What the scans of one statement touched; put into the session config by the caller
@@ -281,7 +281,7 @@ fn plan_scan(
 /// The scan of a reused plan: its filters hold parameters (`$n`), bound per execution,
 /// so the segments to read, the write buffer's matching rows and the Parquet predicate
 /// are chosen when it runs ([`DeferredScanExec::resolve`]), from the manifest and buffer
-/// of that moment. Never executed itself: the [`crate::planner::fragment::DistributeExec`]
+/// of that moment. Never executed itself: the `DistributeExec` (planner::fragment)
 /// above it resolves it and runs the result.
 #[derive(Debug)]
 pub struct DeferredScanExec {
@@ -497,7 +497,7 @@ const FOLD_PREFIX: &str = "tidemark_fold";
 fn fold_templates(filters: &[Expr]) -> DfResult<(Vec<Expr>, Vec<Arc<dyn PhysicalExpr>>)> {
     use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::expr::Placeholder;
-    let is_param = |e: &Expr| matches!(e, Expr::ScalarFunction(f) if f.func.inner().is::<crate::planner::generic::ParamUdf>());
+    let is_param = |e: &Expr| matches!(e, Expr::ScalarFunction(f) if f.func.inner().is::<crate::param_udf::ParamUdf>());
     let empty = datafusion::common::DFSchema::empty();
     let props = datafusion::execution::context::ExecutionProps::new();
     let mut folds = Vec::new();
@@ -637,7 +637,7 @@ impl TableProvider for SegmentTable {
             Some(p) => Arc::new(self.def.schema.project(p)?),
             None => Arc::clone(&self.def.schema),
         };
-        if let Some(stage) = state.config().get_extension::<crate::write_stage::WriteStage>() {
+        if let Some(stage) = state.config().get_extension::<crate::storage::write_stage::WriteStage>() {
             stage.check_read(&self.def.name)?;
         }
         let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
@@ -732,7 +732,7 @@ impl DataSink for SegmentSink {
         let batches: Vec<_> = data.try_collect().await?;
         let rows = ingest::conform_all(&self.def, &batches, self.clock.now_us())?;
         // Inside a multi-statement query the rows wait for its end (implicit transaction).
-        let outcome = match ctx.session_config().get_extension::<crate::write_stage::WriteStage>() {
+        let outcome = match ctx.session_config().get_extension::<crate::storage::write_stage::WriteStage>() {
             Some(stage) => stage.stage(&self.storage, &self.def, rows)?,
             None => {
                 let o = self.storage.append(&self.def, rows).await?;

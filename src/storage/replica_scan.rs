@@ -36,7 +36,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Pla
 use super::provider::{buffered_rows, BufferExec};
 use super::Storage;
 use crate::error::Error;
-use crate::planner::shard_key::TimeRange;
+use crate::shard_key::TimeRange;
 use crate::shard_map::ShardId;
 
 /// What travels in the ticket besides the gateway's scan (`TMR1` + this, as JSON).

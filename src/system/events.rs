@@ -196,7 +196,7 @@ impl DataSink for EventsSink {
 /// query (its implicit transaction): such a write is refused rather than kept when a
 /// later statement fails.
 fn refuse_staged(config: &datafusion::prelude::SessionConfig) -> DfResult<()> {
-    if config.get_extension::<crate::write_stage::WriteStage>().is_some() {
+    if config.get_extension::<crate::storage::write_stage::WriteStage>().is_some() {
         return Err(crate::error::Error::NotSupported(
             "writes to system.events inside a multi-statement query; send them as their own statements".into(),
         )

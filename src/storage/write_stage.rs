@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use crate::catalog::TableDef;
 use crate::error::{Error, Result};
-use crate::storage::{AppendOutcome, Storage};
+use super::{AppendOutcome, Storage};
 use crate::write_token::TokenCell;
 
 /// The staged writes of one query message. Travels to the INSERT sink and to scans as
