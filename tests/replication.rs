@@ -217,9 +217,13 @@ async fn writer(writer: usize, url: String, stop: Arc<AtomicBool>, history: Arc<
             let q = format!("SELECT record_id FROM usage WHERE record_id LIKE 's{writer}-%'");
             // A read that fails (57P03: the replica is behind past read_wait_ms_max)
             // saw nothing and is not a read of the history.
-            if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(15), c.query(q.as_str(), &[])).await {
-                let saw = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-                history.lock().reads.push(ReadOp { session, start_us, saw });
+            match tokio::time::timeout(Duration::from_secs(15), c.query(q.as_str(), &[])).await {
+                Ok(Ok(rows)) => {
+                    let saw = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+                    history.lock().reads.push(ReadOp { session, start_us, saw });
+                }
+                Ok(Err(e)) => println!("writer {writer}: a read failed after {} ms: {e:?}", (t0.elapsed().as_micros() as u64 - start_us) / 1000),
+                Err(_) => println!("writer {writer}: a read gave no answer within 15 s"),
             }
         }
     }
@@ -771,7 +775,7 @@ impl Containers {
         docker_ok(&[
             "run", "-d", "--name", &self.names[i], "--network", &self.network, "--ip", &self.ips[i], "-p", &port, "-v", &data,
             "-e", "TIDEMARK_LOG=warn", &self.image, "serve", "--data-dir", "/data", "--listen", "0.0.0.0:5433", "--node-id", &node_id,
-            "--internal-addr", &internal, "--peers", &peers.join(","), "--pipelines", "1",
+            "--internal-addr", &internal, "--peers", &peers.join(","), "--pipelines", "1", "--peer-pipelines", "1",
         ]);
     }
 }

@@ -176,7 +176,10 @@ impl FragmentService {
             .cluster
             .pipeline(id)
             .filter(|p| p.is_local())
-            .ok_or_else(|| Error::InvalidParameter(format!("this node has no pipeline {id}")))?;
+            // The sender's view of this node's pipelines is wrong (`peer_pipelines`, or a
+            // pipeline the autoscaler stopped): for it, that pipeline is unavailable, so
+            // it avoids it and reruns the fragment elsewhere.
+            .ok_or_else(|| Error::PipelineUnavailable { pipeline: id.to_string(), reason: format!("node {} has no pipeline {id}", self.cluster.node_id()) })?;
         pipeline.run(Fragment { query_id: header.query_id, shard: header.shard, plan, alone: false, read_after: None }, task_ctx).await
     }
 }
