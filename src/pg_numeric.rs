@@ -147,6 +147,12 @@ pub fn parse_int(text: &str, bits: u32) -> Result<i64, NumericError> {
     Ok(v as i64)
 }
 
+/// `v` if it is an integer of `bits` (16, 32 or 64) bits.
+pub fn int_of_width(v: i64, bits: u32) -> Result<i64, NumericError> {
+    let (lo, hi) = (-(1i128 << (bits - 1)), (1i128 << (bits - 1)) - 1);
+    if (lo..=hi).contains(&i128::from(v)) { Ok(v) } else { Err(NumericError::Range) }
+}
+
 /// Reads `text` as a `double precision` (or, with `single`, a `real`).
 pub fn parse_float(text: &str, single: bool) -> Result<f64, NumericError> {
     let t = text.trim_matches(is_space);

@@ -336,9 +336,11 @@ impl Session {
         }
         // A peer's replica that runs one of the statement's fragments applies the
         // session's writes to that shard first.
-        let token = self.tokens.get();
-        if !token.is_empty() {
-            tracker.report.set_read_after(token);
+        if self.node.cluster().replicated_reads() {
+            let token = self.tokens.get();
+            if !token.is_empty() {
+                tracker.report.set_read_after(token);
+            }
         }
         if let Statement::Copy { source, to, target, options, legacy_options, .. } = stmt {
             self.read_barrier(|| to.then_some(None)).await?;

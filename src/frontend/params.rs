@@ -18,7 +18,7 @@ use pgwire::api::Type;
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 
 use crate::pg_datetime::{parse_date, parse_timestamp, DateTimeError, MINUS_INFINITY, PLUS_INFINITY};
-use crate::pg_numeric::{parse_decimal, parse_float, parse_int, NumericError};
+use crate::pg_numeric::{int_of_width, parse_decimal, parse_float, parse_int, NumericError};
 
 /// The parameters of `portal`, for the plan's `types` (one per parameter, if known).
 pub fn decode<S: Clone>(portal: &Portal<S>, types: &[Option<&DataType>]) -> PgWireResult<ParamValues> {
@@ -175,7 +175,7 @@ fn text_number(bytes: &[u8], hint: Option<&Type>, inferred: Option<&DataType>) -
             let read = int_hint.unwrap_or(want);
             let v = parse_int(&text, read).map_err(|e| fail(e, int_name(read), 0, 0))?;
             // Read as the client's type, then it must fit the plan's.
-            let v = parse_int(&v.to_string(), want).map_err(|e| fail(e, int_name(want), 0, 0))?;
+            let v = int_of_width(v, want).map_err(|e| fail(e, int_name(want), 0, 0))?;
             match want {
                 64 => ScalarValue::Int64(Some(v)),
                 32 => ScalarValue::Int32(Some(v as i32)),

@@ -158,8 +158,8 @@ impl FragmentService {
             &FragmentCodec,
         )
         .map_err(|e| Error::InvalidParameter(format!("malformed fragment plan: {e}")))?;
-        let plan = if crate::storage::replica_scan::contains(&plan) {
-            let shards = crate::storage::replica_scan::shards(&plan);
+        let shards = crate::storage::replica_scan::shards(&plan);
+        let plan = if !shards.is_empty() {
             let (Some(shard), true) = (header.shard, shards.iter().all(|s| Some(*s) == header.shard)) else {
                 return Err(Error::InvalidParameter(format!("a fragment of shard {:?} reads replicas of shards {shards:?}", header.shard)));
             };

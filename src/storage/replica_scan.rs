@@ -159,12 +159,7 @@ fn scan_config(input: &Arc<dyn ExecutionPlan>) -> DfResult<&FileScanConfig> {
     Ok(config)
 }
 
-/// True when `plan` has a [`ReplicaScanExec`].
-pub fn contains(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    plan.is::<ReplicaScanExec>() || plan.children().into_iter().any(contains)
-}
-
-/// The shards `plan`'s replica scans read.
+/// The shards `plan`'s replica scans read (none: it has no replica scan).
 pub fn shards(plan: &Arc<dyn ExecutionPlan>) -> std::collections::BTreeSet<ShardId> {
     let mut out = std::collections::BTreeSet::new();
     fn walk(p: &Arc<dyn ExecutionPlan>, out: &mut std::collections::BTreeSet<ShardId>) {
