@@ -56,6 +56,8 @@ pub struct Node {
     clock: Clock,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     plans: crate::planner::generic::PlanCounters,
+    /// Prepared statements shared by the connections (by query text).
+    statements: crate::planner::shared::SharedStatements,
     copy_paths: crate::export::CopyPaths,
     exec: ExecRuntime,
 }
@@ -170,6 +172,7 @@ impl Node {
             cluster,
             background: Mutex::new(Vec::new()),
             plans: Default::default(),
+            statements: Default::default(),
             copy_paths,
             exec,
             parser: PostgresCompatibilityParser::new(),
@@ -337,6 +340,11 @@ impl Node {
     /// How prepared statements' Executes were planned on this node.
     pub fn plan_counters(&self) -> &crate::planner::generic::PlanCounters {
         &self.plans
+    }
+
+    /// Prepared statements shared by this node's connections.
+    pub fn shared_statements(&self) -> &crate::planner::shared::SharedStatements {
+        &self.statements
     }
 
     pub fn statement_timeout(&self) -> Option<Duration> {

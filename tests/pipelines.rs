@@ -368,7 +368,7 @@ async fn reused_plans_read_your_writes() {
 /// second Execute while the first one's rows are still being read is planned the other
 /// way, and both answer right; afterwards the plan is reused again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_busy_reused_plan_is_not_shared() {
+async fn a_busy_reused_plan_is_not_shared_a_concurrent_execute_gets_a_copy_of_its_own() {
     use futures::StreamExt;
     use tidemark::session::{Outcome, Session, SessionInfo};
     let (n, _) = loaded(|c| c.pipelines = Some(2)).await;
@@ -405,7 +405,11 @@ async fn a_busy_reused_plan_is_not_shared() {
     let (r0, b0) = (load(&counters.reused), load(&counters.bound));
     let mut first = run(entity_id(1)).await;
     let second = run(entity_id(2)).await;
-    assert_eq!((load(&counters.reused) - r0, load(&counters.bound) - b0), (1, 1), "the second Execute must not share the busy plan");
+    assert_eq!(
+        (load(&counters.reused) - r0, load(&counters.bound) - b0),
+        (2, 0),
+        "the second Execute runs a copy of its own, not the busy one"
+    );
     let got2 = count_of(second.collect::<Vec<_>>().await.remove(0).unwrap());
     let got1 = count_of(first.next().await.unwrap().unwrap());
     drop(first);
@@ -413,8 +417,78 @@ async fn a_busy_reused_plan_is_not_shared() {
     assert_eq!(got2, want(entity_id(2)).await);
     assert!(got1 != got2 || got1 > 0);
     let third = run(entity_id(3)).await;
-    assert_eq!(load(&counters.reused) - r0, 2, "a plan handed back is reused");
+    assert_eq!(load(&counters.reused) - r0, 3, "a copy handed back is reused");
     assert_eq!(count_of(third.collect::<Vec<_>>().await.remove(0).unwrap()), want(entity_id(3)).await);
+
+    // At most COPIES_MAX executions hold a copy at once; one more is planned the other way.
+    let (r1, b1) = (load(&counters.reused), load(&counters.bound));
+    let mut held = Vec::new();
+    for i in 0..tidemark::planner::generic::COPIES_MAX as u32 {
+        held.push((i, run(entity_id(i)).await));
+    }
+    let beyond = run(entity_id(7)).await;
+    assert_eq!(
+        (load(&counters.reused) - r1, load(&counters.bound) - b1),
+        (tidemark::planner::generic::COPIES_MAX as u64, 1),
+        "copies are bounded"
+    );
+    assert_eq!(count_of(beyond.collect::<Vec<_>>().await.remove(0).unwrap()), want(entity_id(7)).await);
+    for (i, s) in held.into_iter().rev() {
+        assert_eq!(count_of(s.collect::<Vec<_>>().await.remove(0).unwrap()), want(entity_id(i)).await, "entity {i}");
+    }
+}
+
+/// Connections that prepare the same text share one prepared statement
+/// (`planner::shared`): planned once per node, each concurrent Execute on a copy of
+/// its own physical plan, and every connection gets its own values' answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_preparing_one_text_share_its_plan_and_keep_their_own_answers() {
+    let (n, _) = loaded(|c| c.pipelines = Some(2)).await;
+    let sql = "SELECT count(*), sum(quantity) FROM usage WHERE entity_id = $1 AND event_time >= $2";
+    let since = chrono::NaiveDate::from_ymd_opt(2026, 1, 10).unwrap().and_hms_opt(0, 0, 0).unwrap();
+    let c = n.client().await;
+    let mut want = std::collections::HashMap::new();
+    for e in 0..40u32 {
+        let r = rows_of(&c, &format!("SELECT count(*), sum(quantity) FROM usage WHERE entity_id = '{}' AND event_time >= '{since}'", entity_id(e))).await;
+        want.insert(e, r[0].clone());
+    }
+    assert!(want.values().filter(|r| r[0] != "0").count() >= 10, "too few entities with rows to tell answers apart");
+    let (shared0, hits0) = (n.node.shared_statements().len(), n.node.shared_statements().hits());
+    let counters = n.node.plan_counters();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (reused0, bound0, planned0) = (load(&counters.reused), load(&counters.bound), load(&counters.planned));
+    let (clients, rounds) = (6u32, 30u32);
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let client = n.client().await;
+        // Prepared one connection after another (the executions run concurrently).
+        let stmt = client.prepare(sql).await.unwrap();
+        let want = want.clone();
+        tasks.push(tokio::spawn(async move {
+            for r in 0..rounds {
+                let e = (k * 7 + r * 3) % 40;
+                let row = client.query_one(&stmt, &[&entity_id(e), &since]).await.unwrap();
+                let count: i64 = row.get(0);
+                let sum: Option<rust_decimal::Decimal> = row.get(1);
+                let got = vec![count.to_string(), sum.map(|d| d.normalize().to_string()).unwrap_or_default()];
+                let w = &want[&e];
+                let w = vec![w[0].clone(), if w[1].is_empty() { String::new() } else { w[1].parse::<rust_decimal::Decimal>().unwrap().normalize().to_string() }];
+                assert_eq!(got, w, "client {k}, round {r}, entity {e}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(n.node.shared_statements().len(), shared0 + 1, "one text, one shared statement");
+    // Every connection after the first found the statement the first one prepared.
+    assert_eq!(n.node.shared_statements().hits() - hits0, u64::from(clients) - 1, "prepares answered from the shared statement");
+    let executes = u64::from(clients * rounds);
+    assert_eq!(
+        (load(&counters.reused) - reused0, load(&counters.bound) - bound0, load(&counters.planned) - planned0),
+        (executes, 0, 0),
+        "every Execute ran a copy of the shared physical plan"
+    );
 }
 
 /// The read-your-writes barrier waits only for the shards a statement may read: those

@@ -64,8 +64,8 @@ use crate::session::{statement_kind, CopyIn, Outcome, Session, SessionInfo};
 #[derive(Clone, Debug)]
 pub struct Prepared {
     sql: String,
-    stmt: Option<Statement>,
-    plan: Option<LogicalPlan>,
+    stmt: Option<Arc<Statement>>,
+    plan: Option<Arc<LogicalPlan>>,
     /// Planned by a datafusion-postgres hook (SET, SHOW, BEGIN, ...).
     hooked: bool,
     /// Parameter types in `$1, $2, ...` order.
@@ -555,6 +555,27 @@ impl QueryParser for PreparedParser {
         C: ClientInfo + Unpin + Send + Sync,
     {
         let info = session_info(client);
+        // Prepared by another connection (or this one) before: parsed and planned once
+        // per node (`planner::shared`). The hooks still see it, as they would a new one.
+        if let Some(shared) = self.node.shared_statements().get(sql) {
+            let mut hooked = false;
+            for hook in &self.hooks {
+                if hook.handle_extended_parse_query(&shared.stmt, self.node.context(), client).await.is_some() {
+                    hooked = true;
+                    break;
+                }
+            }
+            if !hooked {
+                return Ok(Some(Prepared {
+                    sql: sql.to_string(),
+                    stmt: Some(Arc::clone(&shared.stmt)),
+                    plan: Some(Arc::clone(&shared.plan)),
+                    hooked: false,
+                    param_types: shared.param_types.clone(),
+                    generic: Arc::clone(&shared.generic),
+                }));
+            }
+        }
         let session = Session::new(Arc::clone(&self.node), info.clone());
         let mut statements: Vec<Statement> = match parse_checked(&self.node, sql).await {
             Ok(s) => s.into_iter().map(|(s, _)| s).collect(),
@@ -575,7 +596,14 @@ impl QueryParser for PreparedParser {
         for hook in &self.hooks {
             if let Some(plan) = hook.handle_extended_parse_query(&stmt, self.node.context(), client).await {
                 let plan = plan?;
-                return Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan: Some(plan), hooked: true, param_types: vec![], generic: Arc::default() }));
+                return Ok(Some(Prepared {
+                    sql: sql.to_string(),
+                    stmt: Some(Arc::new(stmt)),
+                    plan: Some(Arc::new(plan)),
+                    hooked: true,
+                    param_types: vec![],
+                    generic: Arc::default(),
+                }));
             }
         }
         // Planned on the execution runtime (deep plans recurse).
@@ -596,7 +624,28 @@ impl QueryParser for PreparedParser {
             .map_err(|e| to_pg(&Error::Internal(format!("planning failed: {e}"))))?;
         match planned {
             (stmt, Ok((plan, param_types))) => {
-                Ok(Some(Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types, generic: Arc::default() }))
+                let stmt = Arc::new(stmt);
+                let plan = plan.map(Arc::new);
+                let shared = plan.as_ref().and_then(|p| {
+                    let s = crate::planner::shared::SharedStatement {
+                        stmt: Arc::clone(&stmt),
+                        plan: Arc::clone(p),
+                        param_types: param_types.clone(),
+                        generic: Arc::default(),
+                    };
+                    self.node.shared_statements().insert(sql, s)
+                });
+                Ok(Some(match shared {
+                    Some(s) => Prepared {
+                        sql: sql.to_string(),
+                        stmt: Some(Arc::clone(&s.stmt)),
+                        plan: Some(Arc::clone(&s.plan)),
+                        hooked: false,
+                        param_types: s.param_types.clone(),
+                        generic: Arc::clone(&s.generic),
+                    },
+                    None => Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types, generic: Arc::default() },
+                }))
             }
             (_, Err(e)) => {
                 session.record_failure(sql, &e);
@@ -617,7 +666,7 @@ impl QueryParser for PreparedParser {
 
     fn get_result_schema(&self, stmt: &Prepared, format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
         match (&stmt.plan, &stmt.stmt) {
-            (Some(plan), Some(parsed)) if !matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => {
+            (Some(plan), Some(parsed)) if !matches!(**plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => {
                 let schema = crate::session::pg_schema(parsed, Arc::new(plan.schema().as_arrow().clone()));
                 arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format.unwrap_or(&Format::UnifiedText), None)
             }
@@ -806,7 +855,7 @@ impl ExtendedQueryHandler for Frontend {
             }
         };
         if prepared.hooked {
-            let plan = prepared.plan.clone().unwrap_or_else(|| LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
+            let plan = prepared.plan.as_deref().cloned().unwrap_or_else(|| LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
                 produce_one_row: false,
                 schema: Arc::new(datafusion::common::DFSchema::empty()),
             }));
@@ -827,8 +876,8 @@ impl ExtendedQueryHandler for Frontend {
         }
         let session = conn.session.with_timeout(statement_timeout(client)).with_routing(settings::routing_policy(client));
         let mut stop = self.stop(&conn, client);
-        let (sql, stmt, plan, generic) = (prepared.sql.clone(), stmt.clone(), prepared.plan.clone(), Arc::clone(&prepared.generic));
-        let work = async move { session.execute(&sql, &stmt, plan.as_ref(), Some(params), Some(&generic)).await };
+        let (sql, stmt, plan, generic) = (prepared.sql.clone(), Arc::clone(stmt), prepared.plan.clone(), Arc::clone(&prepared.generic));
+        let work = async move { session.execute(&sql, &stmt, plan.as_deref(), Some(params), Some(&generic)).await };
         match interrupt::run(&self.node.exec(), &mut stop, work).await {
             Ok(outcome) => match self.respond(client, &conn, outcome, &portal.result_column_format, stop).await {
                 Response::Error(info) => Err(PgWireError::UserError(info)),
@@ -1024,7 +1073,7 @@ fn check_bind(
         return Err(violation("08P01", format!("bind message has {formats} parameter formats but {given} parameters")));
     }
     let columns = match (&stmt.statement.plan, &stmt.statement.stmt) {
-        (Some(plan), Some(_)) if !matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => Some(plan.schema().fields().len()),
+        (Some(plan), Some(_)) if !matches!(**plan, LogicalPlan::Dml(_) | LogicalPlan::Ddl(_)) => Some(plan.schema().fields().len()),
         _ => None,
     };
     let results = bind.result_column_format_codes.len();

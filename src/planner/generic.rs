@@ -19,8 +19,11 @@
 //! is reused only if every node in it is one whose state [`reset_plan_states`] renews
 //! (fresh metrics and operator state per execution), its only sources are deferred scans
 //! of segments or constant rows (a system table's rows are read at planning), and dynamic
-//! filters are off (they live in the plan between executions). One execution at a time
-//! uses it (the values live in it); a second, concurrent one is planned the other way.
+//! filters are off (they live in the plan between executions). Each execution uses a
+//! copy of its own (the values live in it), built when no idle copy exists, at most
+//! [`COPIES_MAX`] of them; an execution beyond that is planned the other way. A
+//! statement text is prepared once per node, whatever the connections that prepare it
+//! ([`super::shared`]), so its copies serve them all.
 //!
 //! [`DeferredScanExec`]: crate::storage::provider::DeferredScanExec
 
@@ -71,18 +74,23 @@ pub struct PlanCounters {
     pub planned: std::sync::atomic::AtomicU64,
 }
 
-/// The reusable physical plan of a statement, for one set of parameter types.
+/// The reusable physical plans of a statement, for one set of parameter types.
 #[derive(Debug, Default)]
 enum Physical {
     #[default]
     Untried,
     /// Not reusable for these types (see the module documentation).
     Unusable(Vec<DataType>),
-    /// Ready for the next execution.
-    Idle(Vec<DataType>, Reusable),
-    /// An execution holds it; it comes back when that execution's stream is dropped.
-    Busy(Vec<DataType>),
+    /// Copies of the plan for these types: those ready for the next execution, and how
+    /// many executions hold (or are building) one. Each execution has a copy to itself
+    /// (the values live in it); a statement shared by several connections
+    /// ([`super::shared`]) has at most [`COPIES_MAX`] copies.
+    Pool { types: Vec<DataType>, idle: Vec<Reusable>, out: usize },
 }
+
+/// Copies of one statement's physical plan at most: one per execution running at
+/// once. An execution that finds them all taken is planned the other way.
+pub const COPIES_MAX: usize = 32;
 
 #[derive(Debug)]
 struct Reusable {
@@ -93,10 +101,31 @@ struct Reusable {
 /// What [`GenericPlan::checkout`] found.
 enum Checkout {
     Ready(Reusable),
-    /// Running, or not reusable for these types.
+    /// Every copy is running (and no more may be built now), or not reusable for
+    /// these types.
     Refused,
-    /// The caller builds it (the slot is marked busy meanwhile).
+    /// The caller builds a copy (counted as out meanwhile; see [`Building`]).
     Build,
+}
+
+/// A copy being built: counted as out until it is built (then the execution holds it)
+/// or the build ends without one (an error, or the statement stopped mid-way).
+struct Building<'a> {
+    owner: &'a GenericPlan,
+    types: &'a [DataType],
+    done: bool,
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Physical::Pool { types, out, .. } = &mut *self.owner.physical.lock() {
+                if types.as_slice() == self.types {
+                    *out = out.saturating_sub(1);
+                }
+            }
+        }
+    }
 }
 
 fn types_of(values: &[datafusion::common::metadata::ScalarAndMetadata]) -> Vec<DataType> {
@@ -120,10 +149,12 @@ pub struct Reused {
 
 impl Drop for Reused {
     fn drop(&mut self) {
-        let Some((types, r)) = self.held.take() else { return };
-        let mut slot = self.owner.physical.lock();
-        if matches!(&*slot, Physical::Busy(t) if *t == types) {
-            *slot = Physical::Idle(types, r);
+        let Some((held_types, r)) = self.held.take() else { return };
+        if let Physical::Pool { types, idle, out } = &mut *self.owner.physical.lock() {
+            if *types == held_types {
+                *out = out.saturating_sub(1);
+                idle.push(r);
+            }
         }
     }
 }
@@ -171,14 +202,19 @@ impl GenericPlan {
             Checkout::Ready(r) => r,
             Checkout::Refused => return Ok(None),
             Checkout::Build => {
+                let mut building = Building { owner: self, types: &types, done: false };
                 let built = match self.optimized(unoptimized, &types, state) {
                     Some(optimized) => build_reusable(&optimized, &types, state).await,
                     None => None,
                 };
                 let Some(r) = built else {
+                    building.done = true;
+                    drop(building);
                     *self.physical.lock() = Physical::Unusable(types);
                     return Ok(None);
                 };
+                building.done = true;
+                drop(building);
                 r
             }
         };
@@ -196,26 +232,31 @@ impl GenericPlan {
         }
     }
 
-    /// Takes the plan for `types` if it is idle. Otherwise, when `may_build` and no plan
-    /// for these types is running or known unusable, marks it busy for the caller to
-    /// build.
+    /// Takes an idle copy of the plan for `types`. Otherwise, when `may_build` and the
+    /// plan is not known unusable for these types and fewer than [`COPIES_MAX`]
+    /// copies are out, counts one more out for the caller to build.
     fn checkout(&self, types: &[DataType], may_build: bool) -> Checkout {
         let mut slot = self.physical.lock();
-        let current = std::mem::take(&mut *slot);
-        let settled = matches!(&current, Physical::Unusable(t) | Physical::Busy(t) if t == types);
-        match current {
-            Physical::Idle(t, r) if t == types => {
-                *slot = Physical::Busy(t);
-                Checkout::Ready(r)
+        match &mut *slot {
+            Physical::Pool { types: t, idle, out } if t.as_slice() == types => {
+                if let Some(r) = idle.pop() {
+                    *out += 1;
+                    Checkout::Ready(r)
+                } else if may_build && *out < COPIES_MAX {
+                    *out += 1;
+                    Checkout::Build
+                } else {
+                    Checkout::Refused
+                }
             }
-            other if settled || !may_build => {
-                *slot = other;
-                Checkout::Refused
-            }
-            _ => {
-                *slot = Physical::Busy(types.to_vec());
+            Physical::Unusable(t) if t.as_slice() == types => Checkout::Refused,
+            _ if may_build => {
+                // Untried, or built for other types: copies of the old types still out
+                // are dropped when their executions end.
+                *slot = Physical::Pool { types: types.to_vec(), idle: Vec::new(), out: 1 };
                 Checkout::Build
             }
+            _ => Checkout::Refused,
         }
     }
 
@@ -260,7 +301,7 @@ impl GenericPlan {
 }
 
 /// A query whose functions are all immutable.
-fn reusable(plan: &LogicalPlan) -> bool {
+pub(crate) fn reusable(plan: &LogicalPlan) -> bool {
     if !matches!(
         plan,
         LogicalPlan::Projection(_)
