@@ -211,22 +211,47 @@ pub struct Pumped<T> {
     done: bool,
 }
 
+/// Forwards `inner`'s items into `tx` until it ends or the reader goes away.
+async fn drive<T>(mut inner: Pin<Box<dyn Stream<Item = T> + Send>>, tx: mpsc::Sender<T>) {
+    while let Some(item) = inner.next().await {
+        if tx.send(item).await.is_err() {
+            break; // the reader went away or stopped
+        }
+    }
+}
+
 /// Drives `inner` on `exec`; the returned stream forwards its items until `stop` fires.
 pub fn pump<T: Send + 'static>(
     exec: &tokio::runtime::Handle,
-    mut inner: Pin<Box<dyn Stream<Item = T> + Send>>,
+    inner: Pin<Box<dyn Stream<Item = T> + Send>>,
     stop: Stop,
     stopped: fn(Error) -> T,
 ) -> Pumped<T> {
     let (tx, rx) = mpsc::channel(PUMP_CHANNEL_ITEMS);
-    let task = exec.spawn(async move {
-        while let Some(item) = inner.next().await {
-            if tx.send(item).await.is_err() {
-                break; // the reader went away or stopped
-            }
-        }
-    });
+    let task = exec.spawn(drive(inner, tx));
     Pumped { rx, task: Some(AbortOnDrop(task)), stop, stopped, done: false }
+}
+
+/// A stream's driver started from a task of the runtime it runs on ([`start`]): the
+/// task that produced the stream starts its driver where it is, so the first rows need
+/// no wake-up of another runtime's thread (a point query's whole answer is then one
+/// hop from the execution runtime to the connection's). [`Started::with_stop`] reads it.
+pub struct Started<T> {
+    rx: mpsc::Receiver<T>,
+    task: AbortOnDrop<()>,
+}
+
+/// Starts driving `inner` on the current runtime (to be called from one of its tasks).
+pub fn start<T: Send + 'static>(inner: Pin<Box<dyn Stream<Item = T> + Send>>) -> Started<T> {
+    let (tx, rx) = mpsc::channel(PUMP_CHANNEL_ITEMS);
+    Started { rx, task: AbortOnDrop(tokio::spawn(drive(inner, tx))) }
+}
+
+impl<T> Started<T> {
+    /// The stream of its items, which ends with the stop's error if `stop` fires first.
+    pub fn with_stop(self, stop: Stop, stopped: fn(Error) -> T) -> Pumped<T> {
+        Pumped { rx: self.rx, task: Some(self.task), stop, stopped, done: false }
+    }
 }
 
 impl<T> Stream for Pumped<T> {

@@ -303,9 +303,9 @@ impl Frontend {
         let mut stop = self.stop(conn, client);
         let session = conn.session.with_timeout(statement_timeout(client)).with_routing(settings::routing_policy(client)).with_stage(stage);
         let exec = self.node.exec();
-        let ran = interrupt::run(&exec, &mut stop, async move { session.execute(&sql, &stmt, None, None, None).await }).await;
+        let ran = interrupt::run(&exec, &mut stop, started(async move { session.execute(&sql, &stmt, None, None, None).await })).await;
         let resp = match ran {
-            Ok(outcome) => self.respond(client, conn, outcome, &Format::UnifiedText, stop).await,
+            Ok(ran) => self.respond(client, conn, ran, &Format::UnifiedText, stop).await,
             Err(e) => Response::Error(Box::new(error_info(&e))),
         };
         send_response(client, resp, status).await
@@ -324,16 +324,28 @@ impl Frontend {
 
     /// The answer to a statement; its rows (or COPY data) are produced on the
     /// execution runtime and end early if `stop` fires.
-    async fn respond<C>(&self, client: &mut C, conn: &ConnState, outcome: Outcome, format: &Format, stop: Stop) -> Response
+    async fn respond<C>(&self, client: &mut C, conn: &ConnState, ran: Ran, format: &Format, stop: Stop) -> Response
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let exec = self.node.exec();
+        // Rows whose driver started on the execution runtime take `stop` with them.
+        let (outcome, stop) = match ran {
+            Ran::Rows { schema, started } => {
+                let pumped = started.with_stop(stop, |e| Err(e.into()));
+                let stream = Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(Arc::clone(&schema), pumped));
+                (Outcome::Rows { schema, stream }, None)
+            }
+            Ran::Other(o) => (o, Some(stop)),
+        };
         match outcome {
             Outcome::Rows { schema, stream } => {
-                let stream = interrupt::pump_batches(&exec, stream, stop);
+                let stream = match stop {
+                    Some(stop) => interrupt::pump_batches(&exec, stream, stop),
+                    None => stream,
+                };
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let fields = match arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, Some(options)) {
                     Ok(f) => Arc::new(f),
@@ -368,12 +380,29 @@ impl Frontend {
                 Response::CopyIn(CopyResponse::new(0, columns, futures::stream::empty()))
             }
             Outcome::CopyOut { columns, stream, .. } => {
-                let stream = interrupt::pump(&exec, stream, stop, Err);
+                let stream = interrupt::pump(&exec, stream, stop.unwrap_or_else(Stop::never), Err);
                 let data = stream.map(|r| r.map(CopyData::new).map_err(|e| to_pg(&e)));
                 Response::CopyOut(CopyResponse::new(0, columns, data))
             }
         }
     }
+}
+
+/// A statement's outcome as it leaves the execution runtime: rows come with their
+/// driver started there already ([`started`]).
+enum Ran {
+    Rows { schema: datafusion::arrow::datatypes::SchemaRef, started: interrupt::Started<datafusion::error::Result<datafusion::arrow::record_batch::RecordBatch>> },
+    Other(Outcome),
+}
+
+/// `execute`, and for rows their driver started on the runtime that ran it (where
+/// this future runs: `interrupt::run` spawns it on the execution runtime), so that the
+/// rows reach the connection without another wake-up of an execution thread.
+async fn started(execute: impl std::future::Future<Output = crate::error::Result<Outcome>>) -> crate::error::Result<Ran> {
+    Ok(match execute.await? {
+        Outcome::Rows { schema, stream } => Ran::Rows { schema, started: interrupt::start(stream) },
+        other => Ran::Other(other),
+    })
 }
 
 /// Encodes Arrow batches as DataRows, turning mid-stream errors into ErrorResponses.
@@ -877,9 +906,9 @@ impl ExtendedQueryHandler for Frontend {
         let session = conn.session.with_timeout(statement_timeout(client)).with_routing(settings::routing_policy(client));
         let mut stop = self.stop(&conn, client);
         let (sql, stmt, plan, generic) = (prepared.sql.clone(), Arc::clone(stmt), prepared.plan.clone(), Arc::clone(&prepared.generic));
-        let work = async move { session.execute(&sql, &stmt, plan.as_deref(), Some(params), Some(&generic)).await };
+        let work = started(async move { session.execute(&sql, &stmt, plan.as_deref(), Some(params), Some(&generic)).await });
         match interrupt::run(&self.node.exec(), &mut stop, work).await {
-            Ok(outcome) => match self.respond(client, &conn, outcome, &portal.result_column_format, stop).await {
+            Ok(ran) => match self.respond(client, &conn, ran, &portal.result_column_format, stop).await {
                 Response::Error(info) => Err(PgWireError::UserError(info)),
                 other => Ok(other),
             },

@@ -540,6 +540,26 @@ impl ExecutionPlan for DeferredScanExec {
     }
 }
 
+/// Whether every table `plan` reads (subqueries included) is a segment table, whose
+/// scan reads the data of the moment it runs. Other providers (system tables, the
+/// PostgreSQL catalog) may hold what they found when the plan was made.
+pub fn reads_only_segment_tables(plan: &datafusion::logical_expr::LogicalPlan) -> bool {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::logical_expr::LogicalPlan;
+    let mut only = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(ts) = node {
+            let segment = datafusion::datasource::source_as_provider(&ts.source).ok().is_some_and(|p| p.downcast_ref::<SegmentTable>().is_some());
+            if !segment {
+                only = false;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    only
+}
+
 #[derive(Debug)]
 pub struct SegmentTable {
     def: Arc<TableDef>,
