@@ -74,6 +74,21 @@ pub struct Prepared {
     generic: Arc<GenericPlan>,
 }
 
+impl Prepared {
+    /// This connection's statement for `sql`, prepared by the node once for all
+    /// connections.
+    fn of_shared(sql: &str, s: &crate::planner::shared::SharedStatement) -> Prepared {
+        Prepared {
+            sql: sql.to_string(),
+            stmt: Some(Arc::clone(&s.stmt)),
+            plan: Some(Arc::clone(&s.plan)),
+            hooked: false,
+            param_types: s.param_types.clone(),
+            generic: Arc::clone(&s.generic),
+        }
+    }
+}
+
 /// Per-connection state kept in pgwire's session extensions.
 struct ConnState {
     session: Session,
@@ -595,14 +610,7 @@ impl QueryParser for PreparedParser {
                 }
             }
             if !hooked {
-                return Ok(Some(Prepared {
-                    sql: sql.to_string(),
-                    stmt: Some(Arc::clone(&shared.stmt)),
-                    plan: Some(Arc::clone(&shared.plan)),
-                    hooked: false,
-                    param_types: shared.param_types.clone(),
-                    generic: Arc::clone(&shared.generic),
-                }));
+                return Ok(Some(Prepared::of_shared(sql, &shared)));
             }
         }
         let session = Session::new(Arc::clone(&self.node), info.clone());
@@ -665,14 +673,7 @@ impl QueryParser for PreparedParser {
                     self.node.shared_statements().insert(sql, s)
                 });
                 Ok(Some(match shared {
-                    Some(s) => Prepared {
-                        sql: sql.to_string(),
-                        stmt: Some(Arc::clone(&s.stmt)),
-                        plan: Some(Arc::clone(&s.plan)),
-                        hooked: false,
-                        param_types: s.param_types.clone(),
-                        generic: Arc::clone(&s.generic),
-                    },
+                    Some(s) => Prepared::of_shared(sql, &s),
                     None => Prepared { sql: sql.to_string(), stmt: Some(stmt), plan, hooked: false, param_types, generic: Arc::default() },
                 }))
             }
