@@ -8,7 +8,9 @@
 //! `raft.snapshot` (a snapshot chunk: openraft cuts snapshots into chunks of
 //! `snapshot_max_chunk_size`), body = the group id (u32, little-endian) then the request
 //! as CBOR (a snapshot chunk: its header as CBOR, then its bytes raw); the one result message is the CBOR of the receiving group's
-//! `Result<response, RaftError>`. Each call is bounded by openraft's `hard_ttl` and by
+//! `Result<response, RaftError>`. Each call is bounded by openraft's `hard_ttl` (plus,
+//! for a message with entries or a snapshot chunk, the time its bytes take at 10 MiB/s)
+//! and by
 //! [`FLIGHT_MESSAGE_BYTES_MAX`] in both directions; how many entries one append carries
 //! is bounded by the groups' `max_payload_entries`.
 //!
@@ -41,6 +43,18 @@ pub const VOTE: &str = "raft.vote";
 pub const SNAPSHOT: &str = "raft.snapshot";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A message's time beyond openraft's TTL (the heartbeat interval, 100 ms): its bytes
+/// at [`SLOWEST_BYTES_PER_SEC`], for the peer to receive, decode and fsync them. With
+/// the TTL alone, an append of many rows (a bulk load across nodes) on a busy machine
+/// timed out every time and was sent again and again: a 2-million-row COPY into 3
+/// nodes had not finished after 13 minutes.
+fn transfer_allowance(bytes: usize) -> Duration {
+    Duration::from_millis((bytes as u64).saturating_mul(1000) / SLOWEST_BYTES_PER_SEC)
+}
+
+/// The slowest rate at which a peer is expected to take a message in.
+const SLOWEST_BYTES_PER_SEC: u64 = 10 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -252,7 +266,8 @@ impl Peer {
         let answer = if batched {
             self.heartbeats.send(&self.addr, body, option.hard_ttl()).await
         } else {
-            self.peers.call(&self.addr, kind, body, option.hard_ttl()).await
+            let ttl = option.hard_ttl() + transfer_allowance(body.len());
+            self.peers.call(&self.addr, kind, body, ttl).await
         };
         match answer {
             Ok(bytes) => {
@@ -298,6 +313,14 @@ impl RaftNetwork<ShardGroup> for Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_larger_message_may_take_longer() {
+        assert_eq!(transfer_allowance(0), Duration::ZERO);
+        assert_eq!(transfer_allowance(10 * 1024 * 1024), Duration::from_secs(1));
+        assert_eq!(transfer_allowance(40 * 1024 * 1024), Duration::from_secs(4));
+        assert!(transfer_allowance(usize::MAX) > Duration::from_secs(3600), "no overflow to a short time");
+    }
 
     #[test]
     fn envelopes_carry_the_group_and_refuse_garbage() {
