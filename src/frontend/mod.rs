@@ -346,28 +346,17 @@ impl Frontend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let exec = self.node.exec();
-        // Rows whose driver started on the execution runtime take `stop` with them.
-        let (outcome, stop) = match ran {
+        let outcome = match ran {
+            // Rows whose driver started on the execution runtime already.
             Ran::Rows { schema, started } => {
                 let pumped = started.with_stop(stop, |e| Err(e.into()));
                 let stream = Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(Arc::clone(&schema), pumped));
-                (Outcome::Rows { schema, stream }, None)
+                return rows_response(client, &schema, stream, format);
             }
-            Ran::Other(o) => (o, Some(stop)),
+            Ran::Other(o) => o,
         };
         match outcome {
-            Outcome::Rows { schema, stream } => {
-                let stream = match stop {
-                    Some(stop) => interrupt::pump_batches(&exec, stream, stop),
-                    None => stream,
-                };
-                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-                let fields = match arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, Some(options)) {
-                    Ok(f) => Arc::new(f),
-                    Err(e) => return Response::Error(Box::new(pgwire_error_info(e))),
-                };
-                Response::Query(encode_rows(fields, stream))
-            }
+            Outcome::Rows { schema, stream } => rows_response(client, &schema, interrupt::pump_batches(&exec, stream, stop), format),
             Outcome::Command { tag, rows, notice } => {
                 if let Some(n) = notice {
                     let msg = ErrorInfo::new("NOTICE".to_owned(), "00000".to_owned(), n);
@@ -395,7 +384,7 @@ impl Frontend {
                 Response::CopyIn(CopyResponse::new(0, columns, futures::stream::empty()))
             }
             Outcome::CopyOut { columns, stream, .. } => {
-                let stream = interrupt::pump(&exec, stream, stop.unwrap_or_else(Stop::never), Err);
+                let stream = interrupt::pump(&exec, stream, stop, Err);
                 let data = stream.map(|r| r.map(CopyData::new).map_err(|e| to_pg(&e)));
                 Response::CopyOut(CopyResponse::new(0, columns, data))
             }
@@ -418,6 +407,15 @@ async fn started(execute: impl std::future::Future<Output = crate::error::Result
         Outcome::Rows { schema, stream } => Ran::Rows { schema, started: interrupt::start(stream) },
         other => Ran::Other(other),
     })
+}
+
+/// The answer of a statement's rows, as the client's result formats ask.
+fn rows_response<C: ClientInfo>(client: &C, schema: &datafusion::arrow::datatypes::SchemaRef, stream: datafusion::execution::SendableRecordBatchStream, format: &Format) -> Response {
+    let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+    match arrow_pg::datatypes::arrow_schema_to_pg_fields(schema, format, Some(options)) {
+        Ok(f) => Response::Query(encode_rows(Arc::new(f), stream)),
+        Err(e) => Response::Error(Box::new(pgwire_error_info(e))),
+    }
 }
 
 /// Encodes Arrow batches as DataRows, turning mid-stream errors into ErrorResponses.

@@ -207,14 +207,13 @@ impl GenericPlan {
                     Some(optimized) => build_reusable(&optimized, &types, state).await,
                     None => None,
                 };
+                // Not cancelled: the count stays out, with the copy or as unusable.
+                building.done = true;
+                drop(building);
                 let Some(r) = built else {
-                    building.done = true;
-                    drop(building);
                     *self.physical.lock() = Physical::Unusable(types);
                     return Ok(None);
                 };
-                building.done = true;
-                drop(building);
                 r
             }
         };
